@@ -1,0 +1,335 @@
+"""The job spec: one YAML file, parsed into typed dataclasses and validated before Ray starts.
+
+The dataclasses below *are* the schema (litgpt style): each field's type and default is the documentation,
+and ``metadata`` carries the extra checks (allowed choices, positive numbers). Validation walks the raw YAML
+mapping against these types and stops at the first problem with one line naming the field path, e.g.
+``train.lr: expected a positive number, got "fast"``.
+
+A job runs ``stages`` in order. A stage is a kind (prepare, train, eval…) plus optional ``set`` overrides that
+apply to that stage only, and ``start_from``: the name of an earlier train stage whose model it starts from.
+Multi-stage recipes (DAPT → VQA, soft-prompt stage 1 → stage 2) are one spec with several train stages.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+STAGE_KINDS = ("prepare", "train", "eval", "tune", "serve")
+
+
+class SpecError(ValueError):
+    """A spec problem, always phrased as ``<field path>: <what was expected>, got <value>``."""
+
+
+def positive(value: float) -> bool:
+    return value > 0
+
+
+def non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def unit_interval(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+CHECK_TEXT = {
+    positive: "a positive number",
+    non_negative: "a number ≥ 0",
+    unit_interval: "a number between 0 and 1",
+}
+
+
+def checked(default: Any, check: typing.Callable[[Any], bool]) -> Any:
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass
+class DataSpec:
+    format: Literal["synthetic", "roco", "rocov2", "mimic_cxr", "iu_xray", "vqa_rad", "slake", "shards"] = "synthetic"
+    source: str = ""  # the dataset's folder in its published layout (not used by "synthetic")
+    shards: str = ""  # where prepared shards go / are read from: folder or s3:// URL; default <output_dir>/shards
+    task: Literal["caption", "vqa"] = "caption"
+    image_size: int = checked(384, positive)  # model input resolution (square)
+    max_text_length: int = checked(64, positive)  # tokens of target text (caption/report/answer)
+    max_question_length: int = checked(32, positive)
+    synthetic_images: int = checked(2000, positive)  # synthetic: number of images generated
+    synthetic_image_size: int = checked(256, positive)
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # used when the data has no split
+    records_per_shard: int = checked(2048, positive)
+    preprocess_workers: int = checked(1, positive)  # Ray Data actors decoding/tokenising for training
+    preprocess_cpus: float = checked(0.5, positive)  # CPUs reserved per actor (leave some for read tasks)
+    shuffle_buffer: int = checked(1024, non_negative)  # rows in the local shuffle buffer while training
+    language: str = "en"  # SLAKE question language
+    endpoint_url: str = ""  # S3-compatible endpoint; "" = AWS or the AWS_ENDPOINT_URL environment variable
+    seed: int = 0
+
+
+@dataclass
+class ModelSpec:
+    recipe: Literal["blip_caption"] = "blip_caption"
+    name_or_path: str = "Salesforce/blip-image-captioning-base"  # hub id or local folder, loaded with from_pretrained
+    preset: Literal["", "tiny"] = ""  # "tiny": random weights from a small config + a locally trained tokenizer
+    load_in_8bit: bool = False
+    lora_r: int = checked(16, positive)
+    lora_alpha: float = checked(32.0, positive)
+    lora_dropout: float = checked(0.1, unit_interval)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj"])
+    vision_name_or_path: str = "microsoft/resnet-50"  # soft-prompt recipe: the vision encoder
+    num_prefix_tokens: int = checked(10, positive)  # soft-prompt recipe: visual prefix length
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = checked(3, positive)
+    max_steps: int = checked(0, non_negative)  # optimizer steps; 0 = no limit beyond epochs
+    batch_size: int = checked(8, positive)  # per worker, per micro-batch
+    grad_accum: int = checked(1, positive)
+    lr: float = checked(5e-5, positive)
+    weight_decay: float = checked(0.01, non_negative)
+    warmup_ratio: float = checked(0.05, unit_interval)
+    max_grad_norm: float = checked(1.0, positive)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on a capable GPU, else fp32
+    finetune: Literal["full", "decoder", "encoder", "lora"] = "full"
+    early_stopping_patience: int = checked(2, non_negative)  # validations without improvement; 0 = off
+    eval_every_steps: int = checked(0, non_negative)  # validate every N optimizer steps; 0 = once per epoch
+    max_val_batches: int = checked(0, non_negative)  # cap validation cost; 0 = whole split
+    workers: int = checked(1, positive)
+    cpus_per_worker: float = checked(1.0, positive)
+    use_gpu: bool = False
+    num_checkpoints_to_keep: int = checked(2, positive)
+    max_failures: int = checked(0, non_negative)
+    storage_path: str = ""  # Ray Train checkpoints: folder or s3:// URL; "" = <output_dir>/checkpoints
+    seed: int = 0
+
+
+@dataclass
+class EvalSpec:
+    split: Literal["train", "val", "test"] = "test"
+    num_beams: int = checked(4, positive)
+    max_new_tokens: int = checked(64, positive)
+    batch_size: int = checked(32, positive)
+    max_samples: int = checked(0, non_negative)  # 0 = the whole split
+    # Extra scores written to <output_dir>/<name>.json next to the trained model's: "untrained" (the model the
+    # train stage started from) and "shuffled_images" (predictions scored against other images' references).
+    baselines: list[Literal["untrained", "shuffled_images"]] = field(default_factory=list)
+
+
+@dataclass
+class RaySpec:
+    address: str = ""  # "" = start a local Ray inside this process; "auto" or ray://… for a cluster
+    num_cpus: int = checked(0, non_negative)  # local Ray only; 0 = all cores
+
+
+@dataclass
+class StageSpec:
+    kind: Literal["prepare", "train", "eval", "tune", "serve"]
+    name: str = ""  # defaults to kind; outputs go to <output_dir>/<name>
+    start_from: str = ""  # name of an earlier train stage whose final model this stage starts from
+    set: dict[str, Any] = field(default_factory=dict)  # dotted overrides for this stage only
+
+
+@dataclass
+class JobSpec:
+    name: str
+    output_dir: str
+    stages: list[StageSpec]
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    ray: RaySpec = field(default_factory=RaySpec)
+
+    @property
+    def shards_location(self) -> str:
+        return self.data.shards or str(Path(self.output_dir) / "shards")
+
+    def for_stage(self, stage: StageSpec) -> "JobSpec":
+        """This spec with the stage's ``set`` overrides applied (validated like the file itself)."""
+        if not stage.set:
+            return self
+        raw = dataclasses.asdict(self)
+        for key, value in stage.set.items():
+            set_dotted(raw, key, value, where=f"stages.{stage.name}.set")
+        return parse_spec(raw)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read a YAML spec, apply ``key.path=value`` overrides, validate. Raises SpecError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for override in overrides or []:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {override}: expected key.path=value")
+        set_dotted(raw, key.strip(), yaml.safe_load(text) if text else "", where="--set")
+    return parse_spec(raw)
+
+
+def set_dotted(raw: dict, dotted: str, value: Any, where: str) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"{where} {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_spec(raw: dict) -> JobSpec:
+    raw = copy.deepcopy(raw)
+    raw["stages"] = [_normalise_stage(s, i) for i, s in enumerate(raw.get("stages") or [])]
+    spec = _build(JobSpec, raw, "")
+    _check_stages(spec)
+    _check_cross_fields(spec)
+    return spec
+
+
+def _normalise_stage(stage: Any, index: int) -> Any:
+    if isinstance(stage, str):
+        return {"kind": stage}
+    if isinstance(stage, dict) and "kind" not in stage and "name" in stage and stage["name"] in STAGE_KINDS:
+        return {**stage, "kind": stage["name"]}
+    return stage
+
+
+def _check_stages(spec: JobSpec) -> None:
+    if not spec.stages:
+        raise SpecError("stages: expected a non-empty list of stages, got []")
+    seen_train: set[str] = set()
+    names: set[str] = set()
+    for i, stage in enumerate(spec.stages):
+        stage.name = stage.name or stage.kind
+        if stage.name in names:
+            raise SpecError(f"stages[{i}].name: expected a unique stage name, got {stage.name!r} twice")
+        names.add(stage.name)
+        if stage.start_from and stage.start_from not in seen_train:
+            raise SpecError(
+                f"stages[{i}].start_from: expected the name of an earlier train stage, got {stage.start_from!r}"
+            )
+        if stage.set:
+            try:
+                spec.for_stage(stage)
+            except SpecError as exc:
+                raise SpecError(f"stages[{i}].set: {exc}") from None
+        if stage.kind == "train":
+            seen_train.add(stage.name)
+
+
+def _check_cross_fields(spec: JobSpec) -> None:
+    fractions = spec.data.split_fractions
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise SpecError(f"data.split_fractions: expected three numbers ≥ 0 summing to 1, got {fractions}")
+    if spec.data.format not in ("synthetic", "shards") and not spec.data.source:
+        raise SpecError(f"data.source: expected the dataset folder for format {spec.data.format!r}, got \"\"")
+    if spec.model.preset == "" and not spec.model.name_or_path:
+        raise SpecError('model.name_or_path: expected a hub id or local folder (or model.preset: tiny), got ""')
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path or 'spec'}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise SpecError(f"{_join(path, key)}: unknown field (expected one of: {', '.join(known)})")
+    values = {}
+    for name, f in known.items():
+        where = _join(path, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SpecError(f"{where}: required field is missing")
+            continue
+        check = f.metadata.get("check")
+        try:
+            value = _convert(hints[name], raw[name], where)
+        except SpecError:
+            if check is None:
+                raise
+            raise SpecError(f"{where}: expected {CHECK_TEXT[check]}, got {_show(raw[name])}") from None
+        if check is not None and not check(value):
+            raise SpecError(f"{where}: expected {CHECK_TEXT[check]}, got {_show(raw[name])}")
+        values[name] = value
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise SpecError(f"{where}: expected one of {', '.join(repr(c) for c in choices)}, got {_show(value)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(hint):
+            try:
+                return _convert(option, value, where)
+            except SpecError:
+                continue
+        raise SpecError(f"{where}: expected {hint}, got {_show(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(f"{where}: expected a list, got {_show(value)}")
+        (item_hint,) = get_args(hint)
+        return [_convert(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: expected a mapping, got {_show(value)}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{where}: expected true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{where}: expected an integer, got {_show(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise SpecError(f"{where}: expected a number, got {_show(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{where}: expected a number, got {_show(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{where}: expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"spec schema uses an unsupported type {hint} at {where}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "nothing"
+    return repr(value)
