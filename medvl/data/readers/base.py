@@ -1,0 +1,72 @@
+"""What every reader shares: the options, split names, and the few file helpers they all need.
+
+Readers only read files. They yield the image file's bytes untouched (decoding is checked later, in
+``prepare``), and turn every row they cannot use into a :class:`~medvl.data.records.Skipped` with a
+reason, in this order of checks: ``malformed_row``, ``empty_target`` (or a dataset-specific reason
+such as ``no_findings_section``), ``missing_image``. They raise only when ``source`` is not the
+dataset's layout at all, and they do so when called, not at the first ``next()``.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLIT_NAMES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validate": "val",
+    "validation": "val",
+    "test": "test",
+}
+"""Each dataset's own split names, mapped to medvl's "train" / "val" / "test"."""
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """Choices that change which rows a reader yields (each reader ignores those not about it)."""
+
+    language: str = "en"  # SLAKE q_lang to keep; "all" keeps every language
+    require_image: bool = True  # False: a missing image file gives a Record with image=b"" (text-only use)
+    frontal_only: bool = False  # MIMIC-CXR: keep only PA/AP views (needs mimic-cxr-2.0.0-metadata.csv)
+    include_non_radiology: bool = False  # ROCO v1: also read the */non-radiology folders
+
+
+def clean_text(text: str) -> str:
+    """Collapse every run of whitespace (newlines included) to one space and strip the ends."""
+    return " ".join(text.split())
+
+
+def read_image(candidates: Iterable[Path], options: ReaderOptions) -> bytes | None:
+    """Bytes of the first candidate file that exists; b"" if none does and images are optional, else None."""
+    for path in candidates:
+        if path.is_file():
+            return path.read_bytes()
+    return None if options.require_image else b""
+
+
+def require_dir(source: str, what: str) -> Path:
+    root = Path(source)
+    if not root.is_dir():
+        raise ValueError(f"{what} source {source!r} is not a directory")
+    return root
+
+
+def find_file(folder: Path, stem: str, suffix: str = ".txt") -> Path | None:
+    """``stem.txt``, else the one ``stem_*.txt`` (the ROCO repository renamed some lists, e.g.
+    ``cuis_tp_test_revised.txt``); None when neither exists."""
+    exact = folder / f"{stem}{suffix}"
+    if exact.is_file():
+        return exact
+    renamed = sorted(folder.glob(f"{stem}_*{suffix}"))
+    return renamed[0] if renamed else None
+
+
+def open_csv_rows(path: Path) -> Iterator[dict[str, str]]:
+    """Rows of a CSV (plain or .gz, optional BOM) as dicts keyed by the header."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as text:
+        yield from csv.DictReader(text)

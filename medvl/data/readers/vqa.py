@@ -1,0 +1,125 @@
+"""VQA-RAD and SLAKE: radiology images with question-answer pairs, one record per question.
+
+VQA-RAD (Lau et al., Sci Data 2018, OSF project 89kps) comes in two layouts, told apart by file name:
+
+* MEVF's ``trainset.json`` / ``testset.json`` with images in ``images/`` (the layout most papers use);
+* the OSF release ``VQA_RAD Dataset Public.json`` with images in ``VQA_RAD Image Folder/``, which adds
+  ``qid_linked_id``, ``evaluation``, ``question_rephrase``… and marks its test questions with
+  ``phrase_type`` ``test_freeform`` / ``test_para`` (MEVF's test set is exactly those).
+
+SLAKE (Liu et al., ISBI 2021) has ``train.json`` / ``validate.json`` / ``test.json`` with images
+``imgs/<img_name>`` (``xmlab1/source.jpg``); questions are in English and Chinese (``q_lang``), filtered by
+``ReaderOptions.language``.
+
+Rows are cleaned, not rewritten: ``answer_type`` loses stray spaces and is lower-cased ("CLOSED " →
+"closed"); answers become strings (VQA-RAD stores counts as JSON numbers) with whitespace collapsed, their
+case kept. ``id`` is the dataset's ``qid``; ``group_id`` is the image name, so that all questions about an
+image fall in one split.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from medvl.data.readers.base import ReaderOptions, clean_text, read_image, require_dir
+from medvl.data.records import ReaderOutput, Record, Skipped
+
+ANSWER_TYPES = ("closed", "open")
+VQA_RAD_MEVF_FILES = {"trainset.json": "train", "testset.json": "test"}
+VQA_RAD_OSF_FILE = "VQA_RAD Dataset Public.json"
+VQA_RAD_OSF_IMAGES = "VQA_RAD Image Folder"
+VQA_RAD_META = ("image_organ", "question_type", "phrase_type", "qid_linked_id")
+SLAKE_FILES = {"train.json": "train", "validate.json": "val", "test.json": "test"}
+SLAKE_META = ("img_id", "q_lang", "content_type", "modality", "location", "base_type")
+
+
+def read_vqa_rad(source: str, options: ReaderOptions) -> ReaderOutput:
+    root = require_dir(source, "VQA-RAD")
+    mevf = {name: split for name, split in VQA_RAD_MEVF_FILES.items() if (root / name).is_file()}
+    if mevf:
+        tables = [(_load_rows(root / name), lambda row, split=split: split) for name, split in mevf.items()]
+        image_dir = root / "images"
+    elif (root / VQA_RAD_OSF_FILE).is_file():
+        tables = [(_load_rows(root / VQA_RAD_OSF_FILE), _osf_split)]
+        image_dir = root / VQA_RAD_OSF_IMAGES
+    else:
+        raise ValueError(
+            f"{source!r} is not a VQA-RAD layout: neither trainset.json/testset.json nor {VQA_RAD_OSF_FILE!r} in it"
+        )
+    return (
+        item
+        for rows, split_of in tables
+        for item in _read_qa_rows(rows, split_of, image_dir, "image_name", VQA_RAD_META, options)
+    )
+
+
+def _osf_split(row: dict[str, Any]) -> str:
+    return "test" if str(row.get("phrase_type", "")).startswith("test") else "train"
+
+
+def read_slake(source: str, options: ReaderOptions) -> ReaderOutput:
+    root = require_dir(source, "SLAKE")
+    tables = [(_load_rows(root / name), split) for name, split in SLAKE_FILES.items() if (root / name).is_file()]
+    if not tables:
+        raise ValueError(f"{source!r} is not a SLAKE layout: no train.json / validate.json / test.json in it")
+
+    def in_language(row: Any) -> bool:
+        return options.language == "all" or not isinstance(row, dict) or row.get("q_lang") == options.language
+
+    return (
+        item
+        for rows, split in tables
+        for item in _read_qa_rows(
+            filter(in_language, rows), lambda row, split=split: split, root / "imgs", "img_name", SLAKE_META, options
+        )
+    )
+
+
+def _load_rows(path: Path) -> list:
+    rows = json.loads(path.read_text(encoding="utf-8-sig"))
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} holds a JSON {type(rows).__name__}, expected a list of questions")
+    return rows
+
+
+def _read_qa_rows(
+    rows: Any,
+    split_of: Callable[[dict[str, Any]], str],
+    image_dir: Path,
+    image_key: str,
+    meta_keys: tuple[str, ...],
+    options: ReaderOptions,
+) -> ReaderOutput:
+    for index, row in enumerate(rows):
+        qid = row.get("qid") if isinstance(row, dict) else None
+        row_id = str(qid) if qid not in (None, "") else f"row {index}"
+        image_name = row.get(image_key) if isinstance(row, dict) else None
+        question = row.get("question") if isinstance(row, dict) else None
+        answer = row.get("answer") if isinstance(row, dict) else None
+        answer_type = row.get("answer_type") if isinstance(row, dict) else None
+        answer_type = answer_type.strip().lower() if isinstance(answer_type, str) else None
+        if not (
+            qid not in (None, "")
+            and isinstance(image_name, str) and image_name.strip()
+            and isinstance(question, str) and question.strip()
+            and isinstance(answer, (str, int, float))
+            and answer_type in ANSWER_TYPES
+        ):
+            yield Skipped(row_id, "malformed_row")
+            continue
+        answer = clean_text(str(answer))
+        if not answer:
+            yield Skipped(row_id, "empty_target")
+            continue
+        image_name = image_name.strip()
+        image = read_image([image_dir / image_name], options)
+        if image is None:
+            yield Skipped(row_id, "missing_image")
+            continue
+        meta = {k: row[k].strip() if isinstance(row[k], str) else row[k] for k in meta_keys if k in row}
+        yield Record(
+            id=row_id, group_id=image_name, image=image, question=clean_text(question), answer=answer,
+            answer_type=answer_type, split=split_of(row), meta=meta,
+        )
