@@ -1,0 +1,61 @@
+"""Ray Data pipelines over prepared shards: streamed, decoded and tokenised in ``map_batches``.
+
+Training gets these datasets through ``TorchTrainer(datasets=…)`` and reads its share with
+``ray.train.get_dataset_shard``; eval iterates them on the driver. Nothing is materialised: a split larger
+than memory streams through.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import ray.data
+
+from medvl.data import storage
+from medvl.data.shards import read_manifest, shard_paths
+from medvl.data.skips import ensure_skip_counter
+from medvl.models.base import Batch
+
+# A map_batches block this size keeps tokeniser/image-processor calls vectorised without holding much memory.
+PREPROCESS_BATCH_SIZE = 64
+READ_CPUS = 0.25
+
+
+def read_split(location: str, split: str, endpoint_url: str = "", shuffle: str | None = None) -> ray.data.Dataset:
+    """The raw shard rows of one split (all columns, images still encoded); ``shuffle="files"`` for training."""
+    manifest = read_manifest(location, endpoint_url)
+    paths = shard_paths(manifest, location, split, endpoint_url)
+    if not paths:
+        raise ValueError(f"{location}: split {split!r} has no shards (counts: {manifest['counts']})")
+    fs, _ = storage.filesystem_for(location, endpoint_url)
+    # Read tasks reserve little CPU: Train workers and preprocessing actors hold the rest (see `preprocessed`).
+    return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, num_cpus=READ_CPUS)
+
+
+def preprocessed(
+    dataset: ray.data.Dataset,
+    preprocessor_factory: Callable[[], Callable[[Batch], Batch]],
+    concurrency: int = 1,
+    num_cpus: float = 0.5,
+) -> ray.data.Dataset:
+    """Decode + tokenise with a pool of ``concurrency`` actors, each holding one tokenizer/image processor.
+
+    Actors reserve a fraction of a CPU by default: on a small machine the Train workers and these actors
+    must not take every CPU, or Ray Data's read tasks never get scheduled and the run hangs.
+    """
+    ensure_skip_counter()
+    return dataset.map_batches(
+        _PreprocessActor,
+        fn_constructor_args=(preprocessor_factory,),
+        batch_size=PREPROCESS_BATCH_SIZE,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=num_cpus,
+    )
+
+
+class _PreprocessActor:
+    def __init__(self, factory: Callable[[], Callable[[Batch], Batch]]):
+        self.preprocess = factory()
+
+    def __call__(self, batch: Batch) -> Batch:
+        return self.preprocess(batch)

@@ -1,0 +1,80 @@
+"""Every shipped job spec validates; malformed specs fail with the field path named, before Ray starts."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medvl.spec import SpecError, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_SPECS = sorted((ROOT / "jobs").glob("*.yaml"))
+
+
+def test_there_are_job_specs():
+    assert any(p.name == "quickstart.yaml" for p in JOB_SPECS)
+
+
+@pytest.mark.parametrize("path", JOB_SPECS, ids=lambda p: p.name)
+def test_every_job_spec_validates(path: Path):
+    spec = load_spec(path)
+    assert spec.stages and spec.output_dir
+
+
+def minimal(**sections) -> dict:
+    return {"name": "t", "output_dir": "out", "stages": ["prepare", "train"], **sections}
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (minimal(train={"lr": "fast"}), 'train.lr: expected a positive number, got "fast"'),
+        (minimal(train={"lr": -1.0}), "train.lr: expected a positive number, got -1.0"),
+        (minimal(train={"epochs": 2.5}), "train.epochs: expected a positive number, got 2.5"),
+        (minimal(train={"lrr": 1}), "train.lrr: unknown field"),
+        (minimal(data={"format": "dicomdir"}), "data.format: expected one of"),
+        (minimal(data={"format": "roco"}), "data.source: expected the dataset folder"),
+        (minimal(data={"split_fractions": [0.5, 0.5, 0.5]}), "data.split_fractions: expected three numbers"),
+        (minimal(model={"lora_dropout": 1.5}), "model.lora_dropout: expected a number between 0 and 1, got 1.5"),
+        (minimal(train={"use_gpu": "yes"}), 'train.use_gpu: expected true or false, got "yes"'),
+        (minimal(eval={"baselines": ["nope"]}), "eval.baselines[0]: expected one of"),
+        ({"name": "t", "stages": ["train"]}, "output_dir: required field is missing"),
+        (minimal(stages=[]), "stages: expected a non-empty list"),
+        (minimal(stages=["prepare", "bake"]), "stages[1].kind: expected one of"),
+        (minimal(stages=[{"kind": "train", "start_from": "dapt"}]), "stages[0].start_from: expected the name of an earlier train stage"),
+        (minimal(stages=[{"kind": "train", "set": {"train.lr": "x"}}]), "stages[0].set: train.lr: expected a positive number"),
+    ],
+)
+def test_malformed_spec_names_the_field(raw: dict, message: str):
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_overrides_are_typed_and_applied(tmp_path: Path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\noutput_dir: out\nstages: [train]\ntrain: {lr: 1.0e-3}\n")
+    spec = load_spec(path, ["train.lr=1e-4", "train.workers=2", "model.preset=tiny", "eval.baselines=[untrained]"])
+    assert spec.train.lr == pytest.approx(1e-4)
+    assert spec.train.workers == 2 and spec.model.preset == "tiny" and spec.eval.baselines == ["untrained"]
+
+
+def test_stage_overrides_apply_to_that_stage_only():
+    spec = parse_spec(minimal(stages=["prepare", {"kind": "train", "name": "warm", "set": {"train.lr": 0.5}},
+                                      {"kind": "train", "name": "main", "start_from": "warm"}]))
+    warm, main = spec.stages[1], spec.stages[2]
+    assert spec.for_stage(warm).train.lr == 0.5
+    assert spec.for_stage(main).train.lr == spec.train.lr != 0.5
+    assert main.start_from == "warm"
+
+
+def test_cli_validate_fails_with_one_line_and_no_ray(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: t\noutput_dir: out\nstages: [train]\ntrain: {lr: fast}\n")
+    done = subprocess.run([sys.executable, "-m", "medvl.cli", "run", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == 'error: train.lr: expected a positive number, got "fast"'
+    assert "ray" not in done.stdout.lower()
