@@ -65,7 +65,7 @@ class DataSpec:
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # used when the data has no split
     records_per_shard: int = checked(2048, positive)
     preprocess_workers: int = checked(1, positive)  # Ray Data actors decoding/tokenising for training
-    preprocess_cpus: float = checked(0.5, positive)  # CPUs reserved per actor (leave some for read tasks)
+    preprocess_cpus: float = checked(0.25, positive)  # CPUs reserved per actor (one pool each for train and val)
     shuffle_buffer: int = checked(1024, non_negative)  # rows in the local shuffle buffer while training
     language: str = "en"  # SLAKE question language
     endpoint_url: str = ""  # S3-compatible endpoint; "" = AWS or the AWS_ENDPOINT_URL environment variable
@@ -74,16 +74,20 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    recipe: Literal["blip_caption"] = "blip_caption"
+    recipe: Literal["blip_caption", "blip2_lora", "blip_dapt", "blip_vqa", "softprompt_llm"] = "blip_caption"
     name_or_path: str = "Salesforce/blip-image-captioning-base"  # hub id or local folder, loaded with from_pretrained
     preset: Literal["", "tiny"] = ""  # "tiny": random weights from a small config + a locally trained tokenizer
     load_in_8bit: bool = False
     lora_r: int = checked(16, positive)
     lora_alpha: float = checked(32.0, positive)
     lora_dropout: float = checked(0.1, unit_interval)
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj"])
+    # [] = the recipe picks per model type (BLIP-2/OPT: q_proj, k_proj; GPT-2: c_attn; LLaMA: q_proj, v_proj)
+    lora_target_modules: list[str] = field(default_factory=list)
     vision_name_or_path: str = "microsoft/resnet-50"  # soft-prompt recipe: the vision encoder
     num_prefix_tokens: int = checked(10, positive)  # soft-prompt recipe: visual prefix length
+    distill: bool = False  # BLIP DAPT: progressive self-distillation from an EMA teacher
+    ema_tau_start: float = checked(0.95, unit_interval)  # EMA teacher momentum, rising linearly over training…
+    ema_tau_end: float = checked(0.995, unit_interval)  # …to this value
 
 
 @dataclass
@@ -97,12 +101,14 @@ class TrainSpec:
     warmup_ratio: float = checked(0.05, unit_interval)
     max_grad_norm: float = checked(1.0, positive)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on a capable GPU, else fp32
-    finetune: Literal["full", "decoder", "encoder", "lora"] = "full"
+    # What trains: full | decoder | encoder (BLIP captioning) | frozen_vision (all but the vision encoder) | lora
+    finetune: Literal["full", "decoder", "encoder", "frozen_vision", "lora"] = "full"
     early_stopping_patience: int = checked(2, non_negative)  # validations without improvement; 0 = off
     eval_every_steps: int = checked(0, non_negative)  # validate every N optimizer steps; 0 = once per epoch
     max_val_batches: int = checked(0, non_negative)  # cap validation cost; 0 = whole split
     workers: int = checked(1, positive)
     cpus_per_worker: float = checked(1.0, positive)
+    torch_threads: int = checked(0, non_negative)  # intra-op threads per worker; 0 = ceil(cpus_per_worker)
     use_gpu: bool = False
     num_checkpoints_to_keep: int = checked(2, positive)
     max_failures: int = checked(0, non_negative)
@@ -156,6 +162,8 @@ class JobSpec:
         if not stage.set:
             return self
         raw = dataclasses.asdict(self)
+        for other in raw["stages"]:
+            other["set"] = {}  # the result describes this stage's settings; other stages' overrides do not apply
         for key, value in stage.set.items():
             set_dotted(raw, key, value, where=f"stages.{stage.name}.set")
         return parse_spec(raw)

@@ -1,0 +1,70 @@
+"""``medvl`` command line: validate specs, run a job's stages, or one kind of stage."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medvl.spec import SpecError, load_spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="check job specs (no Ray)")
+    validate.add_argument("specs", nargs="+")
+    _add_overrides(validate)
+    validate.set_defaults(handler=cmd_validate)
+
+    run = commands.add_parser("run", help="run a job spec's stages in order")
+    run.add_argument("spec")
+    _add_overrides(run)
+    run.set_defaults(handler=lambda a: cmd_stages(a, None))
+
+    for kind in ("prepare", "train", "eval"):
+        sub = commands.add_parser(kind, help=f"run only the spec's {kind} stage(s)")
+        sub.add_argument("spec")
+        _add_overrides(sub)
+        if kind == "eval":
+            sub.add_argument("--model", help="model folder to evaluate (default: the last train stage's model)")
+        sub.set_defaults(handler=lambda a, kind=kind: cmd_stages(a, (kind,)))
+    return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.specs:
+        try:
+            spec = load_spec(path, args.overrides)
+            print(f"ok: {path} ({spec.name}: {' → '.join(s.name for s in spec.stages)})")
+        except SpecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+def cmd_stages(args: argparse.Namespace, kinds: tuple[str, ...] | None) -> int:
+    spec = load_spec(args.spec, args.overrides)  # fails here, before Ray starts, on a bad spec
+    from medvl.stages import run_stages
+
+    run_stages(spec, kinds, model_dir=getattr(args, "model", None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

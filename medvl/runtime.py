@@ -1,0 +1,30 @@
+"""Start (or join) Ray for a job: an in-process local Ray by default, a cluster when ``ray.address`` says so."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from medvl.spec import JobSpec
+
+
+@contextmanager
+def ray_session(spec: JobSpec) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():  # a caller (a test, a notebook) already runs Ray: use it as it is
+        yield
+        return
+    # Local Ray needs no token auth; a cluster's own settings (RAY_AUTH_MODE, tokens) are left alone.
+    if not spec.ray.address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs: dict = {"address": spec.ray.address or None, "log_to_driver": True}
+    if not spec.ray.address and spec.ray.num_cpus:
+        kwargs["num_cpus"] = spec.ray.num_cpus
+    ray.init(**kwargs)
+    # Ray Data's progress bars interleave badly with our own progress lines on a terminal.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,51 @@
+"""Run a job spec's stages in order, handing each train stage's model to the stages after it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medvl.spec import JobSpec, StageSpec
+
+
+def train_summary(spec: JobSpec, stage_name: str) -> dict:
+    path = Path(spec.output_dir).absolute() / stage_name / "train_summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"stage {stage_name!r} has not been trained yet ({path} is missing)")
+    return json.loads(path.read_text())
+
+
+def run_stages(spec: JobSpec, kinds: tuple[str, ...] | None = None, model_dir: str | None = None) -> None:
+    """Run every stage (or only those of ``kinds``); ``model_dir`` overrides the model an eval stage scores."""
+    from medvl.runtime import ray_session
+
+    with ray_session(spec):
+        last_train: str | None = None
+        for stage in spec.stages:
+            if kinds is None or stage.kind in kinds:
+                _run_stage(spec, stage, last_train, model_dir)
+            if stage.kind == "train":
+                last_train = stage.name
+
+
+def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_dir: str | None) -> None:
+    stage_spec = spec.for_stage(stage)
+    print(f"[medvl] stage {stage.name} ({stage.kind})", flush=True)
+    if stage.kind == "prepare":
+        from medvl.data.prepare import run_prepare_stage
+
+        run_prepare_stage(stage_spec)
+    elif stage.kind == "train":
+        from medvl.train.trainer import run_train_stage
+
+        start_from = train_summary(spec, stage.start_from)["model_dir"] if stage.start_from else None
+        run_train_stage(stage_spec, stage, start_from=start_from)
+    elif stage.kind == "eval":
+        from medvl.eval.evaluate import run_eval_stage
+
+        untrained = None
+        if model_dir is None and last_train is not None:
+            summary = train_summary(spec, last_train)
+            model_dir, untrained = summary["model_dir"], summary["model_source"]
+        run_eval_stage(stage_spec, stage, model_dir or spec.model.name_or_path, untrained_dir=untrained)
+    else:
+        raise NotImplementedError(f"stage kind {stage.kind!r} is not implemented yet")

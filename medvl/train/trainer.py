@@ -1,0 +1,164 @@
+"""Driver side of a train stage: build the Ray datasets, run ``TorchTrainer``, export the best model.
+
+Outputs of a train stage named ``NAME`` under ``output_dir``::
+
+    NAME/model/                the best checkpoint (lowest validation loss) as a plain HF folder
+    NAME/train_summary.json    steps, losses, best checkpoint, skipped rows
+    checkpoints/NAME/          Ray Train's run folder (all kept checkpoints); or train.storage_path
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from medvl.data import storage
+from medvl.data.pipeline import preprocessed, read_split
+from medvl.data.shards import read_manifest, shard_paths
+from medvl.data.skips import skipped_counts
+from medvl.models.registry import build_recipe
+from medvl.spec import JobSpec, StageSpec
+from medvl.train.loop import TRAINING_STATE, train_loop_per_worker
+
+
+@dataclass
+class TrainOutcome:
+    model_dir: Path
+    summary: dict
+
+
+def stage_dir(spec: JobSpec, stage_name: str) -> Path:
+    return Path(spec.output_dir).absolute() / stage_name
+
+
+def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None) -> TrainOutcome:
+    """Train ``spec``'s model (from ``start_from``, a model folder, when given) and export the best checkpoint."""
+    recipe = build_recipe(spec)
+    out = stage_dir(spec, stage.name)
+    out.mkdir(parents=True, exist_ok=True)
+    location, endpoint = spec.shards_location, spec.data.endpoint_url
+    manifest = read_manifest(location, endpoint)
+    model_source = start_from or recipe.initial_model(out, lambda: training_texts(spec))
+
+    factory = functools.partial(recipe.preprocessor, model_source)
+    preprocess = functools.partial(
+        preprocessed, preprocessor_factory=factory,
+        concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
+    )
+    columns = list(recipe.tensor_columns)  # ids and texts stay out of the training batches
+    datasets = {
+        "train": preprocess(read_split(location, "train", endpoint, shuffle="files")).select_columns(columns),
+        "val": preprocess(read_split(location, "val", endpoint)).select_columns(columns),
+    }
+    settings = spec.train
+    check_cpu_budget(spec)
+    total_steps = planned_steps(manifest["counts"]["train"], spec)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec,
+            "model_source": model_source,
+            "total_steps": total_steps,
+            "torch_threads": settings.torch_threads or max(1, math.ceil(settings.cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=settings.workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker={"CPU": settings.cpus_per_worker},
+        ),
+        run_config=run_config(spec, stage.name),
+        datasets=datasets,
+    )
+    print(f"[medvl train] {stage.name}: {manifest['counts']['train']} training rows, "
+          f"{total_steps} optimizer steps planned, {settings.workers} worker(s)", flush=True)
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="val_loss", mode="min") if result.best_checkpoints else None
+    if best is None:
+        raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
+    model_dir = out / "model"
+    export_checkpoint(best, model_dir)
+    history = result.metrics_dataframe
+    summary = {
+        "stage": stage.name,
+        "model_source": model_source,
+        "model_dir": str(model_dir),
+        "planned_steps": total_steps,
+        "steps": int(result.metrics["step"]),
+        "stopped_early": bool(result.metrics["stopped_early"]),
+        "best_val_loss": min(m["val_loss"] for _, m in result.best_checkpoints),
+        "history": history[["epoch", "step", "train_loss", "val_loss"]].to_dict("records") if history is not None else [],
+        "skipped": skipped_counts(),
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return TrainOutcome(model_dir, summary)
+
+
+def check_cpu_budget(spec: JobSpec) -> None:
+    """Fail fast, instead of hanging, when Train workers would leave Ray Data no CPU to read with."""
+    import ray
+
+    from medvl.data.pipeline import READ_CPUS
+
+    train = spec.train.workers * spec.train.cpus_per_worker
+    data = 2 * spec.data.preprocess_workers * spec.data.preprocess_cpus + READ_CPUS  # train + val pools, one read
+    available = ray.cluster_resources().get("CPU", 0)
+    if train + data > available:
+        raise ValueError(
+            f"train.workers × train.cpus_per_worker ({train:g} CPUs) plus Ray Data's reservation ({data:g}) exceeds "
+            f"the cluster's {available:g} CPUs: Ray Data could never read. Lower train.cpus_per_worker "
+            "(fractions are fine; train.torch_threads sets the threads) or add nodes."
+        )
+
+
+def planned_steps(train_rows: int, spec: JobSpec) -> int:
+    settings = spec.train
+    micro_batches = math.ceil(train_rows / (settings.batch_size * settings.workers))
+    steps = max(1, micro_batches // settings.grad_accum) * settings.epochs
+    return min(steps, settings.max_steps) if settings.max_steps else steps
+
+
+def run_config(spec: JobSpec, name: str) -> RunConfig:
+    storage_path = spec.train.storage_path or str(Path(spec.output_dir).absolute() / "checkpoints")
+    filesystem = None
+    if storage.is_s3(storage_path):
+        filesystem, storage_path = storage.filesystem_for(storage_path, spec.data.endpoint_url)
+    return RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=spec.train.num_checkpoints_to_keep,
+            checkpoint_score_attribute="val_loss",
+            checkpoint_score_order="min",
+        ),
+        failure_config=FailureConfig(max_failures=spec.train.max_failures),
+    )
+
+
+def export_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: Path) -> None:
+    """Copy a checkpoint's HF files (not the resume state) to ``model_dir``, replacing it atomically."""
+    staging = model_dir.with_name(model_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(TRAINING_STATE))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    staging.rename(model_dir)
+
+
+def training_texts(spec: JobSpec):
+    """Every target text of the training split (for training a tiny tokenizer), read column-wise."""
+    location, endpoint = spec.shards_location, spec.data.endpoint_url
+    manifest = read_manifest(location, endpoint)
+    fs, _ = storage.filesystem_for(location, endpoint)
+    for path in shard_paths(manifest, location, "train", endpoint):
+        table = pq.read_table(path, filesystem=fs, columns=["text", "question", "answer"])
+        for column in ("text", "question", "answer"):
+            yield from (t for t in table.column(column).to_pylist() if t)
