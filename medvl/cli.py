@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "eval":
             sub.add_argument("--model", help="model folder to evaluate (default: the last train stage's model)")
         sub.set_defaults(handler=lambda a, kind=kind: cmd_stages(a, (kind,)))
+
+    chexpert = commands.add_parser("chexpert", help="label reports with the 14 CheXpert observations (offline)")
+    chexpert.add_argument("input_csv")
+    chexpert.add_argument("--column", required=True, help="the column holding the report text")
+    chexpert.add_argument("--out", required=True, help="output CSV in the CheXpert labeler's layout")
+    chexpert.set_defaults(handler=cmd_chexpert)
     return parser
 
 
@@ -63,6 +69,18 @@ def cmd_stages(args: argparse.Namespace, kinds: tuple[str, ...] | None) -> int:
     from medvl.stages import run_stages
 
     run_stages(spec, kinds, model_dir=getattr(args, "model", None))
+    return 0
+
+
+def cmd_chexpert(args: argparse.Namespace) -> int:
+    from medvl.eval.chexpert_csv import label_csv
+
+    try:
+        rows = label_csv(args.input_csv, args.column, args.out)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"labelled {rows} reports → {args.out}")
     return 0
 
 

@@ -123,6 +123,10 @@ class EvalSpec:
     max_new_tokens: int = checked(64, positive)
     batch_size: int = checked(32, positive)
     max_samples: int = checked(0, non_negative)  # 0 = the whole split
+    semantic: bool = True  # BERTScore + embedding cosine with embedding_model (~70 s per 1,000 pairs on 2 CPUs)
+    embedding_model: str = ""  # local folder of a BERT-like model; "" = all-MiniLM-L6-v2 shipped on PyPI
+    clinical: bool = True  # CheXpert clinical efficacy, hallucination and laterality (chest X-ray reports)
+    worst_examples: int = checked(10, non_negative)  # listed in report.md
     # Extra scores written to <output_dir>/<name>.json next to the trained model's: "untrained" (the model the
     # train stage started from) and "shuffled_images" (predictions scored against other images' references).
     baselines: list[Literal["untrained", "shuffled_images"]] = field(default_factory=list)

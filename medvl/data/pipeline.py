@@ -27,6 +27,9 @@ def read_split(location: str, split: str, endpoint_url: str = "", shuffle: str |
     if not paths:
         raise ValueError(f"{location}: split {split!r} has no shards (counts: {manifest['counts']})")
     fs, _ = storage.filesystem_for(location, endpoint_url)
+    # The v2 read path adds a file-listing task that reserves a whole CPU; on a 2-CPU machine next to a Train
+    # worker that starves the read forever. The classic path reads our explicit file list in one light task.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     # Read tasks reserve little CPU: Train workers and preprocessing actors hold the rest (see `preprocessed`).
     return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, num_cpus=READ_CPUS)
 
@@ -35,17 +38,19 @@ def preprocessed(
     dataset: ray.data.Dataset,
     preprocessor_factory: Callable[[], Callable[[Batch], Batch]],
     concurrency: int = 1,
-    num_cpus: float = 0.5,
+    num_cpus: float = 0.25,
+    keep: list[str] | None = None,
 ) -> ray.data.Dataset:
     """Decode + tokenise with a pool of ``concurrency`` actors, each holding one tokenizer/image processor.
 
     Actors reserve a fraction of a CPU by default: on a small machine the Train workers and these actors
     must not take every CPU, or Ray Data's read tasks never get scheduled and the run hangs.
+    ``keep`` limits the output columns (training needs tensors only; a separate projection would cost a task).
     """
     ensure_skip_counter()
     return dataset.map_batches(
         _PreprocessActor,
-        fn_constructor_args=(preprocessor_factory,),
+        fn_constructor_args=(preprocessor_factory, keep),
         batch_size=PREPROCESS_BATCH_SIZE,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
@@ -54,8 +59,10 @@ def preprocessed(
 
 
 class _PreprocessActor:
-    def __init__(self, factory: Callable[[], Callable[[Batch], Batch]]):
+    def __init__(self, factory: Callable[[], Callable[[Batch], Batch]], keep: list[str] | None):
         self.preprocess = factory()
+        self.keep = keep
 
     def __call__(self, batch: Batch) -> Batch:
-        return self.preprocess(batch)
+        out = self.preprocess(batch)
+        return {name: out[name] for name in self.keep} if self.keep else out

@@ -56,24 +56,35 @@ def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str) -> Predi
     return out
 
 
-def score(recipe: Recipe, preds: Predictions) -> dict:
+def score(spec: JobSpec, recipe: Recipe, preds: Predictions) -> dict:
+    """Every metric that applies to the recipe's task, as one flat dict."""
+    refs, hyps = preds.references, preds.predictions
     if recipe.task == "vqa":
         from medvl.eval.vqa_metrics import vqa_scores
 
-        return vqa_scores(preds.references, preds.predictions, preds.answer_types)
+        return vqa_scores(refs, hyps, preds.answer_types)
     from medvl.eval.caption_metrics import caption_scores
 
-    metrics = dict(caption_scores(preds.references, preds.predictions))
-    metrics.update(laterality(preds.references, preds.predictions))
+    metrics = dict(caption_scores(refs, hyps))
+    if spec.eval.clinical:
+        metrics.update(clinical_scores(refs, hyps))
+    if spec.eval.semantic:
+        from medvl.eval.embedding_metrics import bertscore, embedding_cosine
+
+        model = spec.eval.embedding_model or None
+        metrics.update(bertscore(refs, hyps, model_path=model))
+        metrics.update(embedding_cosine(refs, hyps, model_path=model))
     return metrics
 
 
-def laterality(references: list[str], predictions: list[str]) -> dict:
-    try:
-        from medvl.eval.clinical_metrics import laterality_error_rate
-    except ImportError:  # the clinical module is optional for caption-only installs
-        return {}
-    return laterality_error_rate(references, predictions)
+def clinical_scores(references: list[str], predictions: list[str]) -> dict:
+    from medvl.eval.chexpert import CheXpertLabeler
+    from medvl.eval.clinical_metrics import clinical_efficacy, hallucination_rate, laterality_error_rate
+
+    labeler = CheXpertLabeler()
+    ref_labels, gen_labels = labeler.label_many(references), labeler.label_many(predictions)
+    return (clinical_efficacy(ref_labels, gen_labels) | hallucination_rate(ref_labels, gen_labels)
+            | laterality_error_rate(references, predictions))
 
 
 def shuffled_references(preds: Predictions, seed: int = 0) -> Predictions:
@@ -89,16 +100,17 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     out = Path(spec.output_dir).absolute() / stage.name
     out.mkdir(parents=True, exist_ok=True)
     preds = generate_predictions(spec, recipe, model_dir)
-    metrics = score(recipe, preds) | preds.extra_metrics
+    metrics = score(spec, recipe, preds) | preds.extra_metrics
     metrics["n"] = len(preds.predictions)
     write_outputs(out, metrics, preds)
+    write_report(out / "report.md", spec, recipe, metrics, preds)
     print(f"[medvl eval] {stage.name}: {_headline(metrics)}", flush=True)
 
     comparison = {"trained": metrics}
     if "untrained" in spec.eval.baselines and untrained_dir:
-        comparison["untrained"] = score(recipe, generate_predictions(spec, recipe, untrained_dir))
+        comparison["untrained"] = score(spec, recipe, generate_predictions(spec, recipe, untrained_dir))
     if "shuffled_images" in spec.eval.baselines:
-        comparison["shuffled_images"] = score(recipe, shuffled_references(preds, spec.data.seed))
+        comparison["shuffled_images"] = score(spec, recipe, shuffled_references(preds, spec.data.seed))
     if len(comparison) > 1:
         path = Path(spec.output_dir).absolute() / f"{spec.name}.json"
         path.write_text(json.dumps(comparison, indent=2))
@@ -114,7 +126,44 @@ def write_outputs(out: Path, metrics: dict, preds: Predictions) -> None:
             handle.write(json.dumps(dict(zip(("id", "reference", "prediction", "answer_type"), row))) + "\n")
 
 
+def write_report(path: Path, spec: JobSpec, recipe: Recipe, metrics: dict, preds: Predictions) -> None:
+    """A page a reviewer reads: the headline metrics, then the worst examples next to their references."""
+    lines = [f"# {spec.name}: evaluation on the {spec.eval.split} split ({len(preds.predictions)} samples)", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    worst = worst_examples(recipe, preds, spec.eval.worst_examples)
+    if worst:
+        lines += ["", f"## The {len(worst)} worst examples", "",
+                  "| id | score | reference | prediction |", "|---|---|---|---|"]
+        lines += [f"| {preds.ids[i]} | {s:.3f} | {_cell(preds.references[i])} | {_cell(preds.predictions[i])} |"
+                  for i, s in worst]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def worst_examples(recipe: Recipe, preds: Predictions, count: int) -> list[tuple[int, float]]:
+    """(index, per-sample score) of the lowest scorers: CIDEr for captions, edit similarity for VQA."""
+    if not count or not preds.predictions:
+        return []
+    if recipe.task == "vqa":
+        from rapidfuzz.distance import Levenshtein
+
+        from medvl.eval.vqa_metrics import normalize_answer
+
+        scores = [Levenshtein.normalized_similarity(normalize_answer(r), normalize_answer(p))
+                  for r, p in zip(preds.references, preds.predictions)]
+    else:
+        from medvl.eval.caption_metrics import per_sample_cider
+
+        scores = per_sample_cider(preds.references, preds.predictions)
+    return sorted(enumerate(scores), key=lambda pair: pair[1])[:count]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _headline(metrics: dict) -> str:
-    keys = [k for k in ("bleu_4", "meteor", "rouge_l", "cider", "laterality_correct_rate", "vqa_acc",
+    keys = [k for k in ("bleu_4", "meteor", "rouge_l", "cider", "bertscore_f1", "ce_micro_f1_14",
+                        "laterality_correct_rate", "vqa_acc",
                         "vqa_acc_closed", "vqa_acc_open") if k in metrics]
     return "  ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics[k], (int, float, np.floating)))

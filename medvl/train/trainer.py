@@ -55,8 +55,8 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     )
     columns = list(recipe.tensor_columns)  # ids and texts stay out of the training batches
     datasets = {
-        "train": preprocess(read_split(location, "train", endpoint, shuffle="files")).select_columns(columns),
-        "val": preprocess(read_split(location, "val", endpoint)).select_columns(columns),
+        "train": preprocess(read_split(location, "train", endpoint, shuffle="files"), keep=columns),
+        "val": preprocess(read_split(location, "val", endpoint), keep=columns),
     }
     settings = spec.train
     check_cpu_budget(spec)
