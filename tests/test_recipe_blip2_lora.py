@@ -1,0 +1,217 @@
+"""BLIP-2 + LoRA recipe: ids layout, adapter placement and count, freezing, 8-bit error, adapter/merged save."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+from medvl.data.synthetic import synthetic_records
+from medvl.models.blip2_lora import (
+    Blip2LoraRecipe,
+    blip2_labels,
+    export_merged,
+    save_tiny_blip2,
+)
+from medvl.spec import parse_spec
+
+IMAGE_SIZE = 32
+R = 4
+
+
+def job(model_dir: str, tmp_path: Path, **model) -> dict:
+    return {
+        "name": "blip2",
+        "output_dir": str(tmp_path / "run"),
+        "stages": ["train"],
+        "data": {"image_size": IMAGE_SIZE, "max_text_length": 40},
+        # preset "": the model folder is loaded exactly as a hub id would be (from_pretrained)
+        "model": {"recipe": "blip2_lora", "name_or_path": model_dir, "preset": "", "lora_r": R, "lora_alpha": 8,
+                  "lora_dropout": 0.0, **model},
+        "train": {"finetune": "lora", "lr": 1e-2, "weight_decay": 0.0},
+        "eval": {"num_beams": 2, "max_new_tokens": 6},
+    }
+
+
+def shard_batch(records) -> dict[str, np.ndarray]:
+    rows = [r.to_row() for r in records]
+    return {key: np.asarray([row[key] for row in rows], dtype=object) for key in rows[0]}
+
+
+@pytest.fixture(scope="module")
+def records():
+    return list(synthetic_records(8, image_size=48))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, records) -> str:
+    return save_tiny_blip2(tmp_path_factory.mktemp("blip2"), [r.text for r in records], IMAGE_SIZE)
+
+
+def tensors(recipe, source: str, records) -> dict[str, torch.Tensor]:
+    batch = recipe.preprocessor(source)(shard_batch(records))
+    return {name: torch.as_tensor(batch[name]) for name in recipe.tensor_columns}
+
+
+def train_steps(recipe, model, batch, steps: int = 2) -> None:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss, _ = recipe.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_ids_start_with_one_image_token_per_query_and_labels_mask_them(tiny_dir, records, tmp_path):
+    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path)))
+    batch = tensors(recipe, tiny_dir, records[:2])
+    config = Blip2Config.from_pretrained(tiny_dir)
+    q, image_id = config.num_query_tokens, config.image_token_index
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == (2, q + 40) and batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert (ids[:, :q] == image_id).all() and (ids[:, q] == config.text_config.bos_token_id).all()
+    for row in range(2):
+        last = int(mask[row].sum()) - 1
+        assert ids[row, last] == config.text_config.eos_token_id and (mask[row, : last + 1] == 1).all()
+        assert (ids[row, last + 1 :] == config.text_config.pad_token_id).all()
+
+    labels = blip2_labels(torch.tensor([[9, 9, 2, 5, 3, 0]]), torch.tensor([[1, 1, 1, 1, 1, 0]]), image_token_index=9)
+    assert labels.tolist() == [[-100, -100, 2, 5, 3, -100]]
+
+
+def test_lora_goes_on_the_language_model_only_with_r_times_d_plus_k_parameters(tiny_dir, tmp_path):
+    # "query"/"key" are Q-Former names and "qkv" the vision tower's: the language_model scope must skip them.
+    targets = ["q_proj", "k_proj", "query", "qkv"]
+    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path, lora_target_modules=targets)))
+    model = recipe.load_for_training(tiny_dir)
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".language_model." in name and ".lora_" in name for name in trainable)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in trainable} == {"q_proj", "k_proj"}
+    # OPT hidden 64: q_proj and k_proj are 64×64; A is r×64, B is 64×r → r·(64+64) each; 2 per layer, 2 layers.
+    assert sum(trainable.values()) == 2 * 2 * R * (64 + 64)
+
+
+def test_default_targets_are_q_and_k_projections(tiny_dir, tmp_path):
+    model = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path))).load_for_training(tiny_dir)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[1] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert adapted == {"q_proj", "k_proj"}
+
+
+def test_a_step_changes_every_adapter_weight_and_nothing_else(tiny_dir, records, tmp_path):
+    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path)))
+    model = recipe.load_for_training(tiny_dir)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train_steps(recipe, model, tensors(recipe, tiny_dir, records[:4]))  # 2 steps: lora_A's grad is 0 while B is 0
+    for name, parameter in model.named_parameters():
+        changed = not torch.equal(before[name], parameter)
+        assert changed == parameter.requires_grad, name
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_model" in n or "qformer" in n)
+
+
+def test_other_finetune_policies_are_refused(tiny_dir, tmp_path):
+    raw = job(tiny_dir, tmp_path)
+    raw["train"]["finetune"] = "full"
+    with pytest.raises(ValueError, match="train.finetune: the blip2_lora recipe trains LoRA adapters only"):
+        Blip2LoraRecipe(parse_spec(raw)).load_for_training(tiny_dir)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no CUDA GPU")
+def test_8bit_without_cuda_says_what_to_do(tiny_dir, tmp_path):
+    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path, load_in_8bit=True)))
+    what_to_do = r"needs a CUDA GPU and the bitsandbytes package: set model.load_in_8bit: false"
+    with pytest.raises(RuntimeError, match=what_to_do):
+        recipe.load_for_training(tiny_dir)
+
+
+def test_tiny_preset_saves_a_loadable_checkpoint(tiny_dir):
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_dir)
+    head = model.language_model.get_output_embeddings().weight
+    assert head is not model.language_model.get_input_embeddings().weight
+    assert 0.25 < float(head.detach().std()) < 0.35  # the widened head survived save/load
+    assert model.config.image_token_index == len(model.get_input_embeddings().weight) - 1  # the added <image>
+
+
+def test_adapter_and_merged_exports_reload_to_the_same_outputs(tiny_dir, records, tmp_path):
+    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path)))
+    model = recipe.load_for_training(tiny_dir)
+    batch = tensors(recipe, tiny_dir, records[:3])
+    train_steps(recipe, model, batch)
+    folder = tmp_path / "adapter"
+    recipe.save(model, tiny_dir, folder)
+
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_dir
+    assert all(".lora_" in key for key in load_file(folder / "adapter_model.safetensors"))
+    inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+        reloaded = PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(tiny_dir), folder).eval()
+        torch.testing.assert_close(reloaded(**inputs).logits, expected)
+        merged_dir = export_merged(folder, tmp_path / "merged")
+        merged = Blip2ForConditionalGeneration.from_pretrained(merged_dir).eval()
+        assert not any("lora" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
+
+    # The recipe's own loaders: resuming copies the adapter into a fresh one; inference decodes text.
+    fresh = recipe.load_for_training(tiny_dir)
+    recipe.restore(fresh, folder)
+    for (name, a), (_, b) in zip(fresh.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
+    inference = recipe.load_for_inference(str(folder))
+    with torch.inference_mode():
+        texts = recipe.generate(inference, batch)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    # Training can also continue from the adapter folder (a later stage's start_from).
+    continued = recipe.load_for_training(str(folder))
+    assert sum(p.numel() for p in continued.parameters() if p.requires_grad) == 2 * 2 * R * (64 + 64)
+
+
+def val_loss_in_process(recipe, spec, model_dir: str) -> float:
+    """Mean loss of a saved model (or an untrained base) over the validation shards, without Ray."""
+    import pyarrow.parquet as pq
+
+    from medvl.data.shards import read_manifest, shard_paths
+
+    model, preprocess = recipe.load_for_inference(model_dir), recipe.preprocessor(model_dir)
+    total, count = 0.0, 0
+    for path in shard_paths(read_manifest(spec.shards_location), spec.shards_location, "val"):
+        rows = pq.read_table(path).to_pydict()
+        batch = preprocess({key: np.asarray(values, dtype=object) for key, values in rows.items()})
+        with torch.no_grad():
+            loss, _ = recipe.loss(model, {k: torch.as_tensor(batch[k]) for k in recipe.tensor_columns})
+        total, count = total + loss.item() * len(rows["id"]), count + len(rows["id"])
+    return total / count
+
+
+@pytest.mark.slow
+def test_end_to_end_on_ray_lowers_the_loss_and_writes_metrics(tmp_path, ray_local):
+    from medvl.stages import run_stages
+
+    spec = parse_spec({
+        "name": "blip2_e2e",
+        "output_dir": str(tmp_path / "run"),
+        "stages": ["prepare", "train", "eval"],
+        "data": {"format": "synthetic", "synthetic_images": 160, "synthetic_image_size": 48, "image_size": IMAGE_SIZE,
+                 "max_text_length": 40, "records_per_shard": 80, "shuffle_buffer": 0},
+        "model": {"recipe": "blip2_lora", "preset": "tiny"},
+        "train": {"finetune": "lora", "epochs": 3, "batch_size": 16, "lr": 1e-2, "workers": 1, "cpus_per_worker": 0.5,
+                  "early_stopping_patience": 0},
+        "eval": {"num_beams": 1, "max_new_tokens": 8, "max_samples": 8},
+    })
+    run_stages(spec)
+    out = Path(spec.output_dir)
+    summary = json.loads((out / "train" / "train_summary.json").read_text())
+    history = summary["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    recipe = Blip2LoraRecipe(spec)
+    untrained = val_loss_in_process(recipe, spec, summary["model_source"])  # the tiny base, no adapter
+    trained = val_loss_in_process(recipe, spec, summary["model_dir"])
+    assert trained < untrained - 0.5, (untrained, trained)
+    assert (Path(summary["model_dir"]) / "adapter_model.safetensors").is_file()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 8
