@@ -4,6 +4,13 @@ pyarrow's filesystems are what Ray Data's ``read_parquet`` takes, so prepare, tr
 through the same object. S3-compatible stores (MinIO, moto, Ceph) are reached with ``endpoint_url`` from
 the spec, or the standard ``AWS_ENDPOINT_URL`` environment variable; credentials come from the usual AWS
 environment variables / config files.
+
+The filesystem is built on the driver and pickled to Ray's workers (read tasks, Train workers uploading
+checkpoints), whose environment was fixed when Ray started and may lack what the driver sees. So whatever
+the driver resolves from its environment (endpoint, region, static keys) is set on the filesystem
+explicitly and travels with it. The trade-off: keys ride inside Ray task arguments, and a session token is
+frozen at driver time (it can expire during a long job: prefer instance roles on the workers for those).
+Without keys in the environment, each process uses its own default chain (instance role, config files).
 """
 from __future__ import annotations
 
@@ -30,7 +37,18 @@ def filesystem_for(location: str, endpoint_url: str = "") -> tuple[pafs.FileSyst
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    return pafs.S3FileSystem(**kwargs, **_environment_keys()), f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def _environment_keys() -> dict:
+    """Static keys from the driver's environment, to be set on the filesystem (see the module docstring)."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not (key and secret):
+        return {}
+    keys = {"access_key": key, "secret_key": secret}
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        keys["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return keys
 
 
 def join(base: str, *parts: str) -> str:

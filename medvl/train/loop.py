@@ -15,7 +15,7 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class TrainState:
     best_val_loss: float = math.inf
     validations_without_improvement: int = 0
     stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)  # every validation (Ray's result keeps only kept checkpoints')
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -142,6 +143,8 @@ def _validate_and_report(run: WorkerRun, state: TrainState, running: list[float]
         "lr": run.scheduler.get_last_lr()[0],
         "stopped_early": state.stopped_early,
     }
+    state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})
+    metrics["history"] = list(state.history)
     rank = ray.train.get_context().get_world_rank()
     _log(rank, f"validation at step {state.step}: val_loss {val_loss:.4f}" + (" (stopping early)" if state.stopped_early else ""))
     with tempfile.TemporaryDirectory() as folder:

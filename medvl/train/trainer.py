@@ -85,7 +85,6 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
     model_dir = out / "model"
     export_checkpoint(best, model_dir)
-    history = result.metrics_dataframe
     summary = {
         "stage": stage.name,
         "model_source": model_source,
@@ -94,7 +93,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         "steps": int(result.metrics["step"]),
         "stopped_early": bool(result.metrics["stopped_early"]),
         "best_val_loss": min(m["val_loss"] for _, m in result.best_checkpoints),
-        "history": history[["epoch", "step", "train_loss", "val_loss"]].to_dict("records") if history is not None else [],
+        "history": result.metrics["history"],
         "skipped": skipped_counts(),
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
