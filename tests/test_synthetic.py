@@ -12,7 +12,14 @@ import pytest
 from PIL import Image
 
 from medvl.data.images import decode_image
-from medvl.data.synthetic import encode_gray_png, qa_pairs, render_study, synthetic_records, write_report
+from medvl.data.synthetic import (
+    encode_gray_png,
+    qa_pairs,
+    render_study,
+    sample_findings,
+    synthetic_records,
+    write_report,
+)
 
 SIZE = 128
 SEEDS = range(6)
@@ -96,11 +103,15 @@ def test_png_encoder_round_trips_exactly():
     assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), pixels)
 
 
+def many_findings(count, seed):
+    """Finding lists from the sampler the records use, without paying for the images."""
+    return [sample_findings(np.random.default_rng([seed, i])) for i in range(count)]
+
+
 def test_finding_mix_normal_about_a_quarter_and_every_finding_common():
-    metas = [r.meta for r in synthetic_records(600, seed=1)]
+    draws = many_findings(1000, seed=1)
     counts = Counter()
-    for meta in metas:
-        findings = meta["findings"]
+    for findings in draws:
         assert len(findings) <= 2 and len({f["name"] for f in findings}) == len(findings)
         counts["normal"] += not findings
         counts.update(f["name"] + ("-" + f["side"] if "side" in f else "") for f in findings)
@@ -108,12 +119,12 @@ def test_finding_mix_normal_about_a_quarter_and_every_finding_common():
         sides = {f["name"]: f.get("side") for f in findings}
         assert sides.get("pleural_effusion", "x") != sides.get("pneumothorax", "y")  # never hide one another
         assert sides.get("nodule", "x") != sides.get("pneumothorax", "y")
-    assert 0.18 < counts["normal"] / len(metas) < 0.32
-    assert 0.18 < counts["cardiomegaly"] / len(metas) < 0.34
+    assert 0.18 < counts["normal"] / len(draws) < 0.32
+    assert 0.18 < counts["cardiomegaly"] / len(draws) < 0.34
     for name in ("nodule", "pleural_effusion", "pneumothorax"):
         for side in ("left", "right"):
-            assert counts[f"{name}-{side}"] / len(metas) > 0.07, (name, side, counts)
-    assert all(counts[f"zone-{zone}"] > 40 for zone in ("upper", "lower"))
+            assert counts[f"{name}-{side}"] / len(draws) > 0.07, (name, side, counts)
+    assert all(counts[f"zone-{zone}"] > 100 for zone in ("upper", "lower"))
 
 
 # -------------------------------------------------------------------------------------------- pixels
@@ -151,7 +162,7 @@ def test_pneumothorax_is_a_large_black_apical_lateral_space_on_its_side(seed):
     for side, expected_fraction_right in (("left", 1.0), ("right", 0.0)):
         findings = [{"name": "pneumothorax", "side": side}]
         darker = changed_pixels(findings, seed, sign=-1)
-        assert darker.sum() > 0.06 * SIZE * SIZE  # over half of one lung (each is ~16 % of the film)
+        assert darker.sum() > 0.06 * SIZE * SIZE  # a large space, not a rim
         assert fraction_on_image_right(darker) == pytest.approx(expected_fraction_right, abs=0.02)
         # Apical and lateral: the lung falls back towards its hilum, so its upper outer quarter is all air.
         lung = lung_field(render([], seed), image_right=side == "left")
@@ -233,10 +244,9 @@ def test_reports_are_the_templates():
 
 
 def test_each_report_states_exactly_the_findings_in_meta():
-    records = list(synthetic_records(200, seed=2))
     vocabulary = set()
-    for record in records:
-        text, findings = record.text, {f["name"]: f for f in record.meta["findings"]}
+    for finding_list in many_findings(300, seed=2):
+        text, findings = write_report(finding_list), {f["name"]: f for f in finding_list}
         vocabulary.update(re.findall(r"[a-z]+", text.lower()))
         assert ("The heart is enlarged." in text) == ("cardiomegaly" in findings)
         assert ("The heart size is normal." in text) == ("cardiomegaly" not in findings)
@@ -248,6 +258,23 @@ def test_each_report_states_exactly_the_findings_in_meta():
         assert nodules == ([(findings["nodule"]["side"], findings["nodule"]["zone"])] if "nodule" in findings else [])
         assert ("The lungs are clear." in text) == ("nodule" not in findings)
     assert len(vocabulary) <= 30  # small enough for a tiny captioner to learn
+
+
+def test_the_projects_chexpert_labeler_reads_every_report_right():
+    from medvl.eval.chexpert.labeler import CheXpertLabeler
+
+    labeler = CheXpertLabeler()
+    observations = {"cardiomegaly": "Cardiomegaly", "pleural_effusion": "Pleural Effusion",
+                    "pneumothorax": "Pneumothorax", "nodule": "Lung Lesion"}
+    reports = {write_report(findings): findings for findings in many_findings(2000, seed=3)}
+    assert len(reports) == 29  # all the sampler allows: normal, 9 single findings, 19 compatible pairs
+    for report, findings in reports.items():
+        labels = labeler.label(report)
+        names = {f["name"] for f in findings}
+        for name, observation in observations.items():
+            absent = None if name == "nodule" else 0.0  # "The lungs are clear." mentions no lesion
+            assert labels[observation] == (1.0 if name in names else absent), (report, observation)
+        assert labels["No Finding"] == (1.0 if not findings else None), report
 
 
 def expected_answer(question, findings):
@@ -281,20 +308,26 @@ def expected_answer(question, findings):
     raise AssertionError(f"unexpected question {question!r}")
 
 
-def test_vqa_answers_agree_with_meta_and_yes_no_is_balanced():
-    records = list(synthetic_records(150, seed=5, task="vqa"))
+def test_vqa_records_answer_from_meta_with_the_report_as_text():
+    records = list(synthetic_records(30, seed=5, task="vqa"))
     per_image = Counter(r.id.rsplit("-q", 1)[0] for r in records)
-    assert len(per_image) == 150 and min(per_image.values()) >= 4 and max(per_image.values()) <= 6
-    answers = Counter()
+    assert len(per_image) == 30 and min(per_image.values()) >= 4 and max(per_image.values()) <= 6
     for record in records:
         assert record.answer == expected_answer(record.question, record.meta["findings"]), record
         assert record.text == write_report(record.meta["findings"])
-        assert record.answer == record.answer.lower()
         assert record.answer_type in ("closed", "open")
-        assert (record.answer_type == "closed") == (record.answer in ("yes", "no"))
-        answers[record.answer] += 1
+
+
+def test_vqa_answers_agree_with_the_findings_and_yes_no_is_balanced():
+    answers = Counter()
+    for i, findings in enumerate(many_findings(300, seed=6)):
+        for question, answer, answer_type in qa_pairs(findings, np.random.default_rng(i)):
+            assert answer == expected_answer(question, findings), (question, answer, findings)
+            assert answer == answer.lower()
+            assert (answer_type == "closed") == (answer in ("yes", "no"))
+            answers[answer] += 1
     assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6
-    assert answers["left"] > 20 and answers["right"] > 20 and answers["none"] > 20
+    assert min(answers["left"], answers["right"], answers["none"], answers["enlarged"]) > 30
 
 
 def test_qa_pairs_for_a_normal_film():
