@@ -74,7 +74,7 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    recipe: Literal["blip_caption", "blip2_lora", "softprompt_llm"] = "blip_caption"
+    recipe: Literal["blip_caption", "blip2_lora", "blip_dapt", "blip_vqa", "softprompt_llm"] = "blip_caption"
     name_or_path: str = "Salesforce/blip-image-captioning-base"  # hub id or local folder, loaded with from_pretrained
     preset: Literal["", "tiny"] = ""  # "tiny": random weights from a small config + a locally trained tokenizer
     load_in_8bit: bool = False

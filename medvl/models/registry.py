@@ -9,6 +9,8 @@ from medvl.spec import JobSpec
 RECIPES: dict[str, str] = {
     "blip_caption": "medvl.models.blip_caption:BlipCaptionRecipe",
     "blip2_lora": "medvl.models.blip2_lora:Blip2LoraRecipe",
+    "blip_dapt": "medvl.models.blip_dapt:BlipDaptRecipe",
+    "blip_vqa": "medvl.models.blip_vqa:BlipVqaRecipe",
     "softprompt_llm": "medvl.models.softprompt_llm:SoftPromptRecipe",
 }
 

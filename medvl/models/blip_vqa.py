@@ -1,0 +1,160 @@
+"""BLIP visual question answering (``BlipForQuestionAnswering``): question + image in, free-text answer out.
+
+The question runs through the text encoder, whose cross-attention reads the image patches; the answer decoder
+cross-attends to the fused question states. Answers are generated, not classified, so open questions with
+answers never seen in training can still be scored (by exact match and edit similarity, see
+:mod:`medvl.eval.vqa_metrics`).
+
+Fine-tuning policies (``train.finetune``): ``frozen_vision`` (the usual choice after domain-adaptive
+pretraining: the ViT already sees radiographs and VQA-RAD is too small to move it without overfitting; the
+text encoder and decoder train) or ``full``.
+
+Text layout, matching ``BlipProcessor`` for the hub checkpoints: the question is ``[cls] tokens [sep]`` (BERT's
+``[CLS]``; the tiny tokenizer's ``[BOS]``), the answer is ``[bos] tokens [sep]`` with the decoder's
+``bos_token_id``. Training passes the answer as ``decoder_input_ids`` and again, padding masked to -100, as
+``labels`` (the decoder shifts them itself): passing only ``labels`` would feed the -100s to the embedding.
+
+Decoding calls the encoder and ``text_decoder.generate`` directly instead of ``BlipForQuestionAnswering.generate``
+so that the decoder gets the question mask training gave it (the latter passes an all-ones mask). In
+transformers 5.23 this changes nothing yet: ``BlipTextAttention`` drops the cross-attention mask, so the decoder
+attends to the question's padding positions in training and decoding alike. Questions are therefore always
+padded to ``data.max_question_length``, which keeps the two consistent.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, BlipForQuestionAnswering
+
+from medvl.models.base import Batch, Recipe, TensorBatch
+from medvl.models.blip_caption import (
+    ImageTextPreprocessor,
+    decode,
+    lm_labels,
+    save_tiny_blip,
+)
+
+VQA_COLUMNS = ("pixel_values", "question_input_ids", "question_attention_mask",
+               "answer_input_ids", "answer_attention_mask")
+
+
+def encode_texts(tokenizer, texts: list[str], length: int, start: int, end: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[start] tokens [end]`` padded with ``pad`` to ``length`` (truncating the tokens), and its mask."""
+    ids = np.full((len(texts), length), pad, dtype=np.int64)
+    mask = np.zeros((len(texts), length), dtype=np.int64)
+    if not texts:
+        return ids, mask
+    pieces = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=length - 2)["input_ids"]
+    for row, tokens in enumerate(pieces):
+        sequence = [start, *tokens, end]
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
+def cls_token_id(tokenizer, fallback: int) -> int:
+    return tokenizer.cls_token_id if tokenizer.cls_token_id is not None else fallback
+
+
+class VqaPreprocessor(ImageTextPreprocessor):
+    """Adds ``question_*`` (encoder input) and ``answer_*`` (decoder input and target) to the image batch."""
+
+    def __call__(self, batch: Batch) -> Batch:
+        out = super().__call__(batch)
+        cls = cls_token_id(self.tokenizer, self.bos)
+        out["question_input_ids"], out["question_attention_mask"] = encode_texts(
+            self.tokenizer, [str(q) for q in out["question"]], self.max_question_length, cls, self.sep, self.pad
+        )
+        out["answer_input_ids"], out["answer_attention_mask"] = encode_texts(
+            self.tokenizer, [str(a) for a in out["answer"]], self.max_text_length, self.bos, self.sep, self.pad
+        )
+        return out
+
+
+def apply_vqa_finetune_policy(model: torch.nn.Module, policy: str, vision_prefix: str = "vision_model.") -> None:
+    """``frozen_vision``: everything but the vision encoder trains; ``full``: everything trains."""
+    if policy not in ("full", "frozen_vision"):
+        raise ValueError(f"train.finetune: expected full or frozen_vision for BLIP VQA/DAPT, got {policy!r}")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = policy == "full" or not name.startswith(vision_prefix)
+
+
+def vqa_loss(model: torch.nn.Module, batch: TensorBatch) -> torch.Tensor:
+    """Answer cross-entropy through ``model.forward`` (so DDP's gradient hooks see the call)."""
+    return model(
+        input_ids=batch["question_input_ids"],
+        attention_mask=batch["question_attention_mask"],
+        pixel_values=batch["pixel_values"],
+        decoder_input_ids=batch["answer_input_ids"],
+        decoder_attention_mask=batch["answer_attention_mask"],
+        labels=lm_labels(batch["answer_input_ids"], batch["answer_attention_mask"]),
+    ).loss
+
+
+@torch.no_grad()
+def generate_answers(model: BlipForQuestionAnswering, batch: TensorBatch, **generate_kwargs) -> torch.Tensor:
+    """Answer token ids, the decoder attending only to real question tokens (as in training)."""
+    image_embeds = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    question_mask = batch["question_attention_mask"]
+    question = model.text_encoder(
+        input_ids=batch["question_input_ids"],
+        attention_mask=question_mask,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_mask,
+    ).last_hidden_state
+    text = model.config.text_config
+    bos = torch.full((question.shape[0], 1), text.bos_token_id, dtype=torch.long, device=question.device)
+    return model.text_decoder.generate(
+        input_ids=bos,
+        eos_token_id=text.sep_token_id,
+        pad_token_id=text.pad_token_id,
+        encoder_hidden_states=question,
+        encoder_attention_mask=question_mask,
+        **generate_kwargs,
+    )
+
+
+def save_blip_folder(model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
+    """The model plus the tokenizer and image processor it was trained with, in HF layout."""
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_source).save_pretrained(out_dir)
+    AutoImageProcessor.from_pretrained(model_source).save_pretrained(out_dir)
+
+
+class BlipVqaRecipe(Recipe):
+    task = "vqa"
+    tensor_columns = VQA_COLUMNS
+
+    def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
+        if self.spec.model.preset == "tiny":
+            return save_tiny_blip(BlipForQuestionAnswering, work_dir, train_texts(), self.spec.data.image_size)
+        return self.spec.model.name_or_path
+
+    def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
+        data = self.spec.data
+        return VqaPreprocessor(model_source, data.image_size, data.max_text_length, data.max_question_length)
+
+    def load_for_training(self, model_source: str) -> torch.nn.Module:
+        """From a hub id, a tiny-init folder, a saved VQA model or a DAPT stage's export (same layout)."""
+        model = BlipForQuestionAnswering.from_pretrained(model_source)
+        apply_vqa_finetune_policy(model, self.spec.train.finetune)
+        return model
+
+    def load_for_inference(self, model_dir: str) -> torch.nn.Module:
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return BlipForQuestionAnswering.from_pretrained(model_dir).eval()
+
+    def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        return vqa_loss(model, batch), {}
+
+    def generate(self, model: torch.nn.Module, batch: TensorBatch) -> list[str]:
+        settings = self.spec.eval
+        output = generate_answers(model, batch, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens)
+        return decode(self.tokenizer, output)
+
+    def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
+        save_blip_folder(model, model_source, out_dir)
