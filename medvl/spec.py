@@ -6,7 +6,8 @@ mapping against these types and stops at the first problem with one line naming 
 ``train.lr: expected a positive number, got "fast"``.
 
 A job runs ``stages`` in order. A stage is a kind (prepare, train, eval…) plus optional ``set`` overrides that
-apply to that stage only, and ``start_from``: the name of an earlier train stage whose model it starts from.
+apply to that stage only (a command-line ``--set`` of the same key wins over them), and ``start_from``: the name
+of an earlier train stage whose model it starts from.
 Multi-stage recipes (DAPT → VQA, soft-prompt stage 1 → stage 2) are one spec with several train stages.
 """
 from __future__ import annotations
@@ -191,8 +192,19 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         key, sep, text = override.partition("=")
         if not sep or not key:
             raise SpecError(f"--set {override}: expected key.path=value")
-        set_dotted(raw, key.strip(), yaml.safe_load(text) if text else "", where="--set")
+        key, value = key.strip(), yaml.safe_load(text) if text else ""
+        set_dotted(raw, key, value, where="--set")
+        _override_stage_sets(raw, key, value)
     return parse_spec(raw)
+
+
+def _override_stage_sets(raw: dict, key: str, value: Any) -> None:
+    """The command line has the last word: a ``--set`` key also replaces that key in every stage's ``set``."""
+    for stage in raw.get("stages") or []:
+        if isinstance(stage, dict) and isinstance(stage.get("set"), dict) and key in stage["set"]:
+            stage["set"][key] = value
+
+
 
 
 def set_dotted(raw: dict, dotted: str, value: Any, where: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -313,13 +314,13 @@ def test_vqa_rad_real_mevf_sample():
     items = list(read_dataset("vqa_rad", str(FIXTURES / "vqa_rad")))
     skin = "superficial to the patient's skin"  # stored with a leading space
     assert summary(items) == [
-        ("3371", "synpic35191.jpg", "train", "", "Is this an infectious process?", "Maybe", "closed"),
-        ("3372", "synpic35191.jpg", "train", "", "Does this represent infectious process?", "Yes", "closed"),
-        ("2392", "synpic45162.jpg", "train", "", "How many gallstones are identified?", "4", "open"),
+        ("3371", "synpic35191.jpg", "", "", "Is this an infectious process?", "Maybe", "closed"),
+        ("3372", "synpic35191.jpg", "", "", "Does this represent infectious process?", "Yes", "closed"),
+        ("2392", "synpic45162.jpg", "", "", "How many gallstones are identified?", "4", "open"),
         (
             "2393",
             "synpic45162.jpg",
-            "train",
+            "",
             "",
             "How many gallstones are present/visualized in the image?",
             "4",
@@ -328,18 +329,30 @@ def test_vqa_rad_real_mevf_sample():
         (
             "3504",
             "synpic26764.jpg",
-            "train",
+            "",
             "",
             "Is the opacity located in the middle of the image inside the patient or superficial to the patient's skin?",
             skin,
             "closed",
         ),
-        ("3505", "synpic26764.jpg", "train", "", "Where is/are the circular opacity located?", skin, "closed"),
+        ("3505", "synpic26764.jpg", "", "", "Where is/are the circular opacity located?", skin, "closed"),
     ]
     assert by_id(items)["3371"].meta == {"image_organ": "HEAD", "question_type": "OTHER", "phrase_type": "freeform"}
     for record in items:
         assert record.image == (FIXTURES / "vqa_rad/images" / record.group_id).read_bytes()
         assert max(decode_image(record.image).size) == 64
+
+
+def test_vqa_rad_mevf_with_testset_keeps_the_published_split(tmp_path):
+    """trainset.json alone carries no split (prepare carves one); with testset.json both files keep theirs."""
+    root = tmp_path / "vqa_rad"
+    shutil.copytree(FIXTURES / "vqa_rad", root)
+    rows = json.loads((root / "trainset.json").read_text())
+    (root / "testset.json").write_text(json.dumps(rows[:2]))
+    (root / "trainset.json").write_text(json.dumps(rows[2:]))
+    splits = {(i.id, i.split) for i in read_dataset("vqa_rad", str(root)) if isinstance(i, Record)}
+    assert splits == {("3371", "test"), ("3372", "test"), ("2392", "train"), ("2393", "train"),
+                      ("3504", "train"), ("3505", "train")}
 
 
 SLAKE_EN = [

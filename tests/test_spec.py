@@ -70,6 +70,15 @@ def test_stage_overrides_apply_to_that_stage_only():
     assert main.start_from == "warm"
 
 
+def test_command_line_set_wins_over_a_stage_set(tmp_path: Path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\noutput_dir: out\ntrain: {lr: 1.0e-3}\n"
+                    "stages: [{kind: train, name: warm, set: {train.lr: 0.5, train.epochs: 4}}]\n")
+    spec = load_spec(path, ["train.lr=2e-3"])
+    warm = spec.for_stage(spec.stages[0])
+    assert warm.train.lr == pytest.approx(2e-3) and warm.train.epochs == 4
+
+
 def test_cli_validate_fails_with_one_line_and_no_ray(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: t\noutput_dir: out\nstages: [train]\ntrain: {lr: fast}\n")

@@ -14,7 +14,8 @@ SLAKE (Liu et al., ISBI 2021) has ``train.json`` / ``validate.json`` / ``test.js
 Rows are cleaned, not rewritten: ``answer_type`` loses stray spaces and is lower-cased ("CLOSED " →
 "closed"); answers become strings (VQA-RAD stores counts as JSON numbers) with whitespace collapsed, their
 case kept. ``id`` is the dataset's ``qid``; ``group_id`` is the image name, so that all questions about an
-image fall in one split.
+image fall in one split. With only ``trainset.json`` present (as in many copies of the data), rows carry no split
+and prepare carves train/val/test from them by image with ``data.split_fractions``.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ SLAKE_META = ("img_id", "q_lang", "content_type", "modality", "location", "base_
 def read_vqa_rad(source: str, options: ReaderOptions) -> ReaderOutput:
     root = require_dir(source, "VQA-RAD")
     mevf = {name: split for name, split in VQA_RAD_MEVF_FILES.items() if (root / name).is_file()}
+    if mevf.keys() == {"trainset.json"}:
+        mevf["trainset.json"] = ""  # no test file: prepare carves val/test by image (data.split_fractions)
     if mevf:
         tables = [(_load_rows(root / name), lambda row, split=split: split) for name, split in mevf.items()]
         image_dir = root / "images"
