@@ -1,6 +1,7 @@
 """Time the quickstart end to end and print its figures: wall time, CIDEr ratios, laterality.
 
     python benchmarks/quickstart_time.py            # runs `medvl run jobs/quickstart.yaml` in a fresh output dir
+    python benchmarks/quickstart_time.py --set train.epochs=6   # a variant (any `medvl run --set` override)
 
 Targets (issue "The spine"): wall time ≤ 10 min on the 2-CPU machine; trained CIDEr ≥ 2.0, ≥ 5× the untrained
 model's and ≥ 2× the shuffled-images control. Everything is measured in this one run.
@@ -18,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     output_dir = Path(tempfile.mkdtemp(prefix="medvl-quickstart-"))
-    command = [sys.executable, "-m", "medvl.cli", "run", str(ROOT / "jobs" / "quickstart.yaml"),
+    command = [sys.executable, "-m", "medvl.cli", "run", str(ROOT / "jobs" / "quickstart.yaml"), *argv,
                "--set", f"output_dir={output_dir}"]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -43,4 +44,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
