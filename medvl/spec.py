@@ -92,6 +92,17 @@ class ModelSpec:
 
 
 @dataclass
+class DeepSpeedSpec:
+    """ZeRO settings; batch size, accumulation, clipping, lr and precision come from ``train`` (one source of truth)."""
+
+    stage: Literal[2, 3] = 2  # 2: optimizer state + gradients partitioned; 3: parameters too (7B models)
+    offload_optimizer: bool = False  # optimizer state in CPU RAM (compiles DeepSpeedCPUAdam on first use)
+    offload_params: bool = False  # stage 3 only: parameters in CPU RAM between uses
+    activation_checkpointing: bool = False  # recompute activations in backward (HF gradient checkpointing)
+    config_file: str = ""  # a DeepSpeed JSON merged over the derived config, for experts
+
+
+@dataclass
 class TrainSpec:
     epochs: int = checked(3, positive)
     max_steps: int = checked(0, non_negative)  # optimizer steps; 0 = no limit beyond epochs
@@ -107,6 +118,7 @@ class TrainSpec:
     early_stopping_patience: int = checked(2, non_negative)  # validations without improvement; 0 = off
     eval_every_steps: int = checked(0, non_negative)  # validate every N optimizer steps; 0 = once per epoch
     max_val_batches: int = checked(0, non_negative)  # cap validation cost; 0 = whole split
+    val_batch_size: int = checked(0, non_negative)  # per worker; 0 = batch_size
     workers: int = checked(1, positive)
     cpus_per_worker: float = checked(1.0, positive)
     torch_threads: int = checked(0, non_negative)  # intra-op threads per worker; 0 = ceil(cpus_per_worker)
@@ -114,6 +126,8 @@ class TrainSpec:
     num_checkpoints_to_keep: int = checked(2, positive)
     max_failures: int = checked(0, non_negative)
     storage_path: str = ""  # Ray Train checkpoints: folder or s3:// URL; "" = <output_dir>/checkpoints
+    strategy: Literal["ddp", "deepspeed"] = "ddp"  # deepspeed: ZeRO partitioning, see train.deepspeed
+    deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
     seed: int = 0
 
 
@@ -131,6 +145,34 @@ class EvalSpec:
     # Extra scores written to <output_dir>/<name>.json next to the trained model's: "untrained" (the model the
     # train stage started from) and "shuffled_images" (predictions scored against other images' references).
     baselines: list[Literal["untrained", "shuffled_images"]] = field(default_factory=list)
+
+
+def above_one(value: float) -> bool:
+    return value > 1
+
+
+CHECK_TEXT[above_one] = "a number > 1"
+
+
+@dataclass
+class TuneSpec:
+    """A hyperparameter search (``medvl tune``, a ``tune`` stage): one Ray Train run per trial, ASHA on top."""
+
+    # A tune_spaces/*.yaml file: a path (relative to the working directory) or a file of the shipped tune_spaces/
+    space: str = ""
+    metric: str = "val_loss"  # reported by every validation of the training loop
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = checked(1, positive)  # grid: repeats of the whole grid; random: draws (grids crossed in)
+    search_alg: Literal["grid", "random", "optuna"] = "grid"  # optuna only where its package is installed
+    scheduler: Literal["asha", "none"] = "asha"
+    # ASHA's unit is the optimizer step: trials report at every validation (set train.eval_every_steps)
+    grace_period: int = checked(250, positive)  # steps before ASHA may stop a trial (the published protocol: 250)
+    reduction_factor: float = checked(3.0, above_one)  # ASHA keeps the best 1/reduction_factor at each rung
+    max_steps: int = checked(0, non_negative)  # ASHA's max_t, and each trial's train.max_steps cap; 0 = planned
+    # What one trial's Train workers get in all (split evenly over train.workers); fractions are fine.
+    cpus_per_trial: float = checked(0.0, non_negative)  # 0 = train.workers × train.cpus_per_worker
+    gpus_per_trial: float = checked(0.0, non_negative)  # > 0 needs train.use_gpu; e.g. 0.5 = two trials per GPU
+    max_concurrent_trials: int = checked(0, non_negative)  # 0 = as many as the cluster's CPUs (and GPUs) fit
 
 
 @dataclass
@@ -157,6 +199,7 @@ class JobSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     ray: RaySpec = field(default_factory=RaySpec)
+    tune: TuneSpec = field(default_factory=TuneSpec)
 
     @property
     def shards_location(self) -> str:
@@ -203,8 +246,6 @@ def _override_stage_sets(raw: dict, key: str, value: Any) -> None:
     for stage in raw.get("stages") or []:
         if isinstance(stage, dict) and isinstance(stage.get("set"), dict) and key in stage["set"]:
             stage["set"][key] = value
-
-
 
 
 def set_dotted(raw: dict, dotted: str, value: Any, where: str) -> None:
@@ -266,6 +307,43 @@ def _check_cross_fields(spec: JobSpec) -> None:
         raise SpecError(f"data.source: expected the dataset folder for format {spec.data.format!r}, got \"\"")
     if spec.model.preset == "" and not spec.model.name_or_path:
         raise SpecError('model.name_or_path: expected a hub id or local folder (or model.preset: tiny), got ""')
+    _check_deepspeed(spec)
+    _check_tune(spec)
+
+
+def _check_deepspeed(spec: JobSpec) -> None:
+    settings = spec.train.deepspeed
+    if settings.offload_params and settings.stage != 3:
+        raise SpecError(f"train.deepspeed.offload_params: expected false unless train.deepspeed.stage is 3, "
+                        f"got true with stage {settings.stage}")
+    if settings.config_file and not Path(settings.config_file).is_file():
+        raise SpecError(f"train.deepspeed.config_file: expected a DeepSpeed JSON file, got {settings.config_file!r} "
+                        "(no such file)")
+
+
+def _check_tune(spec: JobSpec) -> None:
+    settings = spec.tune
+    searches = any(stage.kind == "tune" for stage in spec.stages)
+    if searches and not settings.space:
+        raise SpecError('tune.space: expected a search space file (e.g. tune_spaces/blip2_lora.yaml) for the tune '
+                        'stage, got ""')
+    if not settings.metric:
+        raise SpecError('tune.metric: expected the name of a reported metric (e.g. val_loss), got ""')
+    if settings.scheduler == "asha" and settings.max_steps and settings.grace_period > settings.max_steps:
+        raise SpecError(f"tune.grace_period: expected at most tune.max_steps ({settings.max_steps}), "
+                        f"got {settings.grace_period}")
+    if searches and settings.gpus_per_trial and not spec.train.use_gpu:
+        raise SpecError(f"tune.gpus_per_trial: expected 0 while train.use_gpu is false, got {settings.gpus_per_trial}")
+    if settings.search_alg == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise SpecError('tune.search_alg: expected "grid" or "random" (the optuna package is not installed), '
+                            'got "optuna"')
+    if settings.space:
+        from medvl.tune.space import check_space_for
+
+        check_space_for(settings.space, settings.search_alg)
 
 
 def _build(cls: type, raw: Any, path: str) -> Any:

@@ -6,11 +6,13 @@ than memory streams through.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
+import numpy as np
 import ray.data
 
 from medvl.data import storage
+from medvl.data.position import ROW_KEY, SkipTrained, row_keys
 from medvl.data.shards import read_manifest, shard_paths
 from medvl.data.skips import ensure_skip_counter
 from medvl.models.base import Batch
@@ -40,17 +42,21 @@ def preprocessed(
     concurrency: int = 1,
     num_cpus: float = 0.25,
     keep: list[str] | None = None,
+    position_file: tuple[str, str] | None = None,
 ) -> ray.data.Dataset:
     """Decode + tokenise with a pool of ``concurrency`` actors, each holding one tokenizer/image processor.
 
     Actors reserve a fraction of a CPU by default: on a small machine the Train workers and these actors
     must not take every CPU, or Ray Data's read tasks never get scheduled and the run hangs.
-    ``keep`` limits the output columns (training needs tensors only; a separate projection would cost a task).
+    ``keep`` limits the output columns (training needs tensors only; a separate projection would cost a task);
+    ``row_key`` in it adds each row's stable key. ``position_file`` (location, endpoint URL) names the training
+    loop's record of rows already trained this epoch: the actors, built anew for each epoch, drop those rows
+    before decoding them (see :mod:`medvl.data.position`).
     """
     ensure_skip_counter()
     return dataset.map_batches(
         _PreprocessActor,
-        fn_constructor_args=(preprocessor_factory, keep),
+        fn_constructor_args=(preprocessor_factory, keep, position_file),
         batch_size=PREPROCESS_BATCH_SIZE,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
@@ -59,10 +65,24 @@ def preprocessed(
 
 
 class _PreprocessActor:
-    def __init__(self, factory: Callable[[], Callable[[Batch], Batch]], keep: list[str] | None):
+    def __init__(self, factory: Callable[[], Callable[[Batch], Batch]], keep: list[str] | None,
+                 position_file: tuple[str, str] | None = None):
         self.preprocess = factory()
         self.keep = keep
+        self.skip_trained = SkipTrained(*position_file) if position_file else None
 
     def __call__(self, batch: Batch) -> Batch:
+        rows = self.skip_trained(batch) if self.skip_trained else batch
+        if len(rows["id"]) == 0:  # every row trained already: an empty block with the right columns and types
+            return {name: values[:0] for name, values in self._process(_first_row(batch)).items()}
+        return self._process(rows)
+
+    def _process(self, batch: Batch) -> Batch:
         out = self.preprocess(batch)
+        if self.keep and ROW_KEY in self.keep:
+            out[ROW_KEY] = row_keys(out["id"])
         return {name: out[name] for name in self.keep} if self.keep else out
+
+
+def _first_row(batch: Batch) -> Batch:
+    return {name: np.asarray(values)[:1] for name, values in batch.items()}

@@ -7,7 +7,10 @@ validation, early stopping and checkpoints.
 Checkpoints are reported at each validation through ``ray.train.report``; Ray persists them to
 ``RunConfig(storage_path=…)`` and registers one only after it is fully uploaded, so a crash mid-save leaves
 the previous checkpoint as the latest. Each checkpoint is an HF folder (``from_pretrained`` loads it) plus
-``training_state.pt`` (optimizer, scheduler, counters) for resuming.
+``training_state.pt`` (optimizer, scheduler, counters, RNG, and the rows already trained in the current epoch)
+for resuming. A restarted worker group (``FailureConfig(max_failures=…)``) resumes mid-epoch: the data
+pipeline skips the rows the checkpoint says were trained (:mod:`medvl.data.position`), so every sample of an
+epoch is trained exactly once and the run ends on the same optimizer step as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers import get_cosine_schedule_with_warmup
 
+from medvl.data.position import ROW_KEY, write_position
 from medvl.models.base import Recipe
 from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec
+from medvl.train.engines import DdpEngine, ZeroEngine, build_engine
 
 TRAINING_STATE = "training_state.pt"
 LOG_EVERY_STEPS = 50
@@ -39,12 +43,12 @@ class WorkerRun:
 
     spec: JobSpec
     recipe: Recipe
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    model_source: str
+    engine: DdpEngine | ZeroEngine
     device: torch.device
     val_shard: Any
+    position_file: tuple[str, str] | None = None  # (location, endpoint URL) read by the train pipeline's actors
+    epoch_trained: list[int] = field(default_factory=list)  # row keys trained this epoch, as of the checkpoint
+    consumed: list[int] = field(default_factory=list)  # row keys this worker trained since then
 
 
 @dataclass
@@ -55,6 +59,8 @@ class TrainState:
     validations_without_improvement: int = 0
     stopped_early: bool = False
     history: list[dict] = field(default_factory=list)  # every validation (Ray's result keeps only kept checkpoints')
+    epochs: list[dict] = field(default_factory=list)  # per finished epoch: samples trained, distinct samples
+    resumed_at_steps: list[int] = field(default_factory=list)  # where a restarted worker group picked up
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -66,29 +72,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("torch_threads"):
         torch.set_num_threads(config["torch_threads"])
 
-    model = recipe.load_for_training(config["model_source"])
-    model = ray.train.torch.prepare_model(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     total_steps = config["total_steps"]
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
-    state = TrainState()
+    engine = build_engine(spec, recipe, config["model_source"], total_steps)
+    model = engine.model
+    state, epoch_trained = TrainState(), []
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            recipe.restore(_unwrap(model), Path(folder))
-            state = _load_training_state(Path(folder), optimizer, scheduler)
-        _log(rank, f"resumed from checkpoint at epoch {state.epoch}, step {state.step}")
+            state, epoch_trained = _load_training_state(Path(folder), engine)
+        state.resumed_at_steps.append(state.step)
+        _log(rank, f"resumed from checkpoint at epoch {state.epoch + 1}, step {state.step} "
+                   f"({len(epoch_trained)} samples of the epoch already trained)")
 
-    autocast = _autocast_context(settings.precision)
+    autocast = _autocast_context(settings.precision) if settings.strategy == "ddp" else nullcontext()
     train_shard = ray.train.get_dataset_shard("train")
     device = ray.train.torch.get_device()
-    run = WorkerRun(spec, recipe, model, optimizer, scheduler, config["model_source"], device,
-                    ray.train.get_dataset_shard("val"))
+    run = WorkerRun(spec, recipe, engine, device, ray.train.get_dataset_shard("val"), config.get("position_file"),
+                    epoch_trained)
 
     while state.epoch < settings.epochs and not state.stopped_early and state.step < total_steps:
         model.train()
+        _publish_position(run)
         started, steps_at_start, running = time.perf_counter(), state.step, []
         batches = train_shard.iter_torch_batches(
             batch_size=settings.batch_size,
@@ -97,18 +102,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             device=device,
         )
         for micro_step, batch in enumerate(batches):
+            keys = batch.pop(ROW_KEY, None)
+            if keys is not None:
+                run.consumed.extend(keys.tolist())
             with autocast:
-                loss, _ = recipe.loss(model, batch)
-            (loss / settings.grad_accum).backward()
+                loss, _ = recipe.loss(model, engine.prepare_batch(batch))
             running.append(loss.item())
-            if (micro_step + 1) % settings.grad_accum:
+            if not engine.backward_and_step(loss, boundary=(micro_step + 1) % settings.grad_accum == 0):
                 continue
-            torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            recipe.after_optimizer_step(_unwrap(model), state.step, total_steps)
+            recipe.after_optimizer_step(engine.unwrapped, state.step, total_steps)
             if state.step % LOG_EVERY_STEPS == 0:
                 rate = (state.step - steps_at_start) / (time.perf_counter() - started)
                 _log(rank, f"epoch {state.epoch + 1} step {state.step}/{total_steps} "
@@ -120,50 +123,87 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     break
             if state.step >= total_steps:
                 break
-        state.epoch += 1
-        if not settings.eval_every_steps or state.step % settings.eval_every_steps:
-            _validate_and_report(run, state, running)
+        _finish_epoch(run, state)
+        _validate_and_report(run, state, running)  # also when the epoch ended on a validation: new resume point
+
+
+def _publish_position(run: WorkerRun) -> None:
+    """Tell this epoch's data pipeline which rows were trained already (none, unless resuming mid-epoch)."""
+    if run.position_file is None:
+        return
+    if ray.train.get_context().get_world_rank() == 0:
+        write_position(*run.position_file, run.epoch_trained)
+    _barrier()  # no worker may start the epoch's pipeline before the file is right
+
+
+def _gather_trained(run: WorkerRun) -> list[int]:
+    """Row keys trained this epoch by every worker: the checkpoint's plus what each trained since."""
+    gathered = [run.consumed]
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, run.consumed)
+    return run.epoch_trained + [key for keys in gathered for key in keys]
+
+
+def _finish_epoch(run: WorkerRun, state: TrainState) -> None:
+    trained = _gather_trained(run)
+    state.epochs.append({"epoch": state.epoch, "samples": len(trained), "distinct_samples": len(set(trained))})
+    run.epoch_trained, run.consumed = [], []
+    state.epoch += 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _validate_and_report(run: WorkerRun, state: TrainState, running: list[float]) -> None:
     spec = run.spec
-    val_loss = evaluate_loss(run.recipe, run.model, run.val_shard, spec, run.device)
-    improved = val_loss < state.best_val_loss - 1e-4
-    if improved:
-        state.best_val_loss, state.validations_without_improvement = val_loss, 0
+    run.epoch_trained, run.consumed = _gather_trained(run), []
+    validated = bool(state.history) and state.history[-1]["step"] == state.step  # the epoch ended on a validation
+    if validated:
+        val_loss = state.history[-1]["val_loss"]
     else:
-        state.validations_without_improvement += 1
-    patience = spec.train.early_stopping_patience
-    state.stopped_early = bool(patience) and state.validations_without_improvement >= patience
+        val_loss = evaluate_loss(run.recipe, run.engine, run.val_shard, spec, run.device)
+        _update_early_stopping(state, val_loss, spec.train.early_stopping_patience)
     metrics = {
         "epoch": state.epoch,
         "step": state.step,
         "train_loss": sum(running[-50:]) / max(1, len(running[-50:])),
         "val_loss": val_loss,
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": run.engine.lr(),
         "stopped_early": state.stopped_early,
     }
-    state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})
+    if not validated:
+        state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})
     metrics["history"] = list(state.history)
+    metrics["epochs"] = list(state.epochs)
+    metrics["resumed_at_steps"] = list(state.resumed_at_steps)
     rank = ray.train.get_context().get_world_rank()
     _log(rank, f"validation at step {state.step}: val_loss {val_loss:.4f}" + (" (stopping early)" if state.stopped_early else ""))
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            _save_checkpoint(Path(folder), run, state)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        writes = _save_checkpoint(Path(folder), run, state, rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if writes else None)
+
+
+def _update_early_stopping(state: TrainState, val_loss: float, patience: int) -> None:
+    if val_loss < state.best_val_loss - 1e-4:
+        state.best_val_loss, state.validations_without_improvement = val_loss, 0
+    else:
+        state.validations_without_improvement += 1
+    state.stopped_early = bool(patience) and state.validations_without_improvement >= patience
 
 
 @torch.no_grad()
-def evaluate_loss(recipe: Recipe, model, shard, spec: JobSpec, device) -> float:
+def evaluate_loss(recipe: Recipe, engine, shard, spec: JobSpec, device) -> float:
     """Mean validation loss over this worker's shard, averaged over all workers (so all agree on stopping)."""
-    model.eval()
+    engine.model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    for i, batch in enumerate(shard.iter_torch_batches(batch_size=spec.train.batch_size, device=device)):
+    batch_size = spec.train.val_batch_size or spec.train.batch_size
+    for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, device=device)):
         if spec.train.max_val_batches and i >= spec.train.max_val_batches:
             break
-        loss, _ = recipe.loss(model, batch)
+        loss, _ = recipe.loss(engine.model, engine.prepare_batch(batch))
         n = next(iter(batch.values())).shape[0]
         total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
@@ -185,29 +225,27 @@ def _autocast_context(precision: str):
     return nullcontext()  # "auto" on CPU: fp32 (CPU autocast is slower than fp32 on most x86 cores)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+def _save_checkpoint(folder: Path, run: WorkerRun, state: TrainState, rank: int) -> bool:
+    """Write this rank's part of a checkpoint into ``folder``; False if this rank has nothing to write."""
+    engine_state = run.engine.save(folder, rank)
+    if rank == 0:
+        torch.save(
+            {
+                "state": asdict(state),
+                "rng": torch.get_rng_state(),
+                "epoch_trained": run.epoch_trained,
+                **engine_state,
+            },
+            folder / TRAINING_STATE,
+        )
+    return any(folder.iterdir())
 
 
-def _save_checkpoint(folder: Path, run: WorkerRun, state: TrainState) -> None:
-    run.recipe.save(_unwrap(run.model), run.model_source, folder)
-    torch.save(
-        {
-            "state": asdict(state),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        },
-        folder / TRAINING_STATE,
-    )
-
-
-def _load_training_state(folder: Path, optimizer, scheduler) -> TrainState:
+def _load_training_state(folder: Path, engine) -> tuple[TrainState, list[int]]:
     saved = torch.load(folder / TRAINING_STATE, weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    engine.load(folder, saved)
     torch.set_rng_state(saved["rng"])
-    return TrainState(**saved["state"])
+    return TrainState(**saved["state"]), saved.get("epoch_trained", [])
 
 
 def _log(rank: int, message: str) -> None:

@@ -22,10 +22,13 @@ from ray.train.torch import TorchTrainer
 
 from medvl.data import storage
 from medvl.data.pipeline import preprocessed, read_split
+from medvl.data.position import POSITION_FILE, ROW_KEY
 from medvl.data.shards import read_manifest, shard_paths
 from medvl.data.skips import skipped_counts
+from medvl.models.base import Recipe
 from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec, StageSpec
+from medvl.train.engines import consolidate, is_deepspeed_checkpoint
 from medvl.train.loop import TRAINING_STATE, train_loop_per_worker
 
 
@@ -39,8 +42,13 @@ def stage_dir(spec: JobSpec, stage_name: str) -> Path:
     return Path(spec.output_dir).absolute() / stage_name
 
 
-def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None) -> TrainOutcome:
-    """Train ``spec``'s model (from ``start_from``, a model folder, when given) and export the best checkpoint."""
+def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None, callbacks: list | None = None,
+                    resources_per_worker: dict | None = None) -> TrainOutcome:
+    """Train ``spec``'s model (from ``start_from``, a model folder, when given) and export the best checkpoint.
+
+    ``callbacks`` go to Ray Train's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``);
+    ``resources_per_worker`` replaces ``{"CPU": train.cpus_per_worker}`` (a Tune trial's fractional GPUs).
+    """
     recipe = build_recipe(spec)
     out = stage_dir(spec, stage.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,8 +62,10 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
     )
     columns = list(recipe.tensor_columns)  # ids and texts stay out of the training batches
+    position = (position_file_location(spec, stage.name), endpoint)
     datasets = {
-        "train": preprocess(read_split(location, "train", endpoint, shuffle="files"), keep=columns),
+        "train": preprocess(read_split(location, "train", endpoint, shuffle="files"), keep=[*columns, ROW_KEY],
+                            position_file=position),
         "val": preprocess(read_split(location, "val", endpoint), keep=columns),
     }
     settings = spec.train
@@ -67,14 +77,15 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
             "spec": spec,
             "model_source": model_source,
             "total_steps": total_steps,
+            "position_file": position,
             "torch_threads": settings.torch_threads or max(1, math.ceil(settings.cpus_per_worker)),
         },
         scaling_config=ScalingConfig(
             num_workers=settings.workers,
             use_gpu=settings.use_gpu,
-            resources_per_worker={"CPU": settings.cpus_per_worker},
+            resources_per_worker=resources_per_worker or {"CPU": settings.cpus_per_worker},
         ),
-        run_config=run_config(spec, stage.name),
+        run_config=run_config(spec, stage.name, callbacks),
         datasets=datasets,
     )
     print(f"[medvl train] {stage.name}: {manifest['counts']['train']} training rows, "
@@ -84,7 +95,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     if best is None:
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
     model_dir = out / "model"
-    export_checkpoint(best, model_dir)
+    export_checkpoint(best, model_dir, recipe)
     summary = {
         "stage": stage.name,
         "model_source": model_source,
@@ -94,6 +105,8 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         "stopped_early": bool(result.metrics["stopped_early"]),
         "best_val_loss": min(m["val_loss"] for _, m in result.best_checkpoints),
         "history": result.metrics["history"],
+        "epochs": result.metrics["epochs"],
+        "resumed_at_steps": result.metrics["resumed_at_steps"],
         "skipped": skipped_counts(),
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -124,8 +137,18 @@ def planned_steps(train_rows: int, spec: JobSpec) -> int:
     return min(steps, settings.max_steps) if settings.max_steps else steps
 
 
-def run_config(spec: JobSpec, name: str) -> RunConfig:
-    storage_path = spec.train.storage_path or str(Path(spec.output_dir).absolute() / "checkpoints")
+def storage_location(spec: JobSpec) -> str:
+    """Where Ray Train keeps this job's runs: ``train.storage_path`` or ``<output_dir>/checkpoints``."""
+    return spec.train.storage_path or str(Path(spec.output_dir).absolute() / "checkpoints")
+
+
+def position_file_location(spec: JobSpec, name: str) -> str:
+    """The run's record of rows trained this epoch, beside its checkpoints (shared storage on a cluster)."""
+    return storage.join(storage_location(spec), name, POSITION_FILE)
+
+
+def run_config(spec: JobSpec, name: str, callbacks: list | None = None) -> RunConfig:
+    storage_path = storage_location(spec)
     filesystem = None
     if storage.is_s3(storage_path):
         filesystem, storage_path = storage.filesystem_for(storage_path, spec.data.endpoint_url)
@@ -139,15 +162,25 @@ def run_config(spec: JobSpec, name: str) -> RunConfig:
             checkpoint_score_order="min",
         ),
         failure_config=FailureConfig(max_failures=spec.train.max_failures),
+        callbacks=callbacks,
     )
 
 
-def export_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: Path) -> None:
-    """Copy a checkpoint's HF files (not the resume state) to ``model_dir``, replacing it atomically."""
+def export_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: Path, recipe: Recipe | None = None) -> None:
+    """Write a checkpoint's model as a plain HF folder (ZeRO shards consolidated), replacing ``model_dir`` atomically.
+
+    The resume state (optimizer, counters) stays behind: the folder is what ``from_pretrained`` /
+    ``PeftModel.from_pretrained`` and ``medvl eval`` load.
+    """
     staging = model_dir.with_name(model_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     with checkpoint.as_directory() as folder:
-        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(TRAINING_STATE))
+        if is_deepspeed_checkpoint(Path(folder)):
+            if recipe is None:
+                raise ValueError(f"{folder} holds ZeRO shards: exporting it needs the recipe that trained it")
+            consolidate(Path(folder), recipe, staging)
+        else:
+            shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(TRAINING_STATE))
     shutil.rmtree(model_dir, ignore_errors=True)
     staging.rename(model_dir)
 

@@ -1,0 +1,131 @@
+"""A Train worker killed mid-epoch (SIGKILL, from outside) costs a restart, not a sample or a step."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from medvl.spec import parse_spec
+from medvl.train.loop import TRAINING_STATE
+from medvl.train.trainer import planned_steps, storage_location
+
+pytestmark = pytest.mark.slow
+
+EVAL_EVERY = 4
+
+
+def job(tmp_path: Path) -> dict:
+    return {
+        "name": "killed",
+        "output_dir": str(tmp_path / "run"),
+        "stages": ["prepare", "train"],
+        "data": {"format": "synthetic", "synthetic_images": 300, "synthetic_image_size": 32, "image_size": 32,
+                 "max_text_length": 40, "records_per_shard": 64, "shuffle_buffer": 0},
+        "model": {"recipe": "blip_caption", "preset": "tiny"},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 2e-3, "workers": 2, "cpus_per_worker": 0.5,
+                  "early_stopping_patience": 0, "eval_every_steps": EVAL_EVERY, "max_val_batches": 1,
+                  "max_failures": 1, "num_checkpoints_to_keep": 3},
+    }
+
+
+def train_workers_of_this_cluster() -> list[psutil.Process]:
+    """The Ray Train worker processes under this test session's raylet (not another session's)."""
+    import ray._private.worker as ray_worker
+
+    raylet = psutil.Process(ray_worker._global_node.all_processes["raylet"][0].process.pid)
+    return [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def kill_a_worker_after_checkpoints(run_dir: Path, checkpoints: int, killed: list[int], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(run_dir.glob("checkpoint_*"))) >= checkpoints:
+            workers = train_workers_of_this_cluster()
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return
+        time.sleep(0.1)
+
+
+def test_a_killed_worker_resumes_mid_epoch_without_repeating_or_losing_samples(tmp_path: Path, ray_local):
+    from medvl.stages import run_stages
+
+    spec = parse_spec(job(tmp_path))
+    run_stages(spec, kinds=("prepare",))
+    train_rows = json.loads((Path(spec.output_dir) / "shards" / "manifest.json").read_text())["counts"]["train"]
+    assert train_rows % 2 == 0  # Ray's equal split over 2 workers then drops no row, so counts compare exactly
+    expected_steps = planned_steps(train_rows, spec)
+
+    killed: list[int] = []
+    run_dir = Path(storage_location(spec)) / "train"
+    # The second checkpoint directory appearing means the first is complete: a resume point exists.
+    killer = threading.Thread(target=kill_a_worker_after_checkpoints, args=(run_dir, 2, killed), daemon=True)
+    killer.start()
+    run_stages(spec, kinds=("train",))
+    killer.join(timeout=1)
+
+    summary = json.loads((Path(spec.output_dir) / "train" / "train_summary.json").read_text())
+    print(summary["resumed_at_steps"], summary["epochs"], killed)
+    assert killed, "the run finished before a worker could be killed"
+    assert len(summary["resumed_at_steps"]) == 1
+    resumed = summary["resumed_at_steps"][0]
+    assert 0 < resumed < expected_steps and resumed in [h["step"] for h in summary["history"]]
+    assert summary["steps"] == expected_steps
+    # Every epoch trained each training row exactly once, including the one the kill interrupted.
+    assert summary["epochs"] == [
+        {"epoch": epoch, "samples": train_rows, "distinct_samples": train_rows} for epoch in range(2)
+    ]
+
+
+def test_a_save_interrupted_half_way_is_never_resumed_from(tmp_path: Path, ray_local, monkeypatch):
+    import dataclasses
+
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from medvl.stages import run_stages
+    from medvl.train import trainer
+    from tests.trapped_storage import TrappedLocalFileSystem  # importable by the Ray workers too
+
+    trap_dir = tmp_path / "trap"
+    trap_dir.mkdir()
+    storage = PyFileSystem(FSSpecHandler(TrappedLocalFileSystem(str(trap_dir))))
+    original = trainer.run_config
+    monkeypatch.setattr(trainer, "run_config", lambda *a, **k: dataclasses.replace(
+        original(*a, **k), storage_filesystem=storage))
+
+    spec = parse_spec(job(tmp_path))
+    run_stages(spec, kinds=("prepare",))
+    run_dir = Path(storage_location(spec)) / "train"
+    interrupted: list[str] = []
+
+    def interrupt_the_second_save() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not list(run_dir.glob("checkpoint_*/training_state.pt")):
+            time.sleep(0.05)
+        (trap_dir / "armed").touch()  # the first checkpoint is complete: trap the next upload
+        while time.monotonic() < deadline and not (trap_dir / "saving").exists():
+            time.sleep(0.05)
+        pid, path = (trap_dir / "saving").read_text().split(" ", 1)
+        os.kill(int(pid), signal.SIGKILL)
+        interrupted.append(path)
+
+    watcher = threading.Thread(target=interrupt_the_second_save, daemon=True)
+    watcher.start()
+    run_stages(spec, kinds=("train",))
+    watcher.join(timeout=1)
+
+    summary = json.loads((Path(spec.output_dir) / "train" / "train_summary.json").read_text())
+    assert interrupted, "no save was interrupted"
+    half_written = Path(interrupted[0]).parent
+    assert half_written.is_dir() and not (half_written / TRAINING_STATE).exists()
+    # The run went on from the first checkpoint (step EVAL_EVERY), not from the half-written second one.
+    assert summary["resumed_at_steps"] == [EVAL_EVERY]
+    train_rows = json.loads((Path(spec.output_dir) / "shards" / "manifest.json").read_text())["counts"]["train"]
+    assert summary["steps"] == planned_steps(train_rows, spec)
