@@ -8,6 +8,7 @@ Outputs of a train stage named ``NAME`` under ``output_dir``::
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -15,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -52,6 +54,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     recipe = build_recipe(spec)
     out = stage_dir(spec, stage.name)
     out.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(spec, stage.name, out)
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     manifest = read_manifest(location, endpoint)
     model_source = start_from or recipe.initial_model(out, lambda: training_texts(spec))
@@ -109,8 +112,33 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         "resumed_at_steps": result.metrics["resumed_at_steps"],
         "skipped": skipped_counts(),
     }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return TrainOutcome(model_dir, summary)
+
+
+RUN_SPEC = "run_spec.json"
+SUMMARY = "train_summary.json"
+
+
+def claim_run_folder(spec: JobSpec, name: str, out: Path) -> None:
+    """Decide between resuming and starting afresh before Ray Train sees the run folder.
+
+    Ray Train resumes any run whose folder holds checkpoints. That is what a crashed run wants, and only that:
+    a stage that finished (its summary exists) starts afresh, and an unfinished one is resumed only with the
+    same settings; with other settings it is an error rather than a silent mix of two configurations.
+    """
+    fs, run_dir = storage.filesystem_for(storage.join(storage_location(spec), name), spec.data.endpoint_url)
+    settings = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    has_run = fs.get_file_info(run_dir).type == pafs.FileType.Directory
+    if has_run and (out / SUMMARY).exists():
+        fs.delete_dir(run_dir)  # a finished run: its best model is already exported under `out`
+    elif has_run and (out / RUN_SPEC).exists() and (out / RUN_SPEC).read_text() != settings:
+        raise ValueError(
+            f"{storage.join(storage_location(spec), name)} holds an unfinished run of stage {name!r} with other "
+            "settings: rerun with the same settings to resume it, or delete that folder to start afresh"
+        )
+    (out / SUMMARY).unlink(missing_ok=True)  # present again only once this run finishes
+    (out / RUN_SPEC).write_text(settings)
 
 
 def check_cpu_budget(spec: JobSpec) -> None:
