@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(run)
     run.set_defaults(handler=lambda a: cmd_stages(a, None))
 
-    for kind in ("prepare", "train", "eval"):
-        sub = commands.add_parser(kind, help=f"run only the spec's {kind} stage(s)")
+    for kind in ("prepare", "train", "tune", "eval"):
+        note = " (a search over tune.space; one stage named tune when the spec lists none)" if kind == "tune" else ""
+        sub = commands.add_parser(kind, help=f"run only the spec's {kind} stage(s){note}")
         sub.add_argument("spec")
         _add_overrides(sub)
         if kind == "eval":
@@ -66,10 +67,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_stages(args: argparse.Namespace, kinds: tuple[str, ...] | None) -> int:
     spec = load_spec(args.spec, args.overrides)  # fails here, before Ray starts, on a bad spec
+    if kinds == ("tune",) and not any(stage.kind == "tune" for stage in spec.stages):
+        spec = with_tune_stage(spec)  # `medvl tune` on a spec whose stages list none: one named "tune"
     from medvl.stages import run_stages
 
     run_stages(spec, kinds, model_dir=getattr(args, "model", None))
     return 0
+
+
+def with_tune_stage(spec):
+    import dataclasses
+
+    from medvl.spec import StageSpec, parse_spec
+
+    if not spec.tune.space:
+        raise SpecError('tune.space: expected a search space file (e.g. tune_spaces/blip2_lora.yaml), got ""')
+    raw = dataclasses.asdict(spec)
+    raw["stages"].append(dataclasses.asdict(StageSpec(kind="tune", name="tune")))
+    return parse_spec(raw)
 
 
 def cmd_chexpert(args: argparse.Namespace) -> int:

@@ -22,12 +22,13 @@ def run_stages(spec: JobSpec, kinds: tuple[str, ...] | None = None, model_dir: s
         last_train: str | None = None
         for stage in spec.stages:
             if kinds is None or stage.kind in kinds:
-                _run_stage(spec, stage, last_train, model_dir)
-            if stage.kind == "train":
+                if _run_stage(spec, stage, last_train, model_dir) is False:
+                    return  # an interrupted search: the stages after it wait for the resumed run
+            if stage.kind in ("train", "tune"):  # a tune stage's best trial is a trained model too
                 last_train = stage.name
 
 
-def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_dir: str | None) -> None:
+def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_dir: str | None) -> bool | None:
     stage_spec = spec.for_stage(stage)
     print(f"[medvl] stage {stage.name} ({stage.kind})", flush=True)
     if stage.kind == "prepare":
@@ -47,5 +48,10 @@ def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_di
             summary = train_summary(spec, last_train)
             model_dir, untrained = summary["model_dir"], summary["model_source"]
         run_eval_stage(stage_spec, stage, model_dir or spec.model.name_or_path, untrained_dir=untrained)
+    elif stage.kind == "tune":
+        from medvl.tune.stage import run_tune_stage
+
+        start_from = train_summary(spec, stage.start_from)["model_dir"] if stage.start_from else None
+        return run_tune_stage(stage_spec, stage, start_from=start_from)["complete"]
     else:
         raise NotImplementedError(f"stage kind {stage.kind!r} is not implemented yet")

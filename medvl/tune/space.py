@@ -35,6 +35,8 @@ def load_space(path: str | Path) -> list[Dimension]:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return parse_space(raw, where=path.name)
@@ -75,6 +77,38 @@ def _check_field_exists(field: str, where: str) -> None:
         raise SpecError(f"{where}: expected a field of data, model, train or eval, got {field!r}")
     if name not in {f.name for f in dataclasses.fields(section_types[section])}:
         raise SpecError(f"{where}: {section} has no field {name!r}")
+
+
+SHIPPED_SPACES = Path(__file__).resolve().parents[2] / "tune_spaces"
+
+
+def resolve_space_path(text: str) -> Path:
+    """``tune.space`` as a file: a path (relative to the working directory), else one of the shipped spaces."""
+    path = Path(text).expanduser()
+    candidates = [path] if path.is_absolute() else [
+        path, SHIPPED_SPACES.parent / path, SHIPPED_SPACES / path, SHIPPED_SPACES / f"{text}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.absolute()
+    raise SpecError(f'tune.space: expected a search space file (a path or one of {SHIPPED_SPACES}), got "{text}"')
+
+
+def check_space_for(text: str, search_alg: str) -> list[Dimension]:
+    """Load ``tune.space`` and check it suits ``tune.search_alg``; errors name tune.space and the bad field."""
+    try:
+        space = load_space(resolve_space_path(text))
+    except SpecError as exc:
+        message = str(exc)
+        raise SpecError(message if message.startswith("tune.space") else f"tune.space: {message}") from None
+    sampled = [d.field for d in space if d.kind != "grid"]
+    if search_alg == "grid" and sampled:
+        raise SpecError(f'tune.search_alg: expected "random" for a space that samples ({", ".join(sampled)}), '
+                        f'got "grid"')
+    gridded = [d.field for d in space if d.kind == "grid"]
+    if search_alg == "optuna" and gridded:
+        raise SpecError(f'tune.search_alg: expected "grid" or "random" for a space with grids '
+                        f'({", ".join(gridded)}), got "optuna"')
+    return space
 
 
 def to_ray_tune(space: list[Dimension]) -> dict[str, Any]:

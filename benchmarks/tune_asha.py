@@ -1,0 +1,101 @@
+"""The same grid searched twice in one run, with ASHA and without (every trial to its end), on the tiny BLIP-2.
+
+    python benchmarks/tune_asha.py                 # 6 trials (LoRA rank × learning rate), up to 12 steps each
+    python benchmarks/tune_asha.py --concurrency 1
+
+Prints the total optimizer steps trained over all trials and the wall time of each search, their ratios
+(ASHA / full), and whether both searches found the same best config. Shards are prepared once and shared, and
+each search builds the same seeded tiny base model, so the two differ only in the scheduler.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+SPACE = {"model.lora_r": {"grid": [2, 8]}, "train.lr": {"grid": [3e-2, 3e-3, 3e-4]}}
+
+
+def job(work: Path, scheduler: str, concurrency: int) -> dict:
+    return {
+        "name": f"tune_{scheduler}",
+        "output_dir": str(work / scheduler),
+        "stages": ["tune"],
+        "data": {"format": "synthetic", "shards": str(work / "shards"), "synthetic_images": 160,
+                 "synthetic_image_size": 48, "image_size": 32, "max_text_length": 40, "records_per_shard": 80,
+                 "shuffle_buffer": 0, "preprocess_cpus": 0.1},
+        "model": {"recipe": "blip2_lora", "preset": "tiny", "lora_dropout": 0.0},
+        "train": {"finetune": "lora", "epochs": 2, "batch_size": 16, "cpus_per_worker": 0.25, "eval_every_steps": 3,
+                  "max_val_batches": 1, "early_stopping_patience": 0},
+        "tune": {"space": str(work / "space.yaml"), "scheduler": scheduler, "grace_period": 3, "reduction_factor": 2,
+                 "max_steps": 12, "max_concurrent_trials": concurrency},
+    }
+
+
+def read_rows(tune_dir: Path) -> list[dict]:
+    with open(tune_dir / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--concurrency", type=int, default=2, help="trials at once (2 fit a 2-CPU machine)")
+    parser.add_argument("--keep", action="store_true", help="keep the output folder")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import ray
+
+    from medvl.data.prepare import run_prepare_stage
+    from medvl.spec import parse_spec
+    from medvl.tune.stage import run_tune_stage
+
+    work = Path(tempfile.mkdtemp(prefix="medvl-tune-asha-"))
+    (work / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    ray.init(num_cpus=2, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    figures = {}
+    try:
+        prepare = parse_spec(job(work, "asha", args.concurrency) | {"stages": ["prepare"]})
+        run_prepare_stage(prepare)
+        for scheduler in ("asha", "none"):
+            spec = parse_spec(job(work, scheduler, args.concurrency))
+            started = time.perf_counter()
+            summary = run_tune_stage(spec, spec.stages[0])
+            wall = time.perf_counter() - started
+            rows = read_rows(work / scheduler / "tune")
+            figures[scheduler] = {
+                "wall_s": wall,
+                "trials": len(rows),
+                "steps": sum(int(r["steps"]) for r in rows),
+                "stopped_early": sum(r["stopped_early"] == "True" for r in rows),
+                "best": {k: summary["best_config"][k] for k in sorted(summary["best_config"])},
+                "best_val_loss": summary["best_val_loss"],
+            }
+    finally:
+        ray.shutdown()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    asha, full = figures["asha"], figures["none"]
+    print("\n== ASHA vs every trial to its end ==")
+    for name, f in (("ASHA", asha), ("full", full)):
+        print(f"{name:<5} {f['trials']} trials, {f['stopped_early']} stopped early, {f['steps']} trial-steps, "
+              f"wall {f['wall_s']:.0f} s, best {f['best']} (val_loss {f['best_val_loss']:.4f})")
+    print(f"trial-steps ASHA/full  {asha['steps'] / full['steps']:.2f}")
+    print(f"wall time   ASHA/full  {asha['wall_s'] / full['wall_s']:.2f}")
+    print(f"same best config       {asha['best'] == full['best']}")
+    if args.keep:
+        print(f"outputs in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,163 @@
+"""Build, run and resume the Ray Tune search: a ``Tuner`` over the trial function, ASHA on optimizer steps.
+
+Tune keeps its experiment in ``<tune dir>/search/``. When that folder holds an experiment, the search is
+restored (``Tuner.restore``) instead of started: finished trials keep their results and are not rerun,
+unfinished and errored ones run again. ``search_settings.json`` records what the search was started with; a
+changed spec or space is refused rather than silently mixed into the old experiment.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from medvl.spec import JobSpec, SpecError
+from medvl.tune.space import Dimension, grid_size, to_ray_tune
+from medvl.tune.cleanup import FreeEndedTrials
+from medvl.tune.trial import run_trial
+
+EXPERIMENT = "search"
+SETTINGS_FILE = "search_settings.json"
+TRIAL_DRIVER_CPUS = 0.01  # the trial actor only waits on its Train run; 0 is rejected by Tune
+
+
+@dataclass
+class SearchOutcome:
+    results: Any  # ray.tune.ResultGrid
+    statuses: dict[str, str]  # trial id → status as saved (RUNNING/PENDING: unfinished, rerun on resume)
+    complete: bool  # False: interrupted (rerun the same command to resume)
+    restored: bool
+
+
+def trial_cpus(spec: JobSpec) -> float:
+    """CPUs one trial holds: its Train workers plus Ray Data's reservation (see trainer.check_cpu_budget)."""
+    from medvl.data.pipeline import READ_CPUS
+
+    train = spec.tune.cpus_per_trial or spec.train.workers * spec.train.cpus_per_worker
+    return train + 2 * spec.data.preprocess_workers * spec.data.preprocess_cpus + READ_CPUS + TRIAL_DRIVER_CPUS
+
+
+def concurrency(spec: JobSpec, cluster: dict[str, float]) -> int:
+    """``tune.max_concurrent_trials``, or as many trials as the cluster's CPUs (and GPUs) hold at once."""
+    cpus, per_trial = cluster.get("CPU", 0), trial_cpus(spec)
+    fits = math.floor(cpus / per_trial + 1e-9)
+    if spec.tune.gpus_per_trial:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / spec.tune.gpus_per_trial + 1e-9))
+    wanted = spec.tune.max_concurrent_trials
+    if fits < 1 or wanted > fits:
+        raise SpecError(
+            f"tune.max_concurrent_trials: expected at most {max(fits, 0)} (each trial holds {per_trial:g} CPUs"
+            + (f" and {spec.tune.gpus_per_trial:g} GPUs" if spec.tune.gpus_per_trial else "")
+            + f"; the cluster has {cpus:g} CPUs), got {wanted or 'the default'}"
+        )
+    return wanted or fits
+
+
+def search_settings(spec: JobSpec, space: list[Dimension]) -> dict:
+    """What defines a search: the trial spec's sections and the space (not Ray's address or the stage list)."""
+    raw = asdict(spec)
+    for key in ("stages", "ray", "output_dir"):
+        raw.pop(key)
+    raw["tune"].pop("max_concurrent_trials")
+    return {"spec": raw, "space": [asdict(d) for d in space]}
+
+
+def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Path, base: dict, model_source: str,
+               max_t: int, callbacks: list | None = None) -> SearchOutcome:
+    """Start the search, or resume the one in ``tune_dir``; returns when every trial is done or on interrupt.
+
+    ``callbacks``: extra Tune callbacks (the tests use one to interrupt the search).
+    """
+    import ray
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, tune_dir=str(tune_dir), model_source=model_source),
+        {"cpu": TRIAL_DRIVER_CPUS},
+    )
+    experiment = tune_dir / EXPERIMENT
+    settings = json.loads(json.dumps(search_settings(spec, space), default=str))
+    settings_path = tune_dir / SETTINGS_FILE
+    restored = tune.Tuner.can_restore(str(experiment))
+    if restored:
+        previous = json.loads(settings_path.read_text()) if settings_path.exists() else None
+        if previous != settings:
+            raise SpecError(f"tune: {experiment} holds a search started with other settings; remove {tune_dir} "
+                            "or choose another output_dir to start a new one")
+        print(f"[medvl tune] resuming the search in {experiment}", flush=True)
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
+        # Tune restores the first run's RunConfig, callbacks included: this run's callbacks replace them.
+        tuner._local_tuner.get_run_config().callbacks = [FreeEndedTrials(), *(callbacks or [])]
+    else:
+        tune_dir.mkdir(parents=True, exist_ok=True)
+        settings_path.write_text(json.dumps(settings, indent=2))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_ray_tune(space),
+            tune_config=tune.TuneConfig(
+                metric=spec.tune.metric,
+                mode=spec.tune.mode,
+                num_samples=spec.tune.num_samples,
+                search_alg=search_algorithm(spec, concurrency(spec, ray.cluster_resources())),
+                scheduler=scheduler(spec, max_t),
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tune_dir),
+                                      callbacks=[FreeEndedTrials(), *(callbacks or [])], verbose=1),
+        )
+    results = tuner.fit()
+    statuses = saved_statuses(experiment)
+    # Trials are created lazily (one per free slot): an interrupted search may not have created them all.
+    complete = len(statuses) >= expected_trials(spec, space) and all(
+        s in ("TERMINATED", "ERROR") for s in statuses.values())
+    return SearchOutcome(results, statuses, complete, restored)
+
+
+def expected_trials(spec: JobSpec, space: list[Dimension]) -> int:
+    """Grid and random search: every grid point ``num_samples`` times; Optuna: ``num_samples`` trials."""
+    return spec.tune.num_samples * (1 if spec.tune.search_alg == "optuna" else grid_size(space))
+
+
+def saved_statuses(experiment: Path) -> dict[str, str]:
+    """Each trial's status as Tune saved it, i.e. as a restore will see it.
+
+    After an interrupt Tune stops the running trials and marks them TERMINATED in memory, but the state it
+    saved first still says RUNNING (and a restore reruns them): the saved state is the one to trust.
+    """
+    # Tune's own rule: the newest session's file by name (a resumed run rewrites the old files too, so not mtime)
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    saved = json.loads(states[-1].read_text())
+    statuses = {}
+    for trial_json, _ in saved["trial_data"]:
+        trial = json.loads(trial_json)
+        statuses[trial["trial_id"]] = trial["status"]
+    return statuses
+
+
+def search_algorithm(spec: JobSpec, max_concurrent: int):
+    """The searcher, holding the concurrency limit (Tune ignores ``max_concurrent_trials`` for grid/random)."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if spec.tune.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=spec.train.seed), max_concurrent=max_concurrent)
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=spec.train.seed)
+
+
+def scheduler(spec: JobSpec, max_t: int):
+    """ASHA on the loop's ``step`` (optimizer steps); None = FIFO, every trial runs to its end."""
+    if spec.tune.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    if spec.tune.grace_period > max_t:
+        raise SpecError(f"tune.grace_period: expected at most the trials' {max_t} planned steps "
+                        f"(see tune.max_steps), got {spec.tune.grace_period}")
+    return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=spec.tune.grace_period,
+                         reduction_factor=spec.tune.reduction_factor)

@@ -1,0 +1,96 @@
+"""The tune stage (``medvl tune SPEC``): search the space, then write the table, the curves and the best trial.
+
+Outputs under ``<output_dir>/<stage name>/`` (the stage is named ``tune`` unless the spec says otherwise):
+``search/`` (Tune's experiment: rerunning the command resumes it), ``trials/<trial id>/`` (each trial's train
+stage), ``base/`` (the starting model when the recipe builds one, shared by every trial) and the files listed
+in ``medvl/tune/results.py``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from medvl.data import storage
+from medvl.data.shards import read_manifest
+from medvl.models.registry import build_recipe
+from medvl.spec import JobSpec, StageSpec
+from medvl.tune import results as tables
+from medvl.tune.search import expected_trials, run_search
+from medvl.tune.space import check_space_for, resolve_space_path
+from medvl.tune.trial import trial_spec
+
+
+def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None,
+                   callbacks: list | None = None) -> dict:
+    """Run (or resume) the search; returns the summary (``complete`` False when it was interrupted)."""
+    from medvl.train.trainer import check_cpu_budget, planned_steps, training_texts
+
+    tune_dir = Path(spec.output_dir).absolute() / stage.name
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    space = check_space_for(spec.tune.space, spec.tune.search_alg)
+    base = base_trial_spec(spec)
+    model_source = start_from or starting_model(spec, tune_dir, lambda: training_texts(spec))
+    train_rows = read_manifest(spec.shards_location, spec.data.endpoint_url)["counts"]["train"]
+    example = trial_spec(base, {}, tune_dir / "trials" / "example")
+    check_cpu_budget(example)  # fail here, not in every trial
+    max_t = spec.tune.max_steps or planned_steps(train_rows, example)
+    print(f"[medvl tune] {stage.name}: space {spec.tune.space} ({len(space)} keys), {spec.tune.search_alg} search, "
+          f"scheduler {spec.tune.scheduler}, up to {max_t} steps per trial", flush=True)
+
+    outcome = run_search(spec, space, tune_dir, base, model_source, max_t, callbacks)
+    planned = {}
+    for result in outcome.results:
+        trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
+        planned[trial_id] = planned_steps(train_rows, trial_spec(base, result.config, tune_dir / "trials" / trial_id))
+    rows = tables.trial_rows(outcome.results, outcome.statuses, space, spec.tune.metric, spec.tune.mode, planned)
+    tables.write_tables(rows, space, spec.tune.metric, tune_dir)
+    tables.plot_curves(rows, spec.tune.metric, tune_dir / "val_loss_curves.png")
+    summary = {"complete": outcome.complete, "restored": outcome.restored, "trials": len(rows),
+               "stopped_early": sum(r.stopped_early for r in rows), "tune_dir": str(tune_dir)}
+    if not outcome.complete:
+        print(f"[medvl tune] {stage.name}: interrupted with {sum(r.status == 'TERMINATED' for r in rows)} of "
+              f"{expected_trials(spec, space)} trials finished; run the same command again to resume", flush=True)
+        return summary
+    best = rows[0]
+    if math.isnan(best.best):
+        errors = [str(e).splitlines()[0] for e in outcome.results.errors][:1]
+        raise RuntimeError(f"tune stage {stage.name!r}: no trial reported {spec.tune.metric} "
+                           f"({len(outcome.results.errors)} failed{': ' + errors[0] if errors else ''}); "
+                           f"see {tune_dir / 'search'}")
+    filesystem = None
+    if storage.is_s3(spec.train.storage_path):
+        filesystem, _ = storage.filesystem_for(spec.train.storage_path, spec.data.endpoint_url)
+    model_dir = tables.export_best(best, tune_dir / "best", filesystem)
+    tables.write_best_spec(tables.best_job_spec(spec, stage, best), best, spec.tune.metric,
+                           tune_dir / "best" / "job.yaml")
+    tables.write_summary(tune_dir, stage, best, model_dir, model_source, spec.tune.metric)
+    print(f"[medvl tune] {stage.name}: best trial {best.trial_id} ({best.config}) {spec.tune.metric} "
+          f"{best.best:.4f} at step {best.steps}; {summary['stopped_early']} of {len(rows)} trials stopped early; "
+          f"model → {model_dir}", flush=True)
+    return summary | {"best_trial": best.trial_id, "best_config": best.config, "model_dir": str(model_dir),
+                      f"best_{spec.tune.metric}": best.best}
+
+
+def base_trial_spec(spec: JobSpec) -> dict:
+    """The spec every trial starts from, as a dict, with paths made absolute (trials run in their own folders)."""
+    raw = copy.deepcopy(asdict(spec))
+    raw["output_dir"] = str(Path(spec.output_dir).absolute())
+    shards = spec.shards_location
+    raw["data"]["shards"] = shards if storage.is_s3(shards) else str(Path(shards).absolute())
+    raw["tune"]["space"] = str(resolve_space_path(spec.tune.space))
+    if spec.train.storage_path and not storage.is_s3(spec.train.storage_path):
+        raw["train"]["storage_path"] = str(Path(spec.train.storage_path).absolute())
+    return raw
+
+
+def starting_model(spec: JobSpec, tune_dir: Path, texts) -> str:
+    """The model every trial starts from; built once (a tiny preset) and reused when the search resumes."""
+    record = tune_dir / "base_model.json"
+    if record.exists():
+        return json.loads(record.read_text())["model_source"]
+    source = build_recipe(spec).initial_model(tune_dir / "base", texts)
+    record.write_text(json.dumps({"model_source": source}))
+    return source
