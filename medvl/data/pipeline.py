@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.data
 
 from medvl.data import storage
@@ -42,14 +43,14 @@ def preprocessed(
     concurrency: int = 1,
     num_cpus: float = 0.25,
     keep: list[str] | None = None,
-    position_file: tuple[str, str] | None = None,
+    position_file: tuple[pafs.FileSystem, str] | None = None,
 ) -> ray.data.Dataset:
     """Decode + tokenise with a pool of ``concurrency`` actors, each holding one tokenizer/image processor.
 
     Actors reserve a fraction of a CPU by default: on a small machine the Train workers and these actors
     must not take every CPU, or Ray Data's read tasks never get scheduled and the run hangs.
     ``keep`` limits the output columns (training needs tensors only; a separate projection would cost a task);
-    ``row_key`` in it adds each row's stable key. ``position_file`` (location, endpoint URL) names the training
+    ``row_key`` in it adds each row's stable key. ``position_file`` (filesystem, path) names the training
     loop's record of rows already trained this epoch: the actors, built anew for each epoch, drop those rows
     before decoding them (see :mod:`medvl.data.position`).
     """
@@ -66,7 +67,7 @@ def preprocessed(
 
 class _PreprocessActor:
     def __init__(self, factory: Callable[[], Callable[[Batch], Batch]], keep: list[str] | None,
-                 position_file: tuple[str, str] | None = None):
+                 position_file: tuple[pafs.FileSystem, str] | None = None):
         self.preprocess = factory()
         self.keep = keep
         self.skip_trained = SkipTrained(*position_file) if position_file else None

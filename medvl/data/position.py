@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterable
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from medvl.data import storage
 
@@ -34,22 +35,24 @@ def row_keys(ids: Iterable) -> np.ndarray:
     return np.asarray(keys, dtype=np.int64)
 
 
-def write_position(location: str, endpoint_url: str, seen: Iterable[int]) -> None:
+def write_position(fs: pafs.FileSystem, path: str, seen: Iterable[int]) -> None:
     """Replace the position file (atomically) with the keys already trained in the current epoch."""
-    fs, path = storage.filesystem_for(location, endpoint_url)
     storage.write_bytes_atomic(fs, path, json.dumps(sorted(int(k) for k in seen)).encode())
 
 
-def read_position(location: str, endpoint_url: str) -> set[int]:
-    fs, path = storage.filesystem_for(location, endpoint_url)
+def read_position(fs: pafs.FileSystem, path: str) -> set[int]:
     return set(json.loads(storage.read_bytes(fs, path))) if storage.exists(fs, path) else set()
 
 
 class SkipTrained:
-    """Built with the preprocessing actor at the start of each epoch's pipeline: drops rows already trained."""
+    """Built with the preprocessing actor at the start of each epoch's pipeline: drops rows already trained.
 
-    def __init__(self, location: str, endpoint_url: str = ""):
-        self.seen = read_position(location, endpoint_url)
+    It gets the filesystem object itself (pickled with its S3 keys and endpoint), not a URL: the actor's process
+    need not have the driver's credentials in its environment.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, path: str):
+        self.seen = read_position(fs, path)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.seen:

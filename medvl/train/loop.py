@@ -46,7 +46,7 @@ class WorkerRun:
     engine: DdpEngine | ZeroEngine
     device: torch.device
     val_shard: Any
-    position_file: tuple[str, str] | None = None  # (location, endpoint URL) read by the train pipeline's actors
+    position_file: tuple[Any, str] | None = None  # (pyarrow filesystem, path) read by the train pipeline's actors
     epoch_trained: list[int] = field(default_factory=list)  # row keys trained this epoch, as of the checkpoint
     consumed: list[int] = field(default_factory=list)  # row keys this worker trained since then
 

@@ -65,7 +65,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
     )
     columns = list(recipe.tensor_columns)  # ids and texts stay out of the training batches
-    position = (position_file_location(spec, stage.name), endpoint)
+    position = storage.filesystem_for(position_file_location(spec, stage.name), endpoint)  # fs carries S3 keys
     datasets = {
         "train": preprocess(read_split(location, "train", endpoint, shuffle="files"), keep=[*columns, ROW_KEY],
                             position_file=position),
