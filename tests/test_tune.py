@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medvl.spec import SpecError, StageSpec, load_spec, parse_spec
+from medvl.spec import SpecError, load_spec, parse_spec
 from medvl.tune.results import TrialRow, best_job_spec
 from medvl.tune.search import concurrency, trial_cpus
 from medvl.tune.stage import base_trial_spec
@@ -122,6 +122,13 @@ def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tm
     space = {"train.lr": {"grid": [1e-2, 1e-5]}, "model.lora_r": {"grid": [2, 4, 8]}}
     spec = parse_spec(search_job(tmp_path, space, ["prepare", "tune", "eval"], grace_period=2, reduction_factor=2,
                                  max_steps=4, max_concurrent_trials=2))
+
+    def train_actors() -> set[str]:
+        """Alive Ray Train actors (ids); ones an earlier test left behind do not count against this search."""
+        alive = list_actors(address=ray_local.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+        return {a.actor_id for a in alive if "Train" in (a.class_name or "")}
+
+    before = train_actors()
     run_stages(spec)
 
     tune_dir = Path(spec.output_dir) / "tune"
@@ -137,14 +144,10 @@ def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tm
     assert (tune_dir / "trials.md").read_text().count("\n| ") == 7  # header + 6 trials
     assert (tune_dir / "val_loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Ended trials freed their Train workers and the workers' placement groups (see medvl/tune/cleanup.py).
-    def train_actors():
-        alive = list_actors(address=ray_local.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
-        return [a.class_name for a in alive if "Train" in (a.class_name or "")]
-
     deadline = time.monotonic() + 30
-    while (train_actors() or leaked_placement_groups()) and time.monotonic() < deadline:
+    while (train_actors() - before or leaked_placement_groups()) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not train_actors() and not leaked_placement_groups()
+    assert not train_actors() - before and not leaked_placement_groups()
 
     # The best adapter loads with peft on the shared base and matches the best trial's rank.
     summary = json.loads((tune_dir / "train_summary.json").read_text())
