@@ -83,13 +83,7 @@ EVERY_NEGATIVE = (torch.tensor([i for i, _ in ALL_PAIRS]), torch.tensor([j for _
 PRIOR_ONLY_ITM = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0.562: predicting "match" 1 time in 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core machine spin against each other; one is faster and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def eval_losses(model, batch) -> list[float]:

@@ -22,13 +22,7 @@ QUESTIONS = ["is the square black?", "is the square white?", "what colour is it?
 ANSWERS = ["yes", "no", "red square", "yes"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core machine spin against each other; one is faster and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ CAPTIONS = ["axial ct of the abdomen", "chest x-ray with effusion", "mri of the 
 TRAINED_PREFIX = {"full": "", "decoder": "text_decoder.", "encoder": "vision_model."}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core machine spin against each other; one is faster and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
