@@ -164,8 +164,10 @@ def test_adapter_and_merged_exports_reload_to_the_same_outputs(tiny_dir, records
         assert torch.equal(a, b), name
     inference = recipe.load_for_inference(str(folder))
     with torch.inference_mode():
-        texts = recipe.generate(inference, batch)
+        scored = recipe.generate_scored(inference, batch)
+    texts = scored.texts
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert all(0.0 < p < 1.0 for p in scored.mean_token_probs)  # scored on the OPT decoder under the adapter
     # Training can also continue from the adapter folder (a later stage's start_from).
     continued = recipe.load_for_training(str(folder))
     assert sum(p.numel() for p in continued.parameters() if p.requires_grad) == 2 * 2 * R * (64 + 64)

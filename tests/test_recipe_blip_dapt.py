@@ -251,10 +251,15 @@ def test_save_layout_loads_into_blip_vqa_and_restores_heads_and_teacher(tiny_sou
         assert torch.equal(fresh.state_dict()[name], value), name
 
 
-def test_generate_writes_captions(tiny_source, tmp_path: Path):
+def test_generate_writes_scored_captions_and_attention_maps(tiny_source, tmp_path: Path):
     recipe = dapt_recipe()
     model = recipe.load_for_training(tiny_source)
     recipe.save(model, tiny_source, tmp_path)
     loaded = recipe.load_for_inference(str(tmp_path))
-    texts = recipe.generate(loaded, colour_batch(recipe, tiny_source))
-    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    batch = colour_batch(recipe, tiny_source)
+    scored = recipe.generate_scored(loaded, batch)
+    assert len(scored.texts) == 4 and all(isinstance(t, str) for t in scored.texts)
+    assert all(0.0 < p < 1.0 for p in scored.mean_token_probs)
+    maps = recipe.attention_maps(loaded, batch, scored.texts)
+    assert maps.shape[0] == 4 and maps.shape[1] == maps.shape[2]
+    assert np.allclose(maps.sum(axis=(1, 2)), 1.0)

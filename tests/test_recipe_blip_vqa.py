@@ -132,8 +132,9 @@ def test_decoding_sees_what_training_saw(tiny_source):
         trained = model(input_ids=batch["question_input_ids"], attention_mask=batch["question_attention_mask"],
                         pixel_values=batch["pixel_values"], decoder_input_ids=answer_ids, labels=answer_ids).loss
     assert trained.item() == pytest.approx(expected.item(), rel=1e-5)
-    answers = recipe.generate(model, batch)
-    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+    scored = recipe.generate_scored(model, batch)
+    assert len(scored.texts) == 4 and all(isinstance(a, str) for a in scored.texts)
+    assert all(0.0 < p < 1.0 for p in scored.mean_token_probs)
 
 
 @pytest.mark.slow

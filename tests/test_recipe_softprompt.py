@@ -196,10 +196,12 @@ def test_generation_and_prefix_attention_share_from_a_saved_model(parts, records
     batch = tensors(recipe, str(folder), records[:3])
     with torch.inference_mode():
         tokens = inference.generate(batch["pixel_values"], num_beams=2, max_new_tokens=5)
-        texts = recipe.generate(inference, batch)
+        scored = recipe.generate_scored(inference, batch)
         metrics = recipe.extra_eval_metrics(inference, batch)
+    texts = scored.texts
     assert tokens.shape[0] == 3 and tokens.shape[1] <= 5  # only new tokens come back, not the prefix
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert all(0.0 < p < 1.0 for p in scored.mean_token_probs)
     layers = [metrics[f"prefix_attention_share_layer_{i}"] for i in range(2)]
     assert set(metrics) == {"prefix_attention_share"} | {f"prefix_attention_share_layer_{i}" for i in range(2)}
     assert all(0 < share < 1 for share in layers)

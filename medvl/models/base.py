@@ -7,7 +7,8 @@ The training loop, the evaluator and the server know nothing about BLIP or LoRA:
    tiny random-init model it builds and saves so that every worker loads it the same way.)
 2. How does a batch of shard rows become tensors? (:meth:`Recipe.preprocessor`, run inside Ray Data.)
 3. What does a training step minimise? (:meth:`Recipe.loss`.)
-4. How does it produce text? (:meth:`Recipe.generate`.)
+4. How does it produce text, and how sure is it? (:meth:`Recipe.generate_scored`: texts and the mean
+   probability of their tokens.)
 5. How is it saved so that ``from_pretrained`` (or peft) loads it elsewhere? (:meth:`Recipe.save`.)
 
 Freezing policies and adapters are applied in :meth:`Recipe.load_for_training`.
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from medvl.models.scored_generation import Generated
 from medvl.spec import JobSpec
 
 Batch = dict[str, np.ndarray]
@@ -31,6 +33,8 @@ class Recipe(ABC):
     """One model family. Subclasses are registered in :mod:`medvl.models.registry`."""
 
     task: str = "caption"  # "caption" (image → text) or "vqa" (image + question → answer)
+    #: What the served model is asked for: POST /v1/<endpoint> ("caption", "report" or "vqa").
+    endpoint: str = "caption"
     #: Columns of the preprocessed batch that go to the model (others, such as ids, stay behind).
     tensor_columns: tuple[str, ...] = ("pixel_values", "input_ids", "attention_mask")
 
@@ -58,8 +62,12 @@ class Recipe(ABC):
         """The training loss and any extra scalars worth logging."""
 
     @abstractmethod
+    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
+        """Decoded texts for a preprocessed batch, with the spec's eval settings (beams, length), and the mean
+        probability of each text's generated tokens."""
+
     def generate(self, model: torch.nn.Module, batch: TensorBatch) -> list[str]:
-        """Decoded texts for a preprocessed batch, with the spec's eval settings (beams, length)."""
+        return self.generate_scored(model, batch).texts
 
     @abstractmethod
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
@@ -81,6 +89,11 @@ class Recipe(ABC):
     def extra_eval_metrics(self, model: torch.nn.Module, batch: TensorBatch) -> dict[str, float]:
         """Scalars averaged over eval batches into metrics.json (e.g. attention share of a visual prefix)."""
         return {}
+
+    def attention_maps(self, model: torch.nn.Module, batch: TensorBatch, texts: list[str]) -> np.ndarray | None:
+        """Where the text looked: (B, rows, cols) attention of the decoder on the image patches while reading
+        ``texts``, averaged over heads, layers and tokens, each map summing to 1. None if the recipe has none."""
+        return None
 
     def target_text(self, row: dict[str, Any]) -> str:
         """The reference a generation is scored against."""

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from medvl.models.base import Batch, Recipe, TensorBatch
-from medvl.models.blip_caption import ImageTextPreprocessor, decode
+from medvl.models.blip_caption import ImageTextPreprocessor
 from medvl.models.lora import (
     ADAPTER_WEIGHTS,
     base_model_source,
@@ -49,6 +49,7 @@ from medvl.models.lora import (
     widen_frozen_head,
     with_adapter,
 )
+from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -194,6 +195,7 @@ def _config(model: torch.nn.Module) -> Blip2Config:
 
 class Blip2LoraRecipe(Recipe):
     task = "caption"
+    endpoint = "report"  # chest X-ray findings
 
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
@@ -235,15 +237,14 @@ class Blip2LoraRecipe(Recipe):
         )
         return output.loss, {}
 
-    def generate(self, model: torch.nn.Module, batch: TensorBatch) -> list[str]:
+    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
         settings = self.spec.eval
-        output = model.generate(
-            pixel_values=batch["pixel_values"].to(_model_device(model)),
-            num_beams=settings.num_beams,
+        blip2 = model.get_base_model() if isinstance(model, PeftModel) else model
+        return generate_scored(
+            model.generate, blip2.language_model, self.tokenizer, _config(model).text_config.eos_token_id,
+            pixel_values=batch["pixel_values"].to(_model_device(model)), num_beams=settings.num_beams,
             max_new_tokens=settings.max_new_tokens,
         )
-        prompt_length = _config(model).num_query_tokens + 1  # generate's default prompt: [image]×Q [bos]
-        return decode(self.tokenizer, output[:, prompt_length:])
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
         if not isinstance(model, PeftModel):

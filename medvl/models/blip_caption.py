@@ -30,6 +30,8 @@ from transformers import (
 from medvl.data.images import UnreadableImage, decode_image
 from medvl.data.skips import report_skipped
 from medvl.models.base import Batch, Recipe, TensorBatch
+from medvl.models.blip_cross_attention import decoder_cross_attention
+from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
 
 TINY_VOCAB = 1000
@@ -119,15 +121,30 @@ class ImageTextPreprocessor:
         return out
 
     def encode(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
-        """``[bos] tokens [sep]`` padded to ``length``."""
-        pieces = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=length - 2)["input_ids"]
-        ids = np.full((len(texts), length), self.pad, dtype=np.int64)
-        mask = np.zeros((len(texts), length), dtype=np.int64)
-        for row, tokens in enumerate(pieces):
-            sequence = [self.bos, *tokens, self.sep]
-            ids[row, : len(sequence)] = sequence
-            mask[row, : len(sequence)] = 1
-        return ids, mask
+        return encode_texts(self.tokenizer, texts, length, (self.bos, self.sep, self.pad))
+
+
+def encode_texts(tokenizer, texts: list[str], length: int, bos_sep_pad: tuple[int, int, int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``[bos] tokens [sep]`` padded to ``length``: ids and attention mask."""
+    bos, sep, pad = bos_sep_pad
+    pieces = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=length - 2)["input_ids"]
+    ids = np.full((len(texts), length), pad, dtype=np.int64)
+    mask = np.zeros((len(texts), length), dtype=np.int64)
+    for row, tokens in enumerate(pieces):
+        sequence = [bos, *tokens, sep]
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
+def blip_attention_maps(blip: torch.nn.Module, tokenizer, pixel_values: torch.Tensor, texts: list[str],
+                        max_length: int) -> np.ndarray:
+    """The decoder's cross-attention on the image patches while reading ``texts`` (see blip_cross_attention)."""
+    text = blip.config.text_config
+    ids, mask = encode_texts(tokenizer, texts, max_length, (text.bos_token_id, text.sep_token_id, text.pad_token_id))
+    return decoder_cross_attention(blip.vision_model, blip.text_decoder, pixel_values,
+                                   torch.as_tensor(ids), torch.as_tensor(mask))
 
 
 def _text_config_ids(model_source: str) -> tuple[int, int, int]:
@@ -169,23 +186,21 @@ class BlipCaptionRecipe(Recipe):
         )
         return output.loss, {}
 
-    def generate(self, model: torch.nn.Module, batch: TensorBatch) -> list[str]:
+    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
         settings = self.spec.eval
-        output = model.generate(
-            pixel_values=batch["pixel_values"],
-            num_beams=settings.num_beams,
-            max_new_tokens=settings.max_new_tokens,
+        return generate_scored(
+            model.generate, model.text_decoder, self.tokenizer, model.config.text_config.sep_token_id,
+            pixel_values=batch["pixel_values"], num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
         )
-        return decode(self.tokenizer, output)
+
+    def attention_maps(self, model: torch.nn.Module, batch: TensorBatch, texts: list[str]) -> np.ndarray:
+        return blip_attention_maps(model, self.tokenizer, batch["pixel_values"], texts,
+                                   self.spec.data.max_text_length)
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
         model.save_pretrained(out_dir)
         AutoTokenizer.from_pretrained(model_source).save_pretrained(out_dir)
         AutoImageProcessor.from_pretrained(model_source).save_pretrained(out_dir)
-
-
-def decode(tokenizer, token_ids: torch.Tensor) -> list[str]:
-    return [text.strip() for text in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
 
 def apply_blip_finetune_policy(model: torch.nn.Module, policy: str) -> None:

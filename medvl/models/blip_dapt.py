@@ -53,7 +53,7 @@ from transformers import AutoTokenizer, BlipForQuestionAnswering
 from medvl.models.base import Batch, Recipe, TensorBatch
 from medvl.models.blip_caption import (
     ImageTextPreprocessor,
-    decode,
+    blip_attention_maps,
     lm_labels,
     save_tiny_blip,
 )
@@ -70,6 +70,7 @@ from medvl.models.distill import (
     smooth_ratios,
     task_weights,
 )
+from medvl.models.scored_generation import Generated, generate_scored
 
 TASKS = ("itc", "itm", "lm")
 HEADS_FILE = "dapt_heads.safetensors"
@@ -321,19 +322,23 @@ class BlipDaptRecipe(Recipe):
             ema_update(model.teacher, model.student, tau)
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, batch: TensorBatch) -> list[str]:
+    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
         """Captions from the decoder (as BlipForConditionalGeneration would write them)."""
         blip = model.student.blip
         image_embeds = blip.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         text = blip.config.text_config
         bos = torch.full((image_embeds.shape[0], 1), text.bos_token_id, dtype=torch.long, device=image_embeds.device)
-        output = blip.text_decoder.generate(
+        return generate_scored(
+            blip.text_decoder.generate, blip.text_decoder, self.tokenizer, text.sep_token_id,
             input_ids=bos, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
             encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
             num_beams=self.spec.eval.num_beams, max_new_tokens=self.spec.eval.max_new_tokens,
         )
-        return decode(self.tokenizer, output)
+
+    def attention_maps(self, model: torch.nn.Module, batch: TensorBatch, texts: list[str]) -> np.ndarray:
+        return blip_attention_maps(model.student.blip, self.tokenizer, batch["pixel_values"], texts,
+                                   self.spec.data.max_text_length)
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
         save_dapt_model(model, model_source, out_dir)

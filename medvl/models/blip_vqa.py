@@ -32,10 +32,10 @@ from transformers import AutoImageProcessor, AutoTokenizer, BlipForQuestionAnswe
 from medvl.models.base import Batch, Recipe, TensorBatch
 from medvl.models.blip_caption import (
     ImageTextPreprocessor,
-    decode,
     lm_labels,
     save_tiny_blip,
 )
+from medvl.models.scored_generation import Generated, generate_scored
 
 VQA_COLUMNS = ("pixel_values", "question_input_ids", "question_attention_mask",
                "answer_input_ids", "answer_attention_mask")
@@ -127,6 +127,7 @@ def save_blip_folder(model: torch.nn.Module, model_source: str, out_dir: Path) -
 
 class BlipVqaRecipe(Recipe):
     task = "vqa"
+    endpoint = "vqa"
     tensor_columns = VQA_COLUMNS
 
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
@@ -151,10 +152,13 @@ class BlipVqaRecipe(Recipe):
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         return vqa_loss(model, batch), {}
 
-    def generate(self, model: torch.nn.Module, batch: TensorBatch) -> list[str]:
+    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
         settings = self.spec.eval
-        output = generate_answers(model, batch, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens)
-        return decode(self.tokenizer, output)
+        return generate_scored(
+            lambda **kwargs: generate_answers(model, batch, **kwargs), model.text_decoder, self.tokenizer,
+            model.config.text_config.sep_token_id, num_beams=settings.num_beams,
+            max_new_tokens=settings.max_new_tokens,
+        )
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
         save_blip_folder(model, model_source, out_dir)

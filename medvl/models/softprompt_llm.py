@@ -57,13 +57,14 @@ from transformers import (
 )
 
 from medvl.models.base import Batch, Recipe, TensorBatch
-from medvl.models.blip_caption import ImageTextPreprocessor, decode
+from medvl.models.blip_caption import ImageTextPreprocessor
 from medvl.models.lora import (
     load_adapter_weights,
     lora_config,
     target_modules,
     widen_frozen_head,
 )
+from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
 from medvl.spec import JobSpec
 
@@ -150,8 +151,9 @@ class SoftPromptModel(nn.Module):
                        output_attentions=output_attentions)
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, num_beams: int, max_new_tokens: int) -> torch.Tensor:
-        """Greedy (1 beam) or beam search from ``[prefix; bos]``; returns only the new tokens."""
+    def generate(self, pixel_values: torch.Tensor, num_beams: int, max_new_tokens: int, **generate_kwargs):
+        """Greedy (1 beam) or beam search from ``[prefix; bos]``; returns only the new tokens (or, with
+        ``return_dict_in_generate``, HF's output holding them)."""
         prefix = self.prefix(pixel_values)
         bos = torch.full((prefix.shape[0], 1), self.bos, dtype=torch.long, device=prefix.device)
         embeds = self.lm.get_input_embeddings()(bos)
@@ -164,6 +166,7 @@ class SoftPromptModel(nn.Module):
             do_sample=False,
             eos_token_id=self.eos,
             pad_token_id=self.pad,
+            **generate_kwargs,
         )
 
 
@@ -248,6 +251,7 @@ class SoftPromptPreprocessor(ImageTextPreprocessor):
 
 class SoftPromptRecipe(Recipe):
     task = "caption"
+    endpoint = "report"  # chest X-ray findings
 
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
@@ -303,10 +307,11 @@ class SoftPromptRecipe(Recipe):
         )
         return output.loss, {}
 
-    def generate(self, model: torch.nn.Module, batch: TensorBatch) -> list[str]:
+    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
         settings = self.spec.eval
-        output = model.generate(batch["pixel_values"], settings.num_beams, settings.max_new_tokens)
-        return decode(self.tokenizer, output)
+        return generate_scored(model.generate, model.lm, self.tokenizer, model.eos,
+                               pixel_values=batch["pixel_values"], num_beams=settings.num_beams,
+                               max_new_tokens=settings.max_new_tokens)
 
     def extra_eval_metrics(self, model: torch.nn.Module, batch: TensorBatch) -> dict[str, float]:
         output = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
