@@ -142,6 +142,9 @@ class EvalSpec:
     embedding_model: str = ""  # local folder of a BERT-like model; "" = all-MiniLM-L6-v2 shipped on PyPI
     clinical: bool = True  # CheXpert clinical efficacy, hallucination and laterality (chest X-ray reports)
     worst_examples: int = checked(10, non_negative)  # listed in report.md
+    # PNG overlays of the decoder's cross-attention on the image for the first N samples (<stage>/attention/);
+    # BLIP captioning recipes only, 0 = none
+    attention_maps: int = checked(0, non_negative)
     # Extra scores written to <output_dir>/<name>.json next to the trained model's: "untrained" (the model the
     # train stage started from) and "shuffled_images" (predictions scored against other images' references).
     baselines: list[Literal["untrained", "shuffled_images"]] = field(default_factory=list)

@@ -1,4 +1,5 @@
-"""Ray Train on CPU: two workers lower the loss; the exported checkpoint reloads to the same eval loss."""
+"""Ray Train on CPU: two workers lower the loss; the exported checkpoint reloads to the same eval loss;
+``medvl eval`` on the trained model writes every file a reviewer reads."""
 from __future__ import annotations
 
 import json
@@ -47,11 +48,19 @@ def val_loss_in_process(spec, model_dir: str) -> float:
     return total / count
 
 
-def test_two_workers_lower_the_loss_and_the_checkpoint_reloads(tmp_path: Path, ray_local):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_local) -> tuple[dict, Path]:
+    """One tiny prepare + train run on two workers, shared by the tests below: (job dict, folder)."""
     from medvl.stages import run_stages
 
-    spec = parse_spec(tiny_job(tmp_path))
-    run_stages(spec)
+    folder = tmp_path_factory.mktemp("train")
+    raw = tiny_job(folder)
+    run_stages(parse_spec(raw))
+    return raw, folder
+
+
+def test_two_workers_lower_the_loss_and_the_checkpoint_reloads(trained):
+    spec = parse_spec(trained[0])
     summary = json.loads((Path(spec.output_dir) / "train" / "train_summary.json").read_text())
     manifest = json.loads((Path(spec.output_dir) / "shards" / "manifest.json").read_text())
     # An even validation split: Ray's equal split over 2 workers then drops no row, so the losses compare exactly.
@@ -69,3 +78,31 @@ def test_two_workers_lower_the_loss_and_the_checkpoint_reloads(tmp_path: Path, r
     assert summary["epochs"] == [{"epoch": e, "samples": trained_rows, "distinct_samples": trained_rows}
                                  for e in range(2)]
     assert summary["steps"] == summary["planned_steps"] and summary["resumed_at_steps"] == []
+
+
+def test_medvl_eval_writes_metrics_predictions_report_and_attention_overlays(trained):
+    import yaml
+
+    from medvl.cli import main
+    from medvl.eval.attention_overlays import overlay_filename
+
+    raw, folder = trained
+    spec_path = folder / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(raw | {"stages": ["prepare", "train", "eval"]}))
+    assert main(["eval", str(spec_path), "--set", "eval.max_samples=12", "--set", "eval.semantic=false",
+                 "--set", "eval.attention_maps=2", "--set", "eval.worst_examples=3"]) == 0
+
+    out = Path(raw["output_dir"]) / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "ce_micro_f1_14", "ce_micro_f1_5",
+                "laterality_error_rate", "hallucination_rate", "mean_token_prob", "ce_finding_ece"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["n"] == 12 and 0.0 < metrics["mean_token_prob"] < 1.0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(0.0 < row["mean_token_prob"] < 1.0 for row in rows)
+    assert metrics["mean_token_prob"] == pytest.approx(sum(r["mean_token_prob"] for r in rows) / 12)
+    report = (out / "report.md").read_text()
+    assert "| cider |" in report and "The 3 worst examples" in report
+    overlays = sorted((out / "attention").glob("*.png"))
+    assert [p.name for p in overlays] == sorted(overlay_filename(r["id"]) for r in rows[:2])
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in overlays)

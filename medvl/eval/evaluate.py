@@ -1,9 +1,10 @@
 """The eval stage: generate on a split of the shards, score, and write what a reviewer reads.
 
 Writes to ``<output_dir>/<stage name>/``: ``metrics.json`` (flat keys), ``predictions.jsonl`` (id, reference,
-prediction) and, when ``eval.baselines`` asks for them, ``<output_dir>/<job name>.json`` comparing the
-trained model with the untrained one and with images shuffled across references (a model that ignores the
-image scores the same either way).
+prediction, answer type, mean token probability), ``report.md`` (headline metrics and the worst examples),
+``attention/<id>.png`` for the first ``eval.attention_maps`` samples and, when ``eval.baselines`` asks for them,
+``<output_dir>/<job name>.json`` comparing the trained model with the untrained one and with images shuffled
+across references (a model that ignores the image scores the same either way).
 """
 from __future__ import annotations
 
@@ -28,7 +29,19 @@ class Predictions:
     references: list[str]
     predictions: list[str]
     answer_types: list[str]
+    confidences: list[float] = field(default_factory=list)  # mean token probability of each prediction
     extra_metrics: dict[str, float] = field(default_factory=dict)  # recipe-specific (see Recipe.extra_eval_metrics)
+    attention: list[Grounding] = field(default_factory=list)  # the first eval.attention_maps samples
+
+
+@dataclass
+class Grounding:
+    """One sample's model input image and where the decoder looked while reading its prediction."""
+
+    id: str
+    pixel_values: np.ndarray  # (3, H, W), as the model saw it
+    attention: np.ndarray  # (rows, cols), sums to 1
+    prediction: str
 
 
 def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str) -> Predictions:
@@ -45,9 +58,14 @@ def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str) -> Predi
     for batch in dataset.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
         tensors = {name: torch.as_tensor(batch[name]) for name in recipe.tensor_columns}
         with torch.inference_mode():
-            out.predictions += recipe.generate(model, tensors)
+            generated = recipe.generate_scored(model, tensors)
             for key, value in recipe.extra_eval_metrics(model, tensors).items():
                 extras.setdefault(key, []).append(value)
+        wanted = settings.attention_maps - len(out.attention)
+        if wanted > 0:
+            out.attention += ground(recipe, model, tensors, batch["id"][:wanted], generated.texts[:wanted])
+        out.predictions += generated.texts
+        out.confidences += generated.mean_token_probs
         out.ids += [str(i) for i in batch["id"]]
         out.references += [recipe.target_text({k: batch[k][i] for k in ("text", "answer")}) for i in range(len(batch["id"]))]
         out.answer_types += [str(t) for t in batch["answer_type"]]
@@ -56,18 +74,34 @@ def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str) -> Predi
     return out
 
 
+def ground(recipe: Recipe, model: torch.nn.Module, tensors: dict[str, torch.Tensor], ids: np.ndarray,
+           texts: list[str]) -> list[Grounding]:
+    """Attention maps of the first ``len(texts)`` samples of a batch; none (with a note) if the recipe has none."""
+    first = {name: value[: len(texts)] for name, value in tensors.items()}
+    with torch.inference_mode():
+        maps = recipe.attention_maps(model, first, texts)
+    if maps is None:
+        print(f"[medvl eval] eval.attention_maps: {recipe.spec.model.recipe} has no decoder cross-attention to "
+              "draw; no overlays written", flush=True)
+        return []
+    return [Grounding(str(i), first["pixel_values"][k].numpy(), maps[k], text)
+            for k, (i, text) in enumerate(zip(ids, texts))]
+
+
 def score(spec: JobSpec, recipe: Recipe, preds: Predictions) -> dict:
     """Every metric that applies to the recipe's task, as one flat dict."""
     refs, hyps = preds.references, preds.predictions
     if recipe.task == "vqa":
-        from medvl.eval.vqa_metrics import vqa_scores
+        from medvl.eval.calibration import vqa_calibration
+        from medvl.eval.vqa_metrics import normalize_answer, vqa_scores
 
-        return vqa_scores(refs, hyps, preds.answer_types)
+        correct = [normalize_answer(r) == normalize_answer(h) for r, h in zip(refs, hyps)]
+        return vqa_scores(refs, hyps, preds.answer_types) | vqa_calibration(correct, preds.confidences)
     from medvl.eval.caption_metrics import caption_scores
 
     metrics = dict(caption_scores(refs, hyps))
     if spec.eval.clinical:
-        metrics.update(clinical_scores(refs, hyps))
+        metrics.update(clinical_scores(refs, hyps, preds.confidences))
     if spec.eval.semantic:
         from medvl.eval.embedding_metrics import bertscore, embedding_cosine
 
@@ -77,14 +111,15 @@ def score(spec: JobSpec, recipe: Recipe, preds: Predictions) -> dict:
     return metrics
 
 
-def clinical_scores(references: list[str], predictions: list[str]) -> dict:
+def clinical_scores(references: list[str], predictions: list[str], confidences: list[float]) -> dict:
+    from medvl.eval.calibration import finding_calibration
     from medvl.eval.chexpert import CheXpertLabeler
     from medvl.eval.clinical_metrics import clinical_efficacy, hallucination_rate, laterality_error_rate
 
     labeler = CheXpertLabeler()
     ref_labels, gen_labels = labeler.label_many(references), labeler.label_many(predictions)
     return (clinical_efficacy(ref_labels, gen_labels) | hallucination_rate(ref_labels, gen_labels)
-            | laterality_error_rate(references, predictions))
+            | laterality_error_rate(references, predictions) | finding_calibration(ref_labels, gen_labels, confidences))
 
 
 def shuffled_references(preds: Predictions, seed: int = 0) -> Predictions:
@@ -92,7 +127,7 @@ def shuffled_references(preds: Predictions, seed: int = 0) -> Predictions:
     order = list(range(len(preds.references)))
     random.Random(seed).shuffle(order)
     return Predictions(preds.ids, [preds.references[i] for i in order], preds.predictions,
-                       [preds.answer_types[i] for i in order])
+                       [preds.answer_types[i] for i in order], preds.confidences)
 
 
 def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_dir: str | None = None) -> dict:
@@ -101,8 +136,10 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     out.mkdir(parents=True, exist_ok=True)
     preds = generate_predictions(spec, recipe, model_dir)
     metrics = score(spec, recipe, preds) | preds.extra_metrics
+    metrics["mean_token_prob"] = float(np.mean(preds.confidences)) if preds.confidences else 0.0
     metrics["n"] = len(preds.predictions)
     write_outputs(out, metrics, preds)
+    write_attention_overlays(out / "attention", preds.attention)
     write_report(out / "report.md", spec, recipe, metrics, preds)
     print(f"[medvl eval] {stage.name}: {_headline(metrics)}", flush=True)
 
@@ -121,9 +158,18 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
 
 def write_outputs(out: Path, metrics: dict, preds: Predictions) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    keys = ("id", "reference", "prediction", "answer_type", "mean_token_prob")
     with open(out / "predictions.jsonl", "w") as handle:
-        for row in zip(preds.ids, preds.references, preds.predictions, preds.answer_types):
-            handle.write(json.dumps(dict(zip(("id", "reference", "prediction", "answer_type"), row))) + "\n")
+        for row in zip(preds.ids, preds.references, preds.predictions, preds.answer_types, preds.confidences):
+            handle.write(json.dumps(dict(zip(keys, row))) + "\n")
+
+
+def write_attention_overlays(folder: Path, grounding: list[Grounding]) -> None:
+    from medvl.eval.attention_overlays import overlay_filename, save_overlay
+
+    for sample in grounding:
+        save_overlay(folder / overlay_filename(sample.id), sample.pixel_values, sample.attention,
+                     f"{sample.id}: {sample.prediction}")
 
 
 def write_report(path: Path, spec: JobSpec, recipe: Recipe, metrics: dict, preds: Predictions) -> None:
@@ -163,7 +209,7 @@ def _cell(text: str) -> str:
 
 
 def _headline(metrics: dict) -> str:
-    keys = [k for k in ("bleu_4", "meteor", "rouge_l", "cider", "bertscore_f1", "ce_micro_f1_14",
+    keys = [k for k in ("bleu_4", "meteor", "rouge_l", "cider", "bertscore_f1", "ce_micro_f1_14", "mean_token_prob",
                         "laterality_correct_rate", "vqa_acc",
                         "vqa_acc_closed", "vqa_acc_open") if k in metrics]
     return "  ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics[k], (int, float, np.floating)))
