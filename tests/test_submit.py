@@ -1,0 +1,326 @@
+"""``medvl submit|status|logs|stop``: what is sent to the Jobs API (no Ray), then real jobs on a real local head."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from medvl.cli import build_parser, main
+from medvl.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def with_sets(overrides: list[str]) -> list[str]:
+    return [word for override in overrides for word in ("--set", override)]
+
+
+# --------------------------------------------------------------------------------------------- no Ray
+
+
+class FakeClient:
+    """Stands in for ray.job_submission.JobSubmissionClient and records what the CLI asks of it."""
+
+    made: ClassVar[list[FakeClient]] = []
+    status: ClassVar[str] = "SUCCEEDED"
+
+    def __init__(self, address: str, **_: object) -> None:
+        self.address = address
+        self.ray_address_seen = os.environ.get("RAY_ADDRESS")
+        self.submitted: list[dict] = []
+        self.stopped: list[str] = []
+        FakeClient.made.append(self)
+
+    def get_address(self) -> str:
+        return self.address
+
+    def submit_job(self, **kwargs: object) -> str:
+        self.submitted.append(kwargs)
+        return kwargs.get("submission_id") or "raysubmit_fake"
+
+    def get_job_status(self, job_id: str):
+        from ray.job_submission import JobStatus
+
+        return JobStatus(FakeClient.status)
+
+    async def tail_job_logs(self, job_id: str):
+        for chunk in ("[medvl] stage prepare (prepare)\n", "[medvl] stage train (train)\n"):
+            yield chunk
+
+    def stop_job(self, job_id: str) -> bool:
+        self.stopped.append(job_id)
+        return True
+
+
+@pytest.fixture
+def fake_client(monkeypatch):
+    import ray.job_submission
+
+    FakeClient.made, FakeClient.status = [], "SUCCEEDED"
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.chdir(REPO)
+    return FakeClient
+
+
+def test_submit_sends_the_run_command_and_runtime_env_it_was_given(fake_client, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RAY_ADDRESS", "http://elsewhere:8265")  # an explicit --address wins over it
+    monkeypatch.setenv("MEDVL_TEST_SECRET", "s3cr3t-value-1234")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# extras for the job\nrapidfuzz>=3.0\n\n  boto3  \n")
+    out_dir = tmp_path / "out dir"  # a space: the command must survive the shell
+    overrides = ["train.lr=1e-3", f"output_dir={out_dir}", "eval.baselines=[untrained]"]
+
+    rc = main(["submit", "jobs/quickstart.yaml", *with_sets(overrides),
+               "--address", "http://head:8265", "--env", "HF_HUB_OFFLINE=1", "--env-from-driver", "MEDVL_TEST_SECRET",
+               "--pip", "rich==13.7.1", "--requirements", str(requirements), "--submission-id", "medvl-test-1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    (client,) = fake_client.made
+    assert client.address == "http://head:8265" and client.ray_address_seen is None
+    assert os.environ["RAY_ADDRESS"] == "http://elsewhere:8265"  # put back afterwards
+    (sent,) = client.submitted
+    assert captured.out.splitlines() == ["medvl-test-1"]  # the job id, alone on stdout
+
+    words = shlex.split(sent["entrypoint"])
+    assert words[:3] == ["python", "-m", "medvl.cli"]
+    args = build_parser().parse_args(words[3:])
+    assert (args.command, args.spec, args.overrides) == ("run", "jobs/quickstart.yaml", overrides)
+    assert load_spec(args.spec, args.overrides).output_dir == str(out_dir)
+
+    env = sent["runtime_env"]
+    assert env["working_dir"] == str(REPO)
+    assert {".git", ".venv", "/runs"} <= set(env["excludes"])
+    assert env["pip"] == ["rich==13.7.1", "rapidfuzz>=3.0", "boto3"]
+    assert env["env_vars"] == {"HF_HUB_OFFLINE": "1", "MEDVL_TEST_SECRET": "s3cr3t-value-1234"}
+    assert sent["submission_id"] == "medvl-test-1"
+    assert sent["metadata"] == {"medvl_job": "quickstart", "medvl_spec": "jobs/quickstart.yaml"}
+    assert "s3cr3t" not in captured.out + captured.err
+    assert "MEDVL_TEST_SECRET" in captured.err  # the names are shown, the values are not
+    assert "warning" not in captured.err  # an absolute output_dir
+
+
+def test_a_relative_output_dir_warns_in_one_line_and_is_not_uploaded(fake_client, capsys):
+    assert main(["submit", "jobs/quickstart.yaml"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and 'output_dir "runs/quickstart" is relative' in warnings[0]
+    (client,) = fake_client.made
+    assert client.address == "http://127.0.0.1:8265"
+    sent = client.submitted[0]
+    assert "/runs/quickstart" in sent["runtime_env"]["excludes"]
+    assert "pip" not in sent["runtime_env"] and "env_vars" not in sent["runtime_env"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "train.lr=fast"], 'error: train.lr: expected a positive number, got "fast"'),
+    (["--env-from-driver", "MEDVL_NOT_SET_ANYWHERE"], "error: --env-from-driver MEDVL_NOT_SET_ANYWHERE: not set"),
+    (["--env", "NOVALUE"], "error: --env NOVALUE: expected KEY=VALUE"),
+    (["--set", "output_dir=s3://bucket/runs"], "error: output_dir: expected a folder every node shares"),
+    (["--working-dir", "medvl"], "error: jobs/quickstart.yaml: expected a spec inside the working dir"),
+    (["--requirements", "no-such-requirements.txt"], "error: --requirements no-such-requirements.txt: no such file"),
+])
+def test_bad_arguments_fail_in_one_line_before_anything_is_sent(fake_client, capsys, argv, message):
+    assert main(["submit", "jobs/quickstart.yaml", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert fake_client.made == []  # never connected
+
+
+@pytest.mark.parametrize("status, code", [("SUCCEEDED", 0), ("FAILED", 1), ("STOPPED", 1)])
+def test_follow_streams_the_logs_and_exits_by_the_jobs_status(fake_client, capsys, status, code):
+    fake_client.status = status
+    assert main(["submit", "jobs/quickstart.yaml", "--set", "output_dir=/tmp/x", "--follow"]) == code
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["raysubmit_fake", "[medvl] stage prepare (prepare)", "[medvl] stage train (train)"]
+    assert f"job raysubmit_fake: {status}" in err
+    assert main(["logs", "raysubmit_fake", "--follow"]) == code
+
+
+def test_stop_asks_the_cluster_to_stop_the_job(fake_client, capsys):
+    assert main(["stop", "raysubmit_abc", "--address", "http://head:8265"]) == 0
+    assert fake_client.made[0].stopped == ["raysubmit_abc"]
+    assert "raysubmit_abc: stop requested" in capsys.readouterr().out
+
+
+def test_an_unreachable_cluster_is_one_line_and_exit_1(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert main(["status", "raysubmit_abc", "--address", f"http://127.0.0.1:{free_port()}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_submitted_job_joins_the_cluster_in_ray_address(monkeypatch):
+    """Ray sets RAY_ADDRESS for a job's driver: ray_session joins that cluster instead of starting a local Ray."""
+    import ray
+
+    from medvl.runtime import ray_session
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    spec = load_spec(REPO / "jobs/quickstart.yaml", ["ray.num_cpus=2"])
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    with ray_session(spec):
+        pass
+    assert calls == [{"address": "10.0.0.5:6379", "log_to_driver": True}]  # no num_cpus: refused when joining
+    assert "RAY_AUTH_MODE" not in os.environ  # the cluster's auth settings are left alone
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    with ray_session(spec):
+        pass
+    assert calls[1] == {"address": None, "log_to_driver": True, "num_cpus": 2}
+
+
+# --------------------------------------------------------------------------------------------- a real head
+
+
+# The quickstart cut down to seconds of work: 160 small images, one epoch, 8 test samples, no baselines.
+TINY = ["data.synthetic_images=160", "data.synthetic_image_size=64", "data.image_size=64",
+        "data.records_per_shard=64", "train.epochs=1", "train.batch_size=16", "train.max_val_batches=2",
+        "eval.max_samples=8", "eval.num_beams=1", "eval.max_new_tokens=8", "eval.batch_size=8",
+        "eval.baselines=[]", "eval.semantic=false"]
+STAGE_LINES = [f"[medvl] stage {kind} ({kind})" for kind in ("prepare", "train", "eval")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_start_command(temp_dir: str, dashboard_port: int) -> list[str]:
+    ray = Path(sys.executable).with_name("ray")
+    ports = {name: free_port() for name in ("port", "ray-client-server-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                            "metrics-export-port", "node-manager-port", "object-manager-port")}
+    # Every port chosen free: another Ray on this machine keeps its defaults (10001, 52365…).
+    return [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+            "--dashboard-host", "127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+            "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
+            *(f"--{name}={port}" for name, port in ports.items())]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real head (`ray start --head --block`), this test's own: stopped by signalling it, never `ray stop`."""
+    import psutil
+    from ray.job_submission import JobSubmissionClient
+
+    temp_dir = tempfile.mkdtemp(prefix="medvl-rh-", dir="/tmp")  # short: Ray's socket paths live under it
+    dashboard_port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "240",  # 60 s by default: too short on a loaded 2-CPU machine
+           # The job's entrypoint says `python`: the one of this environment, as on a cluster node's PATH.
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(ray_start_command(temp_dir, dashboard_port), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert head.poll() is None, f"ray start exited: {log_path.read_text()[-3000:]}"
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except (OSError, RuntimeError):  # ConnectionError until the dashboard and its job agent are up
+                assert time.monotonic() < deadline, f"no head after 300 s: {log_path.read_text()[-3000:]}"
+                time.sleep(1)
+        yield address
+    finally:
+        # Everything this head started descends from it; some actors (Ray Data's) leave its process group.
+        family = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started…
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass  # …but waits ~30 s on a raylet that drains its workers: not worth CI's time
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for process in family:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        head.wait()
+        psutil.wait_procs(family, timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_submit_runs_the_quickstart_on_a_cluster_to_success(ray_head, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out_dir = tmp_path / "run"
+    started = time.monotonic()
+    rc = main(["submit", "jobs/quickstart.yaml", *with_sets(TINY), "--set", f"output_dir={out_dir}",
+               "--address", ray_head, "--follow"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:] + captured.out[-4000:]
+    print(f"quickstart job: {time.monotonic() - started:.0f} s", file=sys.stderr)
+    job_id = captured.out.splitlines()[0]
+    assert all(line in captured.out for line in STAGE_LINES)  # streamed while it ran
+
+    assert main(["status", job_id, "--address", ray_head]) == 0
+    assert capsys.readouterr().out.startswith(f"{job_id}: SUCCEEDED")
+    assert main(["logs", job_id, "--address", ray_head]) == 0
+    logs = capsys.readouterr().out
+    assert all(line in logs for line in STAGE_LINES)
+    # The driver joined this head (RAY_ADDRESS) rather than starting a Ray of its own.
+    assert "Connecting to existing Ray cluster" in logs and "Started a local Ray instance" not in logs
+
+    metrics = json.loads((out_dir / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 8
+    summary = json.loads((out_dir / "train" / "train_summary.json").read_text())
+    assert summary["steps"] > 0 and Path(summary["model_dir"]).is_dir()
+
+
+@pytest.mark.slow
+def test_a_failing_job_makes_follow_exit_nonzero(ray_head, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    missing = tmp_path / "no-roco-here"  # valid spec, but the dataset folder does not exist on the cluster
+    rc = main(["submit", "jobs/quickstart.yaml", "--set", "data.format=roco", "--set", f"data.source={missing}",
+               "--set", f"output_dir={tmp_path / 'run'}", "--address", ray_head, "--follow"])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.out[-3000:]
+    job_id = captured.out.splitlines()[0]
+    assert f"job {job_id}: FAILED" in captured.err
+    assert "[medvl] stage prepare (prepare)" in captured.out and str(missing) in captured.out
+    assert main(["status", job_id, "--address", ray_head]) == 0
+    status = capsys.readouterr().out
+    assert status.startswith(f"{job_id}: FAILED") and len(status.splitlines()) == 1, status
+
+
+@pytest.mark.slow
+def test_stop_stops_a_running_job(ray_head, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["submit", "jobs/quickstart.yaml", "--set", f"output_dir={tmp_path / 'run'}",
+                 "--address", ray_head]) == 0
+    job_id = capsys.readouterr().out.splitlines()[0]
+    assert main(["stop", job_id, "--address", ray_head]) == 0
+    assert f"{job_id}: stop requested" in capsys.readouterr().out
+    deadline = time.monotonic() + 60
+    while True:
+        assert main(["status", job_id, "--address", ray_head]) == 0
+        if capsys.readouterr().out.startswith(f"{job_id}: STOPPED"):
+            break
+        assert time.monotonic() < deadline, "the job did not stop within 60 s"
+        time.sleep(1)
