@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -108,3 +109,37 @@ def test_corrupt_image_in_a_shard_is_skipped_and_counted_while_streaming(tmp_pat
     assert sorted(r["id"] for r in rows) == sorted(r.id for r in good)
     assert rows[0]["pixel_values"].shape == (3, 32, 32)
     assert skipped_counts().get("unreadable_image", 0) - before == 1
+
+
+@pytest.mark.slow
+def test_skip_counter_created_inside_a_trial_outlives_the_trial(ray_local):
+    """A search's first trial may create the counter from inside its placement group; later trials count into
+    the same counter after that trial (and its placement group) is gone."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from medvl.data.skips import COUNTER_NAME, report_skipped, skipped_counts
+
+    try:
+        ray.kill(ray.get_actor(COUNTER_NAME, namespace="medvl"))  # start from no counter, as a fresh cluster does
+    except ValueError:
+        pass
+
+    @ray.remote(num_cpus=0.01)
+    class Trial:
+        def count_one(self) -> None:
+            report_skipped("unreadable_image", 0)  # nothing to count into yet
+            skipped_counts()  # creates the counter, as the train stage inside a trial does
+            report_skipped("unreadable_image", 1)
+
+    group = placement_group([{"CPU": 0.01}])
+    ray.get(group.ready())
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+    trial = Trial.options(scheduling_strategy=strategy).remote()
+    ray.get(trial.count_one.remote())
+    ray.kill(trial)
+    remove_placement_group(group)
+    time.sleep(1)
+    report_skipped("unreadable_image", 2)  # a later trial
+    assert skipped_counts()["unreadable_image"] == 3

@@ -10,7 +10,6 @@ from collections import Counter
 import ray
 
 COUNTER_NAME = "medvl-skip-counter"
-_driver_handles: dict[str, "ray.actor.ActorHandle"] = {}
 
 
 @ray.remote(num_cpus=0)
@@ -26,12 +25,12 @@ class SkipCounter:
 
 
 def ensure_skip_counter():
-    """Create the counter from the driver, so that it lives as long as the driver (an actor dies with its
-    owner: one created lazily by a preprocessing actor would vanish when the pipeline ends)."""
-    job = ray.get_runtime_context().get_job_id()
-    if job not in _driver_handles:  # keep the creating handle: when it is dropped the actor dies, name or not
-        _driver_handles[job] = SkipCounter.options(name=COUNTER_NAME, get_if_exists=True, namespace="medvl").remote()
-    return _driver_handles[job]
+    """The cluster's counter, created on first use. It is detached and outside any placement group: created
+    inside a Tune trial it would otherwise die with that trial (its owner, its placement group) while other
+    trials still count into it. Runs on one cluster share it: :func:`skipped_since` takes a run's share of it
+    (concurrent runs, such as a search's trials, see each other's counts)."""
+    return SkipCounter.options(name=COUNTER_NAME, get_if_exists=True, namespace="medvl", lifetime="detached",
+                               scheduling_strategy="DEFAULT").remote()
 
 
 def report_skipped(reason: str, n: int) -> None:
@@ -47,3 +46,9 @@ def report_skipped(reason: str, n: int) -> None:
 
 def skipped_counts() -> dict[str, int]:
     return ray.get(ensure_skip_counter().snapshot.remote()) if ray.is_initialized() else {}
+
+
+def skipped_since(before: dict[str, int]) -> dict[str, int]:
+    """What was counted after ``before`` (an earlier :func:`skipped_counts`)."""
+    now = skipped_counts()
+    return {reason: n - before.get(reason, 0) for reason, n in now.items() if n > before.get(reason, 0)}

@@ -26,7 +26,7 @@ from medvl.data import storage
 from medvl.data.pipeline import preprocessed, read_split
 from medvl.data.position import POSITION_FILE, ROW_KEY
 from medvl.data.shards import read_manifest, shard_paths
-from medvl.data.skips import skipped_counts
+from medvl.data.skips import skipped_counts, skipped_since
 from medvl.models.base import Recipe
 from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec, StageSpec
@@ -58,6 +58,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     manifest = read_manifest(location, endpoint)
     model_source = start_from or recipe.initial_model(out, lambda: training_texts(spec))
+    skipped_before = skipped_counts()
 
     factory = functools.partial(recipe.preprocessor, model_source)
     preprocess = functools.partial(
@@ -110,7 +111,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         "history": result.metrics["history"],
         "epochs": result.metrics["epochs"],
         "resumed_at_steps": result.metrics["resumed_at_steps"],
-        "skipped": skipped_counts(),
+        "skipped": skipped_since(skipped_before),
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return TrainOutcome(model_dir, summary)
