@@ -1,0 +1,214 @@
+"""Turn an HTTP request into a validated :class:`Query`, or a :class:`RequestError` that becomes a 4xx answer.
+
+Two request forms, with the same fields:
+
+* JSON: ``{"image": "<base64, or a data: URL>", "question": "…", "attention": true}``
+* multipart/form-data: an ``image`` file, and ``question`` / ``attention`` as form fields.
+
+Everything here runs before a request joins a batch, so one bad request can never fail the others in its
+batch. The image is only *opened* here (header: format and size); it is decoded once, by the recipe's own
+preprocessor, and a file whose body turns out to be corrupt is answered 400 from there.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from medvl.data.images import is_dicom
+from medvl.spec import ServeSpec
+
+FIELDS = ("image", "question", "attention")
+# JSON carries the image as base64 (4 characters per 3 bytes), plus the other fields.
+BODY_SLACK_BYTES = 64 * 1024
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status``, a stable machine-readable ``code`` and a sentence."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+@dataclass
+class Query:
+    image: bytes
+    question: str = ""
+    attention: bool = False
+
+
+def max_body_bytes(settings: ServeSpec) -> int:
+    return settings.max_image_bytes * 4 // 3 + settings.max_question_chars * 4 + BODY_SLACK_BYTES
+
+
+def check_content_length(header: str | None, settings: ServeSpec) -> None:
+    """Refuse an oversized body from its Content-Length, before reading it."""
+    if header is None:
+        return
+    try:
+        length = int(header)
+    except ValueError:
+        raise RequestError(400, "bad_content_length", f"Content-Length must be an integer, got {header!r}") from None
+    if length > max_body_bytes(settings):
+        raise RequestError(413, "body_too_large", f"the request body has {length} bytes; at most "
+                           f"{max_body_bytes(settings)} are accepted (images up to {settings.max_image_bytes} bytes)")
+
+
+async def read_query(request: Any, settings: ServeSpec, takes_question: bool) -> Query:
+    """A Starlette request → Query; the body is read with a size cap whatever Content-Length claims."""
+    check_content_length(request.headers.get("content-length"), settings)
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=len(FIELDS))
+        try:
+            return parse_form(form, settings, takes_question)
+        finally:
+            await form.close()
+    if content_type in ("application/json", ""):
+        return parse_json(await _read_capped(request, max_body_bytes(settings)), settings, takes_question)
+    raise RequestError(415, "unsupported_media_type", f"send application/json or multipart/form-data, "
+                       f"got {content_type}")
+
+
+async def _read_capped(request: Any, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, "body_too_large", f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes, settings: ServeSpec, takes_question: bool) -> Query:
+    try:
+        fields = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise RequestError(400, "invalid_json", f"expected a JSON object with {', '.join(FIELDS)}, "
+                           f"got {type(fields).__name__}")
+    _check_field_names(fields)
+    image = fields.get("image")
+    if image is None:
+        raise RequestError(400, "missing_field", 'the field "image" (a base64-encoded image) is required',
+                           field="image")
+    if not isinstance(image, str):
+        raise _wrong_type("image", "a base64 string", image)
+    return _query(decode_base64(image, settings), fields.get("question"), fields.get("attention", False),
+                  settings, takes_question)
+
+
+def parse_form(form: Any, settings: ServeSpec, takes_question: bool) -> Query:
+    """``form``: Starlette's ``FormData`` (files are ``UploadFile``-like, with ``.file``)."""
+    _check_field_names(form)
+    image = form.get("image")
+    if image is None:
+        raise RequestError(400, "missing_field", 'the form field "image" (an image file) is required', field="image")
+    if isinstance(image, str):
+        raise _wrong_type("image", "a file upload", image)
+    data = image.file.read(settings.max_image_bytes + 1)
+    if len(data) > settings.max_image_bytes:
+        raise _too_large(settings)
+    attention = form.get("attention", "false")
+    if attention not in ("true", "false", "1", "0"):
+        raise _wrong_type("attention", '"true" or "false"', attention)
+    question = form.get("question")
+    if question is not None and not isinstance(question, str):
+        raise _wrong_type("question", "a text field", question)
+    return _query(data, question, attention in ("true", "1"), settings, takes_question)
+
+
+def decode_base64(text: str, settings: ServeSpec) -> bytes:
+    if text.startswith("data:"):  # a data URL: data:image/png;base64,<payload>
+        text = text.partition(",")[2]
+    if len(text) > settings.max_image_bytes * 4 // 3 + 4:
+        raise _too_large(settings)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "invalid_base64", 'the field "image" is not valid base64', field="image") from None
+
+
+def check_image(data: bytes, settings: ServeSpec) -> None:
+    """Size limits and "is this an image at all", from the header only (no pixel is decoded here)."""
+    if len(data) > settings.max_image_bytes:
+        raise _too_large(settings)
+    if not data:
+        raise RequestError(400, "not_an_image", "the image is empty", field="image")
+    width, height = _dicom_size(data) if is_dicom(data) else _image_size(data)
+    if width * height > settings.max_image_pixels:
+        raise RequestError(413, "image_too_large", f"the image is {width}×{height} pixels; at most "
+                           f"{settings.max_image_pixels} pixels (width × height) are accepted", field="image")
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(413, "image_too_large", "the image has too many pixels to decode safely",
+                           field="image") from None
+    except Exception:  # PIL raises many types for what it cannot identify
+        raise RequestError(400, "not_an_image", "the image is not a PNG, JPEG, DICOM or other format this "
+                           "server decodes", field="image") from None
+
+
+def _dicom_size(data: bytes) -> tuple[int, int]:
+    try:
+        import pydicom
+
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return int(header.Columns), int(header.Rows)
+    except Exception:
+        raise RequestError(400, "not_an_image", "the DICOM file has no readable image header", field="image") from None
+
+
+def _query(data: bytes, question: Any, attention: Any, settings: ServeSpec, takes_question: bool) -> Query:
+    if not isinstance(attention, bool):
+        raise _wrong_type("attention", "true or false", attention)
+    if takes_question:
+        if question is None:
+            raise RequestError(400, "missing_field", 'the field "question" is required by this VQA model',
+                               field="question")
+        if not isinstance(question, str):
+            raise _wrong_type("question", "a string", question)
+        if not question.strip():
+            raise RequestError(400, "empty_question", 'the field "question" is empty', field="question")
+        if len(question) > settings.max_question_chars:
+            raise RequestError(413, "question_too_long", f"the question has {len(question)} characters; at most "
+                               f"{settings.max_question_chars} are accepted", field="question")
+    elif question is not None:
+        raise RequestError(400, "question_not_supported", "this model does not answer questions: send the image "
+                           "alone", field="question")
+    check_image(data, settings)
+    return Query(data, question or "", attention)
+
+
+def _check_field_names(fields: Any) -> None:
+    unknown = sorted(set(fields.keys()) - set(FIELDS))
+    if unknown:
+        raise RequestError(400, "unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))}; expected "
+                           f"{', '.join(FIELDS)}", field=unknown[0])
+
+
+def _wrong_type(name: str, expected: str, value: Any) -> RequestError:
+    got = "null" if value is None else type(value).__name__
+    return RequestError(400, "wrong_type", f'the field "{name}" must be {expected}, got {got}', field=name)
+
+
+def _too_large(settings: ServeSpec) -> RequestError:
+    return RequestError(413, "image_too_large", f"the image is larger than {settings.max_image_bytes} bytes",
+                        field="image")
