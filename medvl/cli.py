@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from medvl.spec import SpecError, load_spec
+from medvl.submit import add_job_commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--model", help="model folder to evaluate (default: the last train stage's model)")
         sub.set_defaults(handler=lambda a, kind=kind: cmd_stages(a, (kind,)))
 
+    serve = commands.add_parser("serve", help="serve the trained model (or serve.checkpoint) with Ray Serve until "
+                                "SIGINT/SIGTERM (a stage named serve when the spec lists none)")
+    serve.add_argument("spec")
+    _add_overrides(serve)
+    serve.add_argument("--write-config", metavar="PATH",
+                       help="only write a Serve config file for `serve deploy PATH` (starts nothing)")
+    serve.set_defaults(handler=cmd_serve)
+
+    add_job_commands(commands, _add_overrides)  # submit, status, logs, stop: a job on a Ray cluster
+
     chexpert = commands.add_parser("chexpert", help="label reports with the 14 CheXpert observations (offline)")
     chexpert.add_argument("input_csv")
     chexpert.add_argument("--column", required=True, help="the column holding the report text")
@@ -68,22 +79,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_stages(args: argparse.Namespace, kinds: tuple[str, ...] | None) -> int:
     spec = load_spec(args.spec, args.overrides)  # fails here, before Ray starts, on a bad spec
     if kinds == ("tune",) and not any(stage.kind == "tune" for stage in spec.stages):
-        spec = with_tune_stage(spec)  # `medvl tune` on a spec whose stages list none: one named "tune"
+        spec = with_stage(spec, "tune")  # `medvl tune` on a spec whose stages list none (tune.space is checked)
     from medvl.stages import run_stages
 
     run_stages(spec, kinds, model_dir=getattr(args, "model", None))
     return 0
 
 
-def with_tune_stage(spec):
+def cmd_serve(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    if not any(stage.kind == "serve" for stage in spec.stages):
+        spec = with_stage(spec, "serve")
+    if args.write_config:
+        from pathlib import Path
+
+        from medvl.serve.checkpoint import model_stage_before
+        from medvl.serve.command import write_config
+
+        stage = next(stage for stage in spec.stages if stage.kind == "serve")
+        write_config(spec.for_stage(stage), model_stage_before(spec, stage.name), Path(args.write_config))
+        print(f"wrote {args.write_config}: deploy it with `serve deploy {args.write_config}`")
+        return 0
+    from medvl.stages import run_stages
+
+    run_stages(spec, ("serve",))  # returns after SIGINT/SIGTERM has shut Serve down
+    return 0
+
+
+def with_stage(spec, kind: str):
+    """The spec with one more stage of ``kind``, named after it, at the end."""
     import dataclasses
 
     from medvl.spec import StageSpec, parse_spec
 
-    if not spec.tune.space:
-        raise SpecError('tune.space: expected a search space file (e.g. tune_spaces/blip2_lora.yaml), got ""')
     raw = dataclasses.asdict(spec)
-    raw["stages"].append(dataclasses.asdict(StageSpec(kind="tune", name="tune")))
+    raw["stages"].append(dataclasses.asdict(StageSpec(kind=kind, name=kind)))
     return parse_spec(raw)
 
 

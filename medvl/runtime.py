@@ -15,11 +15,14 @@ def ray_session(spec: JobSpec) -> Iterator[None]:
     if ray.is_initialized():  # a caller (a test, a notebook) already runs Ray: use it as it is
         yield
         return
+    # A job submitted to a cluster (`medvl submit`) is told its cluster by RAY_ADDRESS, which Ray sets for every
+    # job's driver: join that cluster, never start a local Ray beside it (nor pass num_cpus, refused when joining).
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS", "")
     # Local Ray needs no token auth; a cluster's own settings (RAY_AUTH_MODE, tokens) are left alone.
-    if not spec.ray.address:
+    if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs: dict = {"address": spec.ray.address or None, "log_to_driver": True}
-    if not spec.ray.address and spec.ray.num_cpus:
+    kwargs: dict = {"address": address or None, "log_to_driver": True}
+    if not address and spec.ray.num_cpus:
         kwargs["num_cpus"] = spec.ray.num_cpus
     ray.init(**kwargs)
     # Ray Data's progress bars interleave badly with our own progress lines on a terminal.

@@ -178,6 +178,39 @@ class TuneSpec:
     max_concurrent_trials: int = checked(0, non_negative)  # 0 = as many as the cluster's CPUs (and GPUs) fit
 
 
+def port_number(value: int) -> bool:
+    return 0 < value < 65536
+
+
+CHECK_TEXT[port_number] = "a port number (1–65535)"
+
+
+@dataclass
+class ServeSpec:
+    """``medvl serve`` (or a ``serve`` stage): one Ray Serve deployment answering POST /v1/<the recipe's endpoint>."""
+
+    # "" = the model of the spec's last train (or tune) stage; else an HF model folder, a peft adapter folder, or
+    # a train / tune stage's folder (its train_summary.json names the model)
+    checkpoint: str = ""
+    host: str = "127.0.0.1"
+    port: int = checked(8000, port_number)
+    api_key_env: str = ""  # name of the environment variable holding the API key; "" = no key asked
+    num_replicas: int = checked(1, positive)  # fixed replica count, used while autoscaling is off
+    autoscaling_min_replicas: int = checked(0, non_negative)
+    autoscaling_max_replicas: int = checked(0, non_negative)  # 0 = autoscaling off
+    autoscaling_target_ongoing_requests: float = checked(0.0, non_negative)  # per replica; 0 = max_batch_size
+    num_cpus: float = checked(1.0, non_negative)  # per replica (also its torch threads, at least one)
+    num_gpus: float = checked(0.0, non_negative)  # per replica; fractions share a GPU
+    max_batch_size: int = checked(16, positive)  # requests generated together (@serve.batch)
+    batch_wait_timeout_s: float = checked(0.01, non_negative)  # how long a batch waits to fill up
+    max_ongoing_requests: int = checked(0, non_negative)  # per replica; 0 = 2 × max_batch_size
+    max_image_bytes: int = checked(10_000_000, positive)  # encoded image; larger uploads get 413
+    max_image_pixels: int = checked(40_000_000, positive)  # width × height read from the header; larger get 413
+    max_question_chars: int = checked(1000, positive)
+    num_beams: int = checked(0, non_negative)  # 0 = eval.num_beams
+    max_new_tokens: int = checked(0, non_negative)  # 0 = eval.max_new_tokens
+
+
 @dataclass
 class RaySpec:
     address: str = ""  # "" = start a local Ray inside this process; "auto" or ray://… for a cluster
@@ -203,6 +236,7 @@ class JobSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     ray: RaySpec = field(default_factory=RaySpec)
     tune: TuneSpec = field(default_factory=TuneSpec)
+    serve: ServeSpec = field(default_factory=ServeSpec)
 
     @property
     def shards_location(self) -> str:
@@ -308,10 +342,15 @@ def _check_cross_fields(spec: JobSpec) -> None:
         raise SpecError(f"data.split_fractions: expected three numbers ≥ 0 summing to 1, got {fractions}")
     if spec.data.format not in ("synthetic", "shards") and not spec.data.source:
         raise SpecError(f"data.source: expected the dataset folder for format {spec.data.format!r}, got \"\"")
+    if "://" in spec.output_dir:
+        raise SpecError(f"output_dir: expected a local or mounted folder (models, metrics and reports are written "
+                        f"with local file calls), got {spec.output_dir!r}; put shards and checkpoints on object "
+                        f"storage with data.shards and train.storage_path")
     if spec.model.preset == "" and not spec.model.name_or_path:
         raise SpecError('model.name_or_path: expected a hub id or local folder (or model.preset: tiny), got ""')
     _check_deepspeed(spec)
     _check_tune(spec)
+    _check_serve(spec)
 
 
 def _check_deepspeed(spec: JobSpec) -> None:
@@ -347,6 +386,21 @@ def _check_tune(spec: JobSpec) -> None:
         from medvl.tune.space import check_space_for
 
         check_space_for(settings.space, settings.search_alg)
+
+
+def _check_serve(spec: JobSpec) -> None:
+    settings = spec.serve
+    low, high = settings.autoscaling_min_replicas, settings.autoscaling_max_replicas
+    if high and low > high:
+        raise SpecError(f"serve.autoscaling_min_replicas: expected at most serve.autoscaling_max_replicas ({high}), "
+                        f"got {low}")
+    if settings.max_ongoing_requests and settings.max_ongoing_requests < settings.max_batch_size:
+        raise SpecError(f"serve.max_ongoing_requests: expected 0 or at least serve.max_batch_size "
+                        f"({settings.max_batch_size}: a replica never sees a fuller batch), "
+                        f"got {settings.max_ongoing_requests}")
+    name = settings.api_key_env
+    if name and not (name.replace("_", "a").isalnum() and not name[0].isdigit()):
+        raise SpecError(f"serve.api_key_env: expected the name of an environment variable, got {_show(name)}")
 
 
 def _build(cls: type, raw: Any, path: str) -> Any:

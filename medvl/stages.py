@@ -53,5 +53,9 @@ def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_di
 
         start_from = train_summary(spec, stage.start_from)["model_dir"] if stage.start_from else None
         return run_tune_stage(stage_spec, stage, start_from=start_from)["complete"]
+    elif stage.kind == "serve":
+        from medvl.serve.command import run_serve_stage
+
+        run_serve_stage(stage_spec, stage, last_train)  # blocks until SIGINT/SIGTERM
     else:
         raise NotImplementedError(f"stage kind {stage.kind!r} is not implemented yet")

@@ -238,11 +238,7 @@ def job_env_vars(pairs: list[str], from_driver: list[str], environ: Any) -> dict
 
 
 def check_output_dir(spec: JobSpec) -> str | None:
-    """Refuse an output_dir the stages cannot write; a one-line warning for one nobody could read after the job."""
-    if "://" in spec.output_dir:
-        # Stages write output_dir with local file APIs: an s3:// output_dir becomes a local folder named "s3:".
-        raise SubmitError(f'output_dir: expected a folder every node shares (s3:// works for data.shards and '
-                          f'train.storage_path, not output_dir), got "{spec.output_dir}"')
+    """A one-line warning for an output_dir nobody could read after the job (the spec refuses s3:// ones)."""
     if Path(spec.output_dir).is_absolute():
         return None
     return (f'warning: output_dir "{spec.output_dir}" is relative: on the cluster it lands in the job\'s temporary '

@@ -41,10 +41,18 @@ def minimal(**sections) -> dict:
         (minimal(train={"use_gpu": "yes"}), 'train.use_gpu: expected true or false, got "yes"'),
         (minimal(eval={"baselines": ["nope"]}), "eval.baselines[0]: expected one of"),
         ({"name": "t", "stages": ["train"]}, "output_dir: required field is missing"),
+        (minimal(output_dir="s3://bucket/runs"), "output_dir: expected a local or mounted folder"),
+        (minimal(eval={"attention_maps": -1}), "eval.attention_maps: expected a number ≥ 0, got -1"),
         (minimal(stages=[]), "stages: expected a non-empty list"),
         (minimal(stages=["prepare", "bake"]), "stages[1].kind: expected one of"),
         (minimal(stages=[{"kind": "train", "start_from": "dapt"}]), "stages[0].start_from: expected the name of an earlier train stage"),
         (minimal(stages=[{"kind": "train", "set": {"train.lr": "x"}}]), "stages[0].set: train.lr: expected a positive number"),
+        (minimal(serve={"port": 70000}), "serve.port: expected a port number (1–65535), got 70000"),
+        (minimal(serve={"max_batch_size": 0}), "serve.max_batch_size: expected a positive number, got 0"),
+        (minimal(serve={"api_key_env": "MY-KEY"}), 'serve.api_key_env: expected the name of an environment variable'),
+        (minimal(serve={"autoscaling_min_replicas": 3, "autoscaling_max_replicas": 2}),
+         "serve.autoscaling_min_replicas: expected at most serve.autoscaling_max_replicas (2), got 3"),
+        (minimal(serve={"max_batch_size": 8, "max_ongoing_requests": 4}), "serve.max_ongoing_requests: expected 0 or at least"),
     ],
 )
 def test_malformed_spec_names_the_field(raw: dict, message: str):

@@ -126,7 +126,7 @@ def test_a_relative_output_dir_warns_in_one_line_and_is_not_uploaded(fake_client
     (["--set", "train.lr=fast"], 'error: train.lr: expected a positive number, got "fast"'),
     (["--env-from-driver", "MEDVL_NOT_SET_ANYWHERE"], "error: --env-from-driver MEDVL_NOT_SET_ANYWHERE: not set"),
     (["--env", "NOVALUE"], "error: --env NOVALUE: expected KEY=VALUE"),
-    (["--set", "output_dir=s3://bucket/runs"], "error: output_dir: expected a folder every node shares"),
+    (["--set", "output_dir=s3://bucket/runs"], "error: output_dir: expected a local or mounted folder"),
     (["--working-dir", "medvl"], "error: jobs/quickstart.yaml: expected a spec inside the working dir"),
     (["--requirements", "no-such-requirements.txt"], "error: --requirements no-such-requirements.txt: no such file"),
 ])
