@@ -44,8 +44,9 @@ class Grounding:
     prediction: str
 
 
-def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str) -> Predictions:
-    """Stream the eval split through Ray Data and generate on the driver."""
+def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attention_maps: int = 0) -> Predictions:
+    """Stream the eval split through Ray Data and generate on the driver; attention maps of the first
+    ``attention_maps`` samples."""
     settings = spec.eval
     model = recipe.load_for_inference(model_dir)
     factory = functools.partial(recipe.preprocessor, model_dir)
@@ -61,7 +62,7 @@ def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str) -> Predi
             generated = recipe.generate_scored(model, tensors)
             for key, value in recipe.extra_eval_metrics(model, tensors).items():
                 extras.setdefault(key, []).append(value)
-        wanted = settings.attention_maps - len(out.attention)
+        wanted = attention_maps - len(out.attention)
         if wanted > 0:
             out.attention += ground(recipe, model, tensors, batch["id"][:wanted], generated.texts[:wanted])
         out.predictions += generated.texts
@@ -134,7 +135,7 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     recipe = build_recipe(spec)
     out = Path(spec.output_dir).absolute() / stage.name
     out.mkdir(parents=True, exist_ok=True)
-    preds = generate_predictions(spec, recipe, model_dir)
+    preds = generate_predictions(spec, recipe, model_dir, spec.eval.attention_maps)
     metrics = score(spec, recipe, preds) | preds.extra_metrics
     metrics["mean_token_prob"] = float(np.mean(preds.confidences)) if preds.confidences else 0.0
     metrics["n"] = len(preds.predictions)

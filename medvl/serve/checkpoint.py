@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from medvl.spec import JobSpec, SpecError
+from medvl.stages import train_summary
 
 SUMMARY = "train_summary.json"
 MODEL_FILES = ("config.json", "adapter_config.json", "medvl_softprompt.json")  # HF, peft, soft-prompt recipe
@@ -22,11 +23,12 @@ def resolve_checkpoint(spec: JobSpec, last_train: str | None) -> str:
     if last_train is None:
         raise SpecError('serve.checkpoint: expected a model folder (the spec has no train or tune stage to take '
                         'the model from), got ""')
-    stage_dir = Path(spec.output_dir).absolute() / last_train
-    if not (stage_dir / SUMMARY).is_file():
+    try:
+        summary = train_summary(spec, last_train)
+    except FileNotFoundError as missing:
         raise SpecError(f'serve.checkpoint: expected a model folder, got "" and stage {last_train!r} has not '
-                        f"written a model yet ({stage_dir / SUMMARY} is missing): run it first")
-    return model_location(str(stage_dir))
+                        f"written a model yet ({missing}): run it first") from None
+    return str(Path(summary["model_dir"]).absolute())
 
 
 def model_stage_before(spec: JobSpec, stage_name: str) -> str | None:
