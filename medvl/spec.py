@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ STAGE_KINDS = ("prepare", "train", "eval", "tune", "serve")
 
 class SpecError(ValueError):
     """A spec problem, always phrased as ``<field path>: <what was expected>, got <value>``."""
+
+
+class NonFiniteNumber(SpecError):
+    """NaN or infinity where a number is expected: said as such, not as a failed range check (``inf`` > 0)."""
 
 
 def positive(value: float) -> bool:
@@ -421,6 +426,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         check = f.metadata.get("check")
         try:
             value = _convert(hints[name], raw[name], where)
+        except NonFiniteNumber:
+            raise
         except SpecError:
             if check is None:
                 raise
@@ -444,6 +451,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         for option in get_args(hint):
             try:
                 return _convert(option, value, where)
+            except NonFiniteNumber:
+                raise
             except SpecError:
                 continue
         raise SpecError(f"{where}: expected {hint}, got {_show(value)}")
@@ -474,6 +483,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                 raise SpecError(f"{where}: expected a number, got {_show(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{where}: expected a number, got {_show(value)}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: NaN compares false with every bound
+            raise NonFiniteNumber(f"{where}: expected a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
