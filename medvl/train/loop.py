@@ -242,7 +242,7 @@ def _save_checkpoint(folder: Path, run: WorkerRun, state: TrainState, rank: int)
 
 
 def _load_training_state(folder: Path, engine) -> tuple[TrainState, list[int]]:
-    saved = torch.load(folder / TRAINING_STATE, weights_only=False)
+    saved = torch.load(folder / TRAINING_STATE, weights_only=True)  # a pickle could run code on every worker
     engine.load(folder, saved)
     torch.set_rng_state(saved["rng"])
     return TrainState(**saved["state"]), saved.get("epoch_trained", [])
