@@ -126,6 +126,17 @@ def test_checkpoint_comes_from_the_last_train_stage_or_serve_checkpoint(tmp_path
         resolve_checkpoint(parse_spec(job("blip_caption", "org/model", tmp_path, checkpoint="")), None)
 
 
+def test_a_missing_local_checkpoint_fails_naming_it_instead_of_becoming_a_hub_download(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SpecError, match=r"^serve\.checkpoint: expected a model folder, got 'runs/model' \(no such"):
+        model_location("runs/model")  # shaped like org/name, but runs/ is a folder here: a mistyped path
+    assert model_location("Salesforce/blip-vqa-base") == "Salesforce/blip-vqa-base"  # no Salesforce/ here
+    assert model_location("hf://runs/model") == "runs/model"  # said explicitly
+    with pytest.raises(SpecError, match=r"^serve\.checkpoint: expected hf://<org>/<name>"):
+        model_location("hf://../etc")
+
+
 def test_write_config_is_a_valid_serve_config_without_the_key(tmp_path: Path, monkeypatch, capsys):
     from ray.serve.schema import ServeDeploySchema
 

@@ -7,6 +7,7 @@ or tune stage's folder (its ``train_summary.json`` names the model: for a search
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from medvl.spec import JobSpec, SpecError
@@ -14,6 +15,8 @@ from medvl.stages import train_summary
 
 SUMMARY = "train_summary.json"
 MODEL_FILES = ("config.json", "adapter_config.json", "medvl_softprompt.json")  # HF, peft, soft-prompt recipe
+HUB_PREFIX = "hf://"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")  # huggingface_hub's repo id rule, in short
 
 
 def resolve_checkpoint(spec: JobSpec, last_train: str | None) -> str:
@@ -43,11 +46,17 @@ def model_stage_before(spec: JobSpec, stage_name: str) -> str | None:
 
 
 def model_location(location: str) -> str:
-    path = Path(location)
+    if location.startswith(HUB_PREFIX):
+        repo = location[len(HUB_PREFIX):]
+        if not HUB_ID.fullmatch(repo):
+            raise SpecError(f"serve.checkpoint: expected hf://<org>/<name> (a Hugging Face Hub id), got {location!r}")
+        return repo
+    path = Path(location).expanduser()
     if not path.exists():
-        if _looks_like_hub_id(location):
+        if _cannot_be_a_path(location):
             return location
-        raise SpecError(f"serve.checkpoint: expected a model folder or hub id, got {location!r} (no such folder)")
+        raise SpecError(f"serve.checkpoint: expected a model folder, got {location!r} (no such folder: "
+                        f"{path.absolute()}); write hf://<org>/<name> for a Hugging Face Hub model")
     if (path / SUMMARY).is_file():  # a train or tune stage's folder
         return str(Path(json.loads((path / SUMMARY).read_text())["model_dir"]).absolute())
     for candidate in (path, path / "model", path / "best" / "model"):
@@ -57,5 +66,6 @@ def model_location(location: str) -> str:
                     f"tune stage's folder ({SUMMARY}), got {location!r}")
 
 
-def _looks_like_hub_id(location: str) -> bool:
-    return location.count("/") == 1 and not location.startswith((".", "/", "~"))
+def _cannot_be_a_path(location: str) -> bool:
+    """``org/name`` shaped like a Hub id whose ``org`` is not a folder here (``runs/model`` is a missing path)."""
+    return bool(HUB_ID.fullmatch(location)) and not Path(location.split("/")[0]).exists()
