@@ -78,14 +78,30 @@ def job(recipe: str, model_dir: str, out: Path, **serve) -> dict:
     (json.dumps({"image": b64(png())}).encode(), True, 400, "missing_field"),
     (json.dumps({"image": b64(png()), "question": 7}).encode(), True, 400, "wrong_type"),
     (json.dumps({"image": b64(png()), "question": "  "}).encode(), True, 400, "empty_question"),
+    (b"[" * 100_000 + b"]" * 100_000, False, 400, "invalid_json"),
+    (b'{"image": "%s", "question": "\\ud800?"}' % b64(png()).encode(), True, 400, "invalid_text"),
+    (b'{"image": "%s", "question": "\xed\xa0\x80?"}' % b64(png()).encode(), True, 400, "invalid_text"),
 ], ids=["invalid-json", "not-an-object", "no-image", "image-not-string", "not-base64", "not-an-image", "too-many-bytes",
         "too-many-pixels", "question-to-caption-model", "attention-not-bool", "unknown-field", "vqa-without-question",
-        "question-not-string", "blank-question"])
+        "question-not-string", "blank-question", "nested-too-deep", "lone-surrogate-escape", "lone-surrogate-bytes"])
 def test_bad_request_bodies_are_refused_with_a_code(body: bytes, takes_question: bool, status: int, code: str):
     with pytest.raises(RequestError) as info:
         parse_json(body, ServeSpec(**LIMITS), takes_question)
     assert (info.value.status, info.value.code) == (status, code), info.value.message
     assert info.value.body()["error"]["message"]
+
+
+def test_every_refusal_encodes_as_json_utf8():
+    """A refusal that echoes what was sent must still serialise (a lone surrogate in a key would fail as a 500)."""
+    from medvl.serve.app import refused
+
+    with pytest.raises(RequestError) as info:
+        parse_json(b'{"image": "x", "\\udc80": 1}', ServeSpec(**LIMITS), False)
+    assert info.value.code == "unknown_field"
+    import asyncio
+
+    response = asyncio.run(refused(None, info.value))
+    assert response.status_code == 400 and json.loads(response.body)["error"]["field"] == "\\udc80"
 
 
 def test_good_request_bodies_parse():
@@ -203,6 +219,51 @@ def models(tmp_path_factory) -> dict[str, str]:
     adapter = root / "blip2-adapter"
     recipe.save(recipe.load_for_training(base), base, adapter)
     return {"blip_caption": caption, "blip_vqa": vqa, "blip2_lora": str(adapter)}
+
+
+def runner_for(recipe: str, models: dict[str, str], tmp_path: Path):
+    import torch
+
+    from medvl.serve.app import serving_spec
+    from medvl.serve.runner import BatchRunner
+
+    return BatchRunner(serving_spec(job(recipe, models[recipe], tmp_path)), models[recipe], torch.device("cpu"))
+
+
+def test_a_query_that_fails_alone_fails_only_itself_and_the_model_stays_healthy(models, tmp_path: Path):
+    from medvl.serve.requests import Query
+
+    runner = runner_for("blip_vqa", models, tmp_path)
+    # Validation refuses this question; here it reaches the model anyway (as an unforeseen bad input would):
+    # the tokenizer raises for the whole batch.
+    queries = [Query(png(), "is there an effusion?"), Query(png(), "\ud800?"), Query(png(), "where is the nodule?")]
+    first, bad, last = runner.answer(queries)
+    assert isinstance(first, dict) and isinstance(last, dict), (first, last)
+    assert isinstance(bad, RequestError) and (bad.status, bad.code) == (500, "generation_failed")
+    assert runner.suspect
+    runner.check_health()  # the probe (a blank image) generates: the failure was the query's
+    assert not runner.suspect and not runner.dead_reason
+
+
+def test_a_dead_model_fails_its_health_check_for_good(models, tmp_path: Path, monkeypatch):
+    from medvl.serve.requests import Query
+    from medvl.serve.runner import ModelDead
+
+    runner = runner_for("blip_caption", models, tmp_path)
+    runner.check_health()  # healthy, and not even probed
+    assert isinstance(runner.answer([Query(png())])[0], dict)
+
+    def device_lost(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner.recipe, "generate_scored", device_lost)
+    answers = runner.answer([Query(png()), Query(png(colour=(0, 0, 0)))])
+    assert [(a.status, a.code) for a in answers] == [(500, "generation_failed")] * 2
+    with pytest.raises(ModelDead, match="failed a generation from a blank image"):
+        runner.check_health()
+    monkeypatch.undo()  # even if it came back, a replica that lost its model once is replaced
+    with pytest.raises(ModelDead):
+        runner.check_health()
 
 
 @pytest.mark.slow
@@ -393,6 +454,10 @@ BAD_INPUTS = [
     ("blip_vqa", "vqa", {"json": {"image": b64(png())}}, 400, "missing_field"),
     ("blip_vqa", "vqa", {"json": {"image": b64(png()), "question": ["a", "list"]}}, 400, "wrong_type"),
     ("blip_vqa", "caption", {"json": {"image": b64(png())}}, 404, "unsupported_endpoint"),
+    ("blip_vqa", "vqa", {"data": b'{"image": "%s", "question": "\\ud800?"}' % b64(png()).encode(),
+                         "headers": {"Content-Type": "application/json"}}, 400, "invalid_text"),
+    ("blip_caption", "caption", {"data": b"[" * 50_000, "headers": {"Content-Type": "application/json"}}, 400,
+     "invalid_json"),
 ]
 
 
@@ -419,6 +484,19 @@ def test_a_bad_image_in_a_batch_fails_only_its_own_request(live):
         responses = list(pool.map(lambda body: live.post("blip_caption", "caption", json=body), bodies))
     assert [r.status_code for r in responses] == [200, 200, 200, 400], [r.text for r in responses]
     assert max(r.json()["batch_size"] for r in responses[:3]) >= 2  # they did share a batch
+
+
+@pytest.mark.slow
+def test_a_lone_surrogate_question_fails_only_its_own_request(live):
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = {"image": b64(png()), "question": "is there an effusion?"}
+    bad = b'{"image": "%s", "question": "\\ud800?"}' % b64(png()).encode()
+    calls = [{"json": good}] * 3 + [{"data": bad, "headers": {"Content-Type": "application/json"}}]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        responses = list(pool.map(lambda kwargs: live.post("blip_vqa", "vqa", **kwargs), calls))
+    assert [r.status_code for r in responses] == [200, 200, 200, 400], [r.text for r in responses]
+    assert live.get("blip_vqa", "/healthz", key=None).json()["status"] == "ok"
 
 
 @pytest.mark.slow

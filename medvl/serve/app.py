@@ -4,11 +4,13 @@ Routes (all answers are JSON; errors are ``{"error": {"code", "message", ...}}``
 
 * ``POST /v1/<endpoint>``: the recipe's endpoint (``caption``, ``report`` or ``vqa``; see ``Recipe.endpoint``).
   Another endpoint answers 404 naming the one this model serves.
-* ``GET /v1/model``: what is loaded. ``GET /healthz``: liveness, never behind the API key.
+* ``GET /v1/model``: what is loaded. ``GET /healthz``: 200 while the model works, 503 once it failed a probe
+  (the deployment's ``check_health``, which makes Serve replace the replica); never behind the API key.
 
 Requests are validated one by one (:mod:`medvl.serve.requests`) before they join a batch; the batch is decoded
-by the recipe's preprocessor and generated in one call, in a worker thread so that the replica keeps accepting
-(and refusing) requests while the model runs.
+by the recipe's preprocessor and generated in one call (:mod:`medvl.serve.runner`: one query's failure fails
+only that query), in a worker thread so that the replica keeps accepting (and refusing) requests while the model
+runs.
 """
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the route methods' signatures in its own
 # module, where FastAPI could not resolve "Request" from a string annotation.
@@ -18,7 +20,6 @@ import logging
 import math
 import time
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -26,16 +27,14 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from medvl.data.records import SHARD_COLUMNS
-from medvl.models.registry import build_recipe
 from medvl.serve.auth import authorized
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
 from medvl.serve.requests import Query, RequestError, read_query
+from medvl.serve.runner import BatchRunner, ModelDead
 from medvl.spec import JobSpec, parse_spec
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="medvl", docs_url=None, redoc_url=None)
-ATTENTION_DECIMALS = 5
 
 
 @api.exception_handler(RequestError)
@@ -68,22 +67,6 @@ def serving_spec(raw: dict) -> JobSpec:
     return dataclasses.replace(spec, eval=generation)
 
 
-def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
-    """Queries as the shard rows every recipe's preprocessor takes; ``id`` is the position in the batch."""
-    n = len(queries)
-    values = {
-        "id": [str(i) for i in range(n)], "group_id": [str(i) for i in range(n)], "split": ["serve"] * n,
-        "image": [q.image for q in queries], "text": [""] * n, "question": [q.question for q in queries],
-        "answer": [""] * n, "answer_type": [""] * n, "meta": ["{}"] * n,
-    }
-    out = {}
-    for name in SHARD_COLUMNS:
-        column = np.empty(n, dtype=object)  # bytes of unequal length stay objects, as Ray Data hands them over
-        column[:] = values[name]
-        out[name] = column
-    return out
-
-
 # @serve.ingress copies the class by value while this module is still importing: the module-level names its
 # methods use must be defined above it.
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -96,20 +79,26 @@ class MedvlServer:
         self.checkpoint = args["checkpoint"]
         self.key_digest = args.get("api_key_sha256", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
-        self.recipe = build_recipe(spec)
-        self.model = self.recipe.load_for_inference(self.checkpoint)
         self.device = torch.device("cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
-            self.model.to(self.device)
-        self.preprocess = self.recipe.preprocessor(self.checkpoint)
+        self.runner = BatchRunner(spec, self.checkpoint, self.device)
+        self.recipe = self.runner.recipe
         self.infer.set_max_batch_size(self.settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         logger.info("medvl: %s model from %s on %s, POST /v1/%s, batches of up to %d", spec.model.recipe,
                     self.checkpoint, self.device, self.recipe.endpoint, self.settings.max_batch_size)
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id}
+    async def healthz(self) -> JSONResponse:
+        replica = serve.get_replica_context().replica_id.unique_id
+        try:
+            await self.check_health()
+        except ModelDead as dead:
+            return JSONResponse({"status": "unhealthy", "reason": str(dead), "replica": replica}, status_code=503)
+        return JSONResponse({"status": "ok", "replica": replica})
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this every few seconds and replaces the replica when it raises (see BatchRunner)."""
+        await asyncio.to_thread(self.runner.check_health)
 
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> dict:
@@ -157,48 +146,7 @@ class MedvlServer:
     # The real limits are set in __init__ from the spec (set_max_batch_size / set_batch_wait_timeout_s).
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, queries: list[Query]) -> list[dict | RequestError]:
-        return await asyncio.to_thread(self.run_batch, queries)
-
-    def run_batch(self, queries: list[Query]) -> list[dict | RequestError]:
-        """Per query, its answer or the RequestError that refuses it (one bad image never fails the batch)."""
-        with torch.inference_mode():
-            batch = self.preprocess(shard_rows(queries))
-            kept = [int(i) for i in batch["id"]]  # the preprocessor drops rows whose image does not decode
-            results: list[dict | RequestError] = [
-                RequestError(400, "not_an_image", "the image could not be decoded (corrupt or truncated file)",
-                             field="image")
-            ] * len(queries)
-            if not kept:
-                return results
-            tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
-            generated = self.recipe.generate_scored(self.model, tensors)
-            maps = self.attention([queries[i].attention for i in kept], tensors, generated.texts)
-            for row, i in enumerate(kept):
-                results[i] = {"text": generated.texts[row], "mean_token_prob": generated.mean_token_probs[row],
-                              "batch_size": len(queries)}
-                if queries[i].attention:
-                    results[i] = maps[row] if isinstance(maps[row], RequestError) else {**results[i], **maps[row]}
-        return results
-
-    def attention(self, wanted: list[bool], tensors: dict, texts: list[str]) -> list:
-        """Per kept row: {"attention": ...} where asked for, a RequestError where the recipe has no map."""
-        rows = [row for row, want in enumerate(wanted) if want]
-        out: list = [None] * len(wanted)
-        if not rows:
-            return out
-        index = torch.as_tensor(rows)
-        maps = self.recipe.attention_maps(self.model, {k: v[index] for k, v in tensors.items()},
-                                          [texts[row] for row in rows])
-        for position, row in enumerate(rows):
-            if maps is None:
-                out[row] = RequestError(400, "attention_not_available", f"the {self.spec.model.recipe} recipe "
-                                        "gives no cross-attention map: send the request without \"attention\"",
-                                        field="attention")
-            else:
-                grid = np.asarray(maps[position], dtype=np.float64)
-                out[row] = {"attention": {"rows": grid.shape[0], "cols": grid.shape[1],
-                                          "map": np.round(grid, ATTENTION_DECIMALS).tolist()}}
-        return out
+        return await asyncio.to_thread(self.runner.answer, queries)
 
 
 def build_app(args: dict) -> Application:

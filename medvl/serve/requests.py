@@ -95,6 +95,8 @@ def parse_json(body: bytes, settings: ServeSpec, takes_question: bool) -> Query:
         fields = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    except RecursionError:  # nesting deeper than the interpreter's recursion limit
+        raise RequestError(400, "invalid_json", "the body nests JSON arrays or objects too deeply") from None
     if not isinstance(fields, dict):
         raise RequestError(400, "invalid_json", f"expected a JSON object with {', '.join(FIELDS)}, "
                            f"got {type(fields).__name__}")
@@ -185,6 +187,9 @@ def _query(data: bytes, question: Any, attention: Any, settings: ServeSpec, take
                                field="question")
         if not isinstance(question, str):
             raise _wrong_type("question", "a string", question)
+        if not is_utf8_text(question):
+            raise RequestError(400, "invalid_text", 'the field "question" is not valid UTF-8 text (it holds a lone '
+                               "surrogate, e.g. an unpaired \\ud800 escape)", field="question")
         if not question.strip():
             raise RequestError(400, "empty_question", 'the field "question" is empty', field="question")
         if len(question) > settings.max_question_chars:
@@ -197,11 +202,21 @@ def _query(data: bytes, question: Any, attention: Any, settings: ServeSpec, take
     return Query(data, question or "", attention)
 
 
+def is_utf8_text(text: str) -> bool:
+    """False for strings UTF-8 cannot encode: JSON's ``\\ud800`` escapes and ``surrogatepass`` bytes decode to them,
+    and the tokenizer would fail on them inside a batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_field_names(fields: Any) -> None:
     unknown = sorted(set(fields.keys()) - set(FIELDS))
     if unknown:
-        raise RequestError(400, "unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))}; expected "
-                           f"{', '.join(FIELDS)}", field=unknown[0])
+        raise RequestError(400, "unknown_field", f"unknown field(s) {', '.join(map(ascii, unknown))}; expected "
+                           f"{', '.join(FIELDS)}", field=ascii(unknown[0])[1:-1])  # the answer must encode as UTF-8
 
 
 def _wrong_type(name: str, expected: str, value: Any) -> RequestError:
