@@ -210,7 +210,7 @@ class ServeSpec:
     batch_wait_timeout_s: float = checked(0.01, non_negative)  # how long a batch waits to fill up
     max_ongoing_requests: int = checked(0, non_negative)  # per replica; 0 = 2 × max_batch_size
     max_image_bytes: int = checked(10_000_000, positive)  # encoded image; larger uploads get 413
-    max_image_pixels: int = checked(40_000_000, positive)  # width × height read from the header; larger get 413
+    max_image_pixels: int = checked(40_000_000, positive)  # W × H (× DICOM frames × samples) per header; more: 413
     max_question_chars: int = checked(1000, positive)
     num_beams: int = checked(0, non_negative)  # 0 = eval.num_beams
     max_new_tokens: int = checked(0, non_negative)  # 0 = eval.max_new_tokens

@@ -491,6 +491,39 @@ def test_dicom_multiframe_gives_the_middle_frame():
     assert grey(data).tolist() == [[64, 64], [64, 64]]  # 500 / 2000 * 255 = 63.75
 
 
+def test_dicom_multiframe_decodes_only_the_middle_frame():
+    import tracemalloc
+
+    frames = np.stack([np.full((128, 128), value, dtype=np.uint16) for value in range(64)])  # 2 MiB of pixels
+    data = dicom_bytes(frames, WindowCenter=32.5, WindowWidth=64)
+    tracemalloc.start()
+    try:
+        image = decode_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(image)[0, 0, 0] == 128  # frame 32 of 0..63, the window's middle
+    # Reading the file holds its bytes once; decoding every frame would hold them twice more (uint16, then
+    # float64 for the window); one frame adds 1/64 of that.
+    assert peak < 2 * len(data), (peak, len(data))
+
+
+@pytest.mark.parametrize("format", ["BMP", "GIF", "TIFF", "WEBP", "ICO", "PPM"])
+def test_only_png_jpeg_and_dicom_decode(format: str):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format=format)
+    with pytest.raises(UnreadableImage):
+        decode_image(buffer.getvalue())
+
+
+def test_eps_never_reaches_ghostscript():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n0 0 moveto showpage\n"
+    with pytest.raises(UnreadableImage, match="cannot identify"):
+        decode_image(eps)
+
+
 def test_dicom_rgb_passes_through():
     rgb = np.array([[[255, 0, 0], [10, 20, 30]]], dtype=np.uint8)
     assert np.asarray(decode_image(dicom_bytes(rgb, "RGB"))).tolist() == rgb.tolist()

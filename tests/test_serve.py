@@ -104,6 +104,39 @@ def test_every_refusal_encodes_as_json_utf8():
     assert response.status_code == 400 and json.loads(response.body)["error"]["field"] == "\\udc80"
 
 
+def other_format(format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE)).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data", [
+    other_format("BMP"), other_format("GIF"), other_format("TIFF"),
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n",
+], ids=["bmp", "gif", "tiff", "eps"])
+def test_only_png_jpeg_and_dicom_are_opened(data: bytes):
+    from medvl.serve.requests import check_image
+
+    with pytest.raises(RequestError) as info:
+        check_image(data, ServeSpec(**LIMITS))
+    assert (info.value.status, info.value.code) == (400, "not_an_image")
+
+
+def test_a_multiframe_dicom_counts_every_frame_against_the_pixel_limit():
+    import numpy as np
+    from test_readers import dicom_bytes
+
+    from medvl.serve.requests import check_image
+
+    settings = ServeSpec(max_image_bytes=1_000_000, max_image_pixels=100_000)
+    one = dicom_bytes(np.zeros((200, 200), dtype=np.uint16))
+    check_image(one, settings)  # 40,000 pixels
+    frames = dicom_bytes(np.zeros((3, 200, 200), dtype=np.uint8))  # 120,000 pixels in 120 kB
+    with pytest.raises(RequestError, match=r"3 frame\(s\) × 1 sample\(s\) × 200×200") as info:
+        check_image(frames, settings)
+    assert (info.value.status, info.value.code) == (413, "image_too_large")
+
+
 def test_good_request_bodies_parse():
     settings = ServeSpec(**LIMITS)
     image = png()

@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from medvl.data.images import is_dicom
+from medvl.data.images import PILLOW_FORMATS, is_dicom
 from medvl.spec import ServeSpec
 
 FIELDS = ("image", "question", "attention")
@@ -148,34 +148,40 @@ def check_image(data: bytes, settings: ServeSpec) -> None:
         raise _too_large(settings)
     if not data:
         raise RequestError(400, "not_an_image", "the image is empty", field="image")
-    width, height = _dicom_size(data) if is_dicom(data) else _image_size(data)
-    if width * height > settings.max_image_pixels:
-        raise RequestError(413, "image_too_large", f"the image is {width}×{height} pixels; at most "
+    size, pixels = _dicom_size(data) if is_dicom(data) else _image_size(data)
+    if pixels > settings.max_image_pixels:
+        raise RequestError(413, "image_too_large", f"the image is {size} pixels; at most "
                            f"{settings.max_image_pixels} pixels (width × height) are accepted", field="image")
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
+def _image_size(data: bytes) -> tuple[str, int]:
+    """("W×H", pixels) from the header."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
+            with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
+                width, height = image.size
+                return f"{width}×{height}", width * height
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RequestError(413, "image_too_large", "the image has too many pixels to decode safely",
                            field="image") from None
     except Exception:  # PIL raises many types for what it cannot identify
-        raise RequestError(400, "not_an_image", "the image is not a PNG, JPEG, DICOM or other format this "
-                           "server decodes", field="image") from None
+        raise RequestError(400, "not_an_image", "the image is not a PNG, JPEG or DICOM file", field="image") from None
 
 
-def _dicom_size(data: bytes) -> tuple[int, int]:
+def _dicom_size(data: bytes) -> tuple[str, int]:
+    """("F frames × S samples × W×H", pixels): every frame and colour sample counts, as it would when decoded."""
     try:
         import pydicom
 
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        return int(header.Columns), int(header.Rows)
+        width, height = int(header.Columns), int(header.Rows)
+        frames, samples = int(header.get("NumberOfFrames") or 1), int(header.get("SamplesPerPixel") or 1)
     except Exception:
         raise RequestError(400, "not_an_image", "the DICOM file has no readable image header", field="image") from None
+    if min(width, height, frames, samples) < 1:
+        raise RequestError(400, "not_an_image", "the DICOM header gives an empty image", field="image")
+    return f"{frames} frame(s) × {samples} sample(s) × {width}×{height}", frames * samples * width * height
 
 
 def _query(data: bytes, question: Any, attention: Any, settings: ServeSpec, takes_question: bool) -> Query:
