@@ -137,6 +137,43 @@ def test_a_multiframe_dicom_counts_every_frame_against_the_pixel_limit():
     assert (info.value.status, info.value.code) == (413, "image_too_large")
 
 
+def streamed_request(body: bytes, content_type: str, chunk: int = 16 * 1024):
+    """A Starlette request without Content-Length (a chunked upload), counting the chunks the server reads."""
+    from starlette.requests import Request
+
+    chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+    read = []
+
+    async def receive() -> dict:
+        read.append(chunks[len(read)])
+        return {"type": "http.request", "body": read[-1], "more_body": len(read) < len(chunks)}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/caption", "query_string": b"",
+             "headers": [(b"content-type", content_type.encode())]}
+    return Request(scope, receive), read, len(chunks)
+
+
+@pytest.mark.parametrize("form", [True, False], ids=["multipart", "json"])
+def test_a_body_without_content_length_is_cut_off_at_the_limit(form: bool):
+    import asyncio
+
+    from medvl.serve.requests import max_body_bytes, read_query
+
+    settings = ServeSpec(**LIMITS)
+    image = secrets.token_bytes(1_000_000)
+    if form:
+        boundary = "medvl-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        request, read, total = streamed_request(body, f"multipart/form-data; boundary={boundary}")
+    else:
+        request, read, total = streamed_request(json.dumps({"image": b64(image)}).encode(), "application/json")
+    with pytest.raises(RequestError) as info:
+        asyncio.run(read_query(request, settings, takes_question=False))
+    assert (info.value.status, info.value.code) == (413, "body_too_large")
+    assert sum(map(len, read)) <= max_body_bytes(settings) + 16 * 1024 < total * 16 * 1024 // 4
+
+
 def test_good_request_bodies_parse():
     settings = ServeSpec(**LIMITS)
     image = png()

@@ -65,9 +65,11 @@ def check_content_length(header: str | None, settings: ServeSpec) -> None:
 
 
 async def read_query(request: Any, settings: ServeSpec, takes_question: bool) -> Query:
-    """A Starlette request → Query; the body is read with a size cap whatever Content-Length claims."""
+    """A Starlette request → Query; the body is counted as it arrives and refused at the cap, whatever
+    Content-Length claims or when there is none (chunked uploads): JSON and multipart alike."""
     check_content_length(request.headers.get("content-length"), settings)
     content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    request = capped(request, max_body_bytes(settings))
     if content_type == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=len(FIELDS))
         try:
@@ -75,19 +77,31 @@ async def read_query(request: Any, settings: ServeSpec, takes_question: bool) ->
         finally:
             await form.close()
     if content_type in ("application/json", ""):
-        return parse_json(await _read_capped(request, max_body_bytes(settings)), settings, takes_question)
+        return parse_json(await request.body(), settings, takes_question)
     raise RequestError(415, "unsupported_media_type", f"send application/json or multipart/form-data, "
                        f"got {content_type}")
 
 
-async def _read_capped(request: Any, limit: int) -> bytes:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, "body_too_large", f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def capped(request: Any, limit: int) -> Any:
+    """The same request, its body stream raising 413 as soon as more than ``limit`` bytes arrived.
+
+    The count sits in the ASGI ``receive`` channel, below Starlette: its form parser would otherwise spool a
+    whole multipart upload to disk before any size check ran.
+    """
+    from starlette.requests import Request
+
+    received = 0
+
+    async def receive() -> dict:
+        nonlocal received
+        message = await request.receive()
+        if message.get("type") == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise RequestError(413, "body_too_large", f"the request body is larger than {limit} bytes")
+        return message
+
+    return Request(request.scope, receive)
 
 
 def parse_json(body: bytes, settings: ServeSpec, takes_question: bool) -> Query:
