@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medvl.serve.auth import DASHBOARD_NOTE as SERVE_KEY_NOTE
 from medvl.spec import SpecError, load_spec
 from medvl.submit import add_job_commands
 
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=lambda a, kind=kind: cmd_stages(a, (kind,)))
 
     serve = commands.add_parser("serve", help="serve the trained model (or serve.checkpoint) with Ray Serve until "
-                                "SIGINT/SIGTERM (a stage named serve when the spec lists none)")
+                                "SIGINT/SIGTERM (a stage named serve when the spec lists none)",
+                                epilog=SERVE_KEY_NOTE)
     serve.add_argument("spec")
     _add_overrides(serve)
     serve.add_argument("--write-config", metavar="PATH",

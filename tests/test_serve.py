@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from medvl.cli import main
+from medvl.serve.auth import authorized
 from medvl.serve.checkpoint import model_location, resolve_checkpoint
 from medvl.serve.requests import RequestError, parse_json
 from medvl.spec import ServeSpec, SpecError, parse_spec
@@ -245,13 +246,40 @@ def test_write_config_is_a_valid_serve_config_without_the_key(tmp_path: Path, mo
     (app,) = config["applications"]
     assert app["import_path"] == "medvl.serve.app:build_app" and app["route_prefix"] == "/"
     assert app["args"]["checkpoint"] == str(model)
-    assert app["args"]["api_key_sha256"] == hashlib.sha256(KEY.encode()).hexdigest()
+    assert hashlib.sha256(KEY.encode()).hexdigest() not in text  # no unsalted digest to look up either
+    digest = app["args"]["api_key_hmac"]
+    assert digest.startswith("hmac-sha256:") and authorized({"x-api-key": KEY}, digest)
+    assert not authorized({"x-api-key": KEY + "x"}, digest) and not authorized({}, digest)
     (deployment,) = app["deployments"]
     assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
     assert "num_replicas" not in deployment  # Serve refuses both
     assert deployment["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert deployment["max_ongoing_requests"] == 8  # room for two full batches of 4
     assert parse_spec(app["args"]["spec"]).serve.port == 8123  # what the replica rebuilds
+
+
+def test_the_key_digest_is_salted_and_an_old_unsalted_config_is_refused(tmp_path: Path, monkeypatch, capsys):
+    from medvl.serve.app import build_app
+    from medvl.serve.auth import api_key_digest
+    from medvl.serve.config import app_args
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    settings = ServeSpec(api_key_env=KEY_ENV)
+    first, second = api_key_digest(settings), api_key_digest(settings)
+    assert first != second and KEY not in first  # a fresh salt each time: equal keys do not look equal
+    assert authorized({"authorization": f"Bearer {KEY}"}, first) and authorized({"authorization": f"Bearer {KEY}"},
+                                                                                 second)
+    spec = parse_spec(job("blip_caption", "org/model", tmp_path, api_key_env=KEY_ENV))
+    old = {**app_args(spec, "org/model", ""), "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}
+    with pytest.raises(ValueError, match="--write-config"):
+        build_app(old)  # would otherwise serve without a key
+    assert "salted HMAC-SHA256" in main_help(["serve", "--help"], capsys)
+
+
+def main_help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(argv)
+    return " ".join(capsys.readouterr().out.split())
 
 
 def test_serve_without_a_trained_model_fails_before_ray(tmp_path: Path, capsys):

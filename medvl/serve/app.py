@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from medvl.serve.auth import authorized
+from medvl.serve.auth import authorized, check_digest
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
 from medvl.serve.requests import Query, RequestError, read_query
 from medvl.serve.runner import BatchRunner, ModelDead
@@ -77,7 +77,7 @@ class MedvlServer:
         self.settings = spec.serve
         self.spec = spec
         self.checkpoint = args["checkpoint"]
-        self.key_digest = args.get("api_key_sha256", "")
+        self.key_digest = args.get("api_key_hmac", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
         self.device = torch.device("cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.runner = BatchRunner(spec, self.checkpoint, self.device)
@@ -152,4 +152,6 @@ class MedvlServer:
 def build_app(args: dict) -> Application:
     """The application builder named in the Serve config file (``import_path``); ``args``: see config.app_args."""
     settings = parse_spec(args["spec"]).serve
+    if "api_key_sha256" in args or args.get("api_key_hmac"):  # an older config's key must not be dropped silently
+        check_digest(args.get("api_key_hmac") or args["api_key_sha256"])
     return MedvlServer.options(**deployment_options(settings)).bind(args)
