@@ -324,3 +324,30 @@ def test_stop_stops_a_running_job(ray_head, tmp_path, monkeypatch, capsys):
             break
         assert time.monotonic() < deadline, "the job did not stop within 60 s"
         time.sleep(1)
+
+
+def test_secrets_are_never_uploaded_even_when_gitignore_omits_them(tmp_path, capsys):
+    """Ray's own matcher over the excludes medvl sends: what would go into the working-dir package."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    from medvl.spec import parse_spec
+    from medvl.submit import working_dir_excludes
+
+    secrets = [".env", ".env.production", "env/aws.txt", "deploy/server.pem", "tls.key", ".ssh/id_ed25519",
+               ".aws/credentials", "nested/.env", "id_rsa"]
+    kept = ["train.py", "jobs/job.yaml", "environment.md", "deploy/notes.txt"]
+    for name in secrets + kept:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".gitignore").write_text("*.log\n")  # lists none of them
+    spec = parse_spec({"name": "t", "output_dir": "/mnt/shared/t", "stages": ["prepare"]})
+    uploaded = []
+    _dir_travel(tmp_path, [_get_excludes(tmp_path, working_dir_excludes(spec, tmp_path))],
+                lambda p: p.is_file() and uploaded.append(p.relative_to(tmp_path).as_posix()), include_gitignore=True)
+    assert sorted(uploaded) == sorted(kept + [".gitignore"])
+
+    with pytest.raises(SystemExit):
+        main(["submit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "runtime_env, which anyone who can open the Ray dashboard can read" in help_text
+    assert "*.pem" in help_text and ".env" in help_text
