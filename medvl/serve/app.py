@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from medvl.serve.auth import authorized, check_digest
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
-from medvl.serve.requests import Query, RequestError, read_query
+from medvl.serve.requests import OPENAPI_EXTRA, OPENAPI_RESPONSES, Query, RequestError, read_query
 from medvl.serve.runner import BatchRunner, ModelDead
 from medvl.spec import JobSpec, parse_spec
 
@@ -121,7 +121,7 @@ class MedvlServer:
             "api_key_required": bool(self.key_digest),
         }
 
-    @api.post("/v1/{endpoint}")
+    @api.post("/v1/{endpoint}", openapi_extra=OPENAPI_EXTRA, responses=OPENAPI_RESPONSES)
     async def answer(self, endpoint: str, request: Request) -> dict:
         started = time.perf_counter()
         self.authorize(request)

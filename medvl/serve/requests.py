@@ -29,6 +29,37 @@ FIELDS = ("image", "question", "attention")
 BODY_SLACK_BYTES = 64 * 1024
 
 
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["code", "message"],
+    "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}}
+# What POST /v1/<endpoint> takes and answers, for the OpenAPI document (the route reads the body itself).
+OPENAPI_EXTRA = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {
+        "type": "object", "required": ["image"], "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "description": "the image file (PNG, JPEG or DICOM) in base64, or a data: URL"},
+            "question": {"type": "string", "description": "VQA models only"},
+            "attention": {"type": "boolean", "description": "add the cross-attention map (BLIP captioning)"},
+        }}},
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "question": {"type": "string"},
+            "attention": {"type": "string", "enum": ["true", "false", "1", "0"]},
+        }}},
+}}}
+REFUSALS = {  # every status a refused request can get (see the README's table)
+    400: "the body's fields, the image, the question or the multipart framing",
+    401: "the API key is missing or wrong",
+    404: "another model's endpoint",
+    413: "the body, the image or the question is over its limit",
+    415: "neither JSON nor multipart",
+}
+OPENAPI_RESPONSES = {status: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                     for status, text in REFUSALS.items()}
+
+
 class RequestError(Exception):
     """A request the server refuses: HTTP ``status``, a stable machine-readable ``code`` and a sentence."""
 
