@@ -68,7 +68,11 @@ class DataSpec:
     max_question_length: int = checked(32, positive)
     synthetic_images: int = checked(2000, positive)  # synthetic: number of images generated
     synthetic_image_size: int = checked(256, positive)
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # used when the data has no split
+    # Used when the data has no split (and train:val to carve validation from a train-only official split)
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    # A patient/image in two of the dataset's own splits: refuse (prepare fails), or report (keep the official
+    # split, record the overlap in the manifest; for benchmarks that share images, such as VQA-RAD's test set)
+    leakage_check: Literal["refuse", "report"] = "refuse"
     records_per_shard: int = checked(2048, positive)
     preprocess_workers: int = checked(1, positive)  # Ray Data actors decoding/tokenising for training
     preprocess_cpus: float = checked(0.25, positive)  # CPUs reserved per actor (one pool each for train and val)
