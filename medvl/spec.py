@@ -108,7 +108,7 @@ class DeepSpeedSpec:
     offload_optimizer: bool = False  # optimizer state in CPU RAM (compiles DeepSpeedCPUAdam on first use)
     offload_params: bool = False  # stage 3 only: parameters in CPU RAM between uses
     activation_checkpointing: bool = False  # recompute activations in backward (HF gradient checkpointing)
-    config_file: str = ""  # a DeepSpeed JSON merged over the derived config, for experts
+    config_file: str = ""  # a DeepSpeed JSON merged over the derived config (keys the spec sets are refused)
 
 
 @dataclass
@@ -370,6 +370,10 @@ def _check_deepspeed(spec: JobSpec) -> None:
     if settings.config_file and not Path(settings.config_file).is_file():
         raise SpecError(f"train.deepspeed.config_file: expected a DeepSpeed JSON file, got {settings.config_file!r} "
                         "(no such file)")
+    if settings.config_file:
+        from medvl.train.deepspeed_file import read_config_file
+
+        read_config_file(settings.config_file)  # refuses keys the spec derives (batch, accumulation, precision…)
 
 
 def _check_tune(spec: JobSpec) -> None:

@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(config["torch_threads"])
 
     total_steps = config["total_steps"]
-    engine = build_engine(spec, recipe, config["model_source"], total_steps)
+    engine = build_engine(spec, recipe, config["model_source"], total_steps, config.get("deepspeed_file"))
     model = engine.model
     state, epoch_trained = TrainState(), []
 
