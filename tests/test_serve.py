@@ -625,3 +625,26 @@ def test_unknown_path_and_wrong_method_answer_json(live):
     wrong_method = live.get("blip_caption", "/v1/caption")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
     assert all(live.replica(recipe) == replica for recipe, replica in live.replicas.items())
+
+
+@pytest.mark.slow
+def test_a_schema_driven_fuzzer_gets_no_server_error_and_the_replicas_live_on(live, tmp_path: Path):
+    """Schemathesis against each live app's OpenAPI document: every operation, positive and negative bodies."""
+    schemathesis_cli = Path(sys.executable).with_name("st")
+    if not schemathesis_cli.exists():
+        pytest.skip("schemathesis is not installed (pip install -e .[test])")
+    endpoints = {"blip_caption": "caption", "blip_vqa": "vqa"}
+    for recipe in LIVE:
+        config = tmp_path / f"{recipe}.toml"  # the model's own endpoint: a random one only ever meets the 404
+        config.write_text(f'[parameters]\n"path.endpoint" = "{endpoints[recipe]}"\n')
+        command = [str(schemathesis_cli), "--config-file", str(config), "run", f"{live.url}/{recipe}/openapi.json",
+                   "--url", f"{live.url}/{recipe}", "--checks", "not_a_server_error", "--max-examples", "100",
+                   "--seed", "15", "--workers", "2", "--header", f"Authorization: Bearer {KEY}",
+                   "--generation-database", "none", "--phases", "examples,coverage,fuzzing", "--request-timeout", "60",
+                   "--no-color"]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        print(f"\n--- schemathesis, {recipe} ---\n{run.stdout[-2500:]}")
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+        assert live.replica(recipe) == live.replicas[recipe]  # the same replica, not a restarted one
+    good = live.post("blip_vqa", "vqa", json={"image": b64(png()), "question": "is there an effusion?"})
+    assert good.status_code == 200, good.text

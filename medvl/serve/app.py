@@ -21,7 +21,7 @@ import math
 import time
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
@@ -122,7 +122,7 @@ class MedvlServer:
         }
 
     @api.post("/v1/{endpoint}", openapi_extra=OPENAPI_EXTRA, responses=OPENAPI_RESPONSES)
-    async def answer(self, endpoint: str, request: Request) -> dict:
+    async def answer(self, request: Request, endpoint: str = Path(examples=["caption", "report", "vqa"])) -> dict:
         started = time.perf_counter()
         self.authorize(request)
         if endpoint != self.recipe.endpoint:

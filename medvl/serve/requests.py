@@ -32,9 +32,13 @@ BODY_SLACK_BYTES = 64 * 1024
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["code", "message"],
     "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}}
+GREY_8PX_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR4nGNsYIAAJgaKGAAmCACQXTClHgAAAABJRU5ErkJggg=="
 # What POST /v1/<endpoint> takes and answers, for the OpenAPI document (the route reads the body itself).
 OPENAPI_EXTRA = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {
+    "application/json": {"examples": {
+        "caption or report": {"value": {"image": GREY_8PX_PNG}},
+        "vqa": {"value": {"image": GREY_8PX_PNG, "question": "is there an effusion?"}},
+    }, "schema": {
         "type": "object", "required": ["image"], "additionalProperties": False,
         "properties": {
             "image": {"type": "string", "description": "the image file (PNG, JPEG or DICOM) in base64, or a data: URL"},
