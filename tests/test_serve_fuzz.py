@@ -9,7 +9,6 @@ import asyncio
 import base64
 import io
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
