@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only write a Serve config file for `serve deploy PATH` (starts nothing)")
     serve.set_defaults(handler=cmd_serve)
 
+    plan = commands.add_parser("plan", help="parameters and per-GPU memory of the spec's training under DDP and "
+                               "ZeRO-2/3, before renting a GPU (no Ray, nothing allocated)")
+    plan.add_argument("spec")
+    _add_overrides(plan)
+    plan.add_argument("--gpus", type=int, action="append", default=[], metavar="N",
+                      help="also plan for N GPUs (repeatable; default: train.workers)")
+    plan.add_argument("--stage", help="the train stage whose plan --json puts at the top (default: the first)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(handler=cmd_plan)
+
     add_job_commands(commands, _add_overrides)  # submit, status, logs, stop: a job on a Ray cluster
 
     chexpert = commands.add_parser("chexpert", help="label reports with the 14 CheXpert observations (offline)")
@@ -115,6 +125,25 @@ def with_stage(spec, kind: str):
     raw = dataclasses.asdict(spec)
     raw["stages"].append(dataclasses.asdict(StageSpec(kind=kind, name=kind)))
     return parse_spec(raw)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    if any(n < 1 for n in args.gpus):
+        print(f"error: --gpus: expected a positive number of GPUs, got {min(args.gpus)}", file=sys.stderr)
+        return 2
+    import json
+
+    from medvl.plan import format_plan, job_json, plan_job, select_stage
+
+    try:
+        plans = plan_job(spec, args.gpus)
+        select_stage(plans, args.stage)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(job_json(plans, args.stage), indent=2) if args.json else "\n\n".join(map(format_plan, plans)))
+    return 0
 
 
 def cmd_chexpert(args: argparse.Namespace) -> int:
