@@ -1,11 +1,18 @@
-"""BLIP-2 (OPT decoder) + LoRA for chest X-ray findings.
+"""BLIP-2 (OPT decoder) for chest X-ray findings: LoRA or full fine-tuning (recipe ``blip2``).
 
-``Blip2ForConditionalGeneration`` with peft LoRA adapters on the OPT decoder's attention projections
-(``model.lora_target_modules``, default ``q_proj``/``k_proj``), matched by a regex scoped to
-``language_model.`` so that a name shared with the Q-Former or the vision tower never gets an adapter. Only
-the adapters train (``train.finetune: lora``): the vision encoder, the Q-Former, its projection and every
-base weight stay frozen, which is what lets a 2.7B model fine-tune on one GPU (optionally with the base in
-8-bit, ``model.load_in_8bit``; CUDA + bitsandbytes only).
+``Blip2ForConditionalGeneration``, with one of three policies (``train.finetune``):
+
+* ``lora`` — peft LoRA adapters on the OPT decoder's attention projections (``model.lora_target_modules``,
+  default ``q_proj``/``k_proj``), matched by a regex scoped to ``language_model.`` so that a name shared with
+  the Q-Former or the vision tower never gets an adapter. Only the adapters train: the vision encoder, the
+  Q-Former, its projection and every base weight stay frozen, which is what lets a 2.7B model fine-tune on one
+  GPU (optionally with the base in 8-bit, ``model.load_in_8bit``; CUDA + bitsandbytes only).
+* ``frozen_vision`` — the language model, the Q-Former, its query tokens and the projection train; the ViT
+  stays frozen (:func:`apply_blip2_policy`).
+* ``full`` — everything trains, the ViT too. Full fine-tuning of 3.7B parameters needs ZeRO-3 across GPUs
+  (``train.strategy: deepspeed``; see jobs/mimic_blip2_full.yaml): AdamW's fp32 state alone is ~45 GB.
+
+The recipe was called ``blip2_lora`` when LoRA was all it trained; that name still selects it.
 
 Text layout: ``[image]×num_query_tokens [bos] findings… [eos] [pad]…``. BLIP-2 swaps the image-token
 embeddings for the Q-Former outputs, so ``input_ids`` must start with exactly ``num_query_tokens`` copies
@@ -13,11 +20,17 @@ of ``config.image_token_index``; ``generate`` starts from ``[image]×Q [bos]`` (
 decoding agree. Labels are ``input_ids`` with the image tokens and padding set to -100. BOS/EOS/PAD come
 from the language model's config: EOS is what generation stops on (``\\n`` for the OPT checkpoints).
 
-Saved model = a peft adapter folder (``save_pretrained`` of the ``PeftModel``) plus the tokenizer and image
-processor; it loads with ``PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(base),
+Saved model under ``lora`` = a peft adapter folder (``save_pretrained`` of the ``PeftModel``) plus the tokenizer
+and image processor; it loads with ``PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(base),
 folder)``, ``base`` being the adapter's ``base_model_name_or_path``. A merged model (adapters folded into the
 weights; served without peft) is written on request by :func:`export_merged`, not at every checkpoint, where
-it would cost a full copy of the 2.7B base (~15 GB in fp32) each time.
+it would cost a full copy of the 2.7B base (~7.5 GB in bf16) each time. Under ``full``/``frozen_vision`` the
+saved model is a plain BLIP-2 folder (``Blip2ForConditionalGeneration.from_pretrained``). A full fine-tune may
+start from an adapter folder (a LoRA stage's output): the adapter is merged into the base first.
+
+Weights load in ``model.dtype`` (see :mod:`medvl.models.precision`); HF keeps the Q-Former and the query tokens
+in fp32 whatever is asked (``_keep_in_fp32_modules``). ``model.preset: random`` builds the published
+architecture of ``model.name_or_path`` (e.g. ``Salesforce/blip2-opt-2.7b``) with random weights.
 """
 from __future__ import annotations
 
@@ -49,11 +62,17 @@ from medvl.models.lora import (
     widen_frozen_head,
     with_adapter,
 )
+from medvl.models.precision import storage_dtype, weight_dtype
+from medvl.models.random_preset import build_random, random_tokenizer, real_config
 from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
+from medvl.models.weights import load_full_weights
+from medvl.spec import JobSpec
 
 IMAGE_TOKEN = "<image>"
 TINY_VOCAB = 1000
+POLICIES = ("lora", "frozen_vision", "full")
+VISION_PREFIX = "vision_model."
 
 
 def tiny_blip2_config(
@@ -117,6 +136,38 @@ def save_tiny_blip2(work_dir: Path, texts: Iterable[str], image_size: int) -> st
     return str(out)
 
 
+def random_blip2_config(name_or_path: str, tokenizer, image_size: int) -> Blip2Config:
+    """The published architecture of ``name_or_path``, its ids pointed at ``tokenizer`` and its ViT at
+    ``image_size`` px (the published size, 224, keeps the architecture exact)."""
+    config = real_config(name_or_path)
+    if not isinstance(config, Blip2Config) or not config.use_decoder_only_language_model:
+        raise ValueError(f"model.name_or_path: the blip2 recipe needs a decoder-only (OPT) BLIP-2 architecture, "
+                         f"got {name_or_path!r}")
+    config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text = config.text_config
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config.vision_config.image_size = image_size
+    return config
+
+
+def save_random_blip2(spec: JobSpec, work_dir: Path, texts: Iterable[str]) -> str:
+    """``model.preset: random``: the real architecture with random weights in ``model.dtype`` (see
+    :mod:`medvl.models.random_preset`), a tokenizer trained on ``texts`` and an image processor; returns the
+    folder."""
+    out = work_dir / "random-init"
+    tokenizer = random_tokenizer(texts)
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    config = random_blip2_config(spec.model.name_or_path, tokenizer, spec.data.image_size)
+    model = build_random(Blip2ForConditionalGeneration, config, storage_dtype(spec), seed=spec.train.seed)
+    model.save_pretrained(out)
+    del model  # the workers load it from disk; the driver need not hold gigabytes meanwhile
+    tokenizer.save_pretrained(out)
+    image_size = spec.data.image_size
+    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return str(out)
+
+
 class Blip2Preprocessor(ImageTextPreprocessor):
     """Shard rows → ``pixel_values`` and ``[image]×Q [bos] text [eos]`` ids (see the module docstring).
 
@@ -157,12 +208,13 @@ def blip2_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_to
     return input_ids.masked_fill((attention_mask == 0) | (input_ids == image_token_index), -100)
 
 
-def load_blip2(source: str, load_in_8bit: bool) -> Blip2ForConditionalGeneration:
-    """The base model from a hub id or folder, in 8-bit on the current GPU when asked."""
+def load_blip2(source: str, load_in_8bit: bool, dtype: torch.dtype = torch.float32) -> Blip2ForConditionalGeneration:
+    """The base model from a hub id or folder, in ``dtype`` (8-bit on the current GPU when asked)."""
     if not Blip2Config.from_pretrained(source).use_decoder_only_language_model:
-        raise ValueError(f"model.name_or_path: blip2_lora needs a decoder-only (OPT) BLIP-2 checkpoint, got {source!r}")
+        raise ValueError(f"model.name_or_path: the blip2 recipe needs a decoder-only (OPT) BLIP-2 checkpoint, "
+                         f"got {source!r}")
     if not load_in_8bit:
-        return Blip2ForConditionalGeneration.from_pretrained(source)
+        return Blip2ForConditionalGeneration.from_pretrained(source, dtype=dtype)
     require_8bit_support()
     from transformers import BitsAndBytesConfig
 
@@ -170,7 +222,26 @@ def load_blip2(source: str, load_in_8bit: bool) -> Blip2ForConditionalGeneration
         source,
         quantization_config=BitsAndBytesConfig(load_in_8bit=True),
         device_map={"": torch.cuda.current_device()},
+        dtype=dtype,
     )
+
+
+def apply_blip2_policy(model: torch.nn.Module, policy: str) -> None:
+    """The non-LoRA policies, by module name (works on the meta device; loads nothing): ``full`` trains every
+    weight, ``frozen_vision`` every weight but the ViT's (language model, Q-Former, query tokens, projection)."""
+    if policy not in ("full", "frozen_vision"):
+        raise ValueError(f"train.finetune: apply_blip2_policy takes full or frozen_vision (lora goes through peft), "
+                         f"got {policy!r}")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = policy == "full" or not name.startswith(VISION_PREFIX)
+
+
+def check_policy(policy: str, load_in_8bit: bool) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"train.finetune: expected lora, frozen_vision or full for the blip2 recipe, got {policy!r}")
+    if load_in_8bit and policy != "lora":
+        raise ValueError(f"model.load_in_8bit: expected false with train.finetune {policy} (8-bit weights cannot "
+                         "train; only LoRA adapters beside them can), got true")
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -193,36 +264,40 @@ def _config(model: torch.nn.Module) -> Blip2Config:
     return getattr(model, "module", model).config  # under DDP (several workers) the model is wrapped
 
 
-class Blip2LoraRecipe(Recipe):
+class Blip2Recipe(Recipe):
     task = "caption"
     endpoint = "report"  # chest X-ray findings
 
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
             return save_tiny_blip2(work_dir, train_texts(), self.spec.data.image_size)
+        if self.spec.model.preset == "random":
+            return save_random_blip2(self.spec, work_dir, train_texts())
         return self.spec.model.name_or_path
 
     def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
         return Blip2Preprocessor(model_source, self.spec.data.image_size, self.spec.data.max_text_length)
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
-        if self.spec.train.finetune != "lora":
-            raise ValueError(
-                f"train.finetune: the blip2_lora recipe trains LoRA adapters only, set it to lora "
-                f"(got {self.spec.train.finetune!r})"
-            )
-        base = load_blip2(base_model_source(model_source), self.spec.model.load_in_8bit)
-        if self.spec.model.load_in_8bit:
+        policy, settings = self.spec.train.finetune, self.spec.model
+        check_policy(policy, settings.load_in_8bit)
+        base = load_blip2(base_model_source(model_source), settings.load_in_8bit, weight_dtype(self.spec))
+        if policy != "lora":
+            if is_adapter_folder(model_source):  # a LoRA stage's output: fold its adapter in, then train it all
+                base = PeftModel.from_pretrained(base, model_source).merge_and_unload()
+            apply_blip2_policy(base, policy)
+            return base
+        if settings.load_in_8bit:
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        targets = target_modules(self.spec.model, base.config.text_config.model_type)
+        targets = target_modules(settings, base.config.text_config.model_type)
         # get_peft_model / PeftModel.from_pretrained(is_trainable=True) freeze every non-adapter weight.
-        return with_adapter(base, model_source, lora_config(self.spec.model, scoped_targets("language_model", targets)),
+        return with_adapter(base, model_source, lora_config(settings, scoped_targets("language_model", targets)),
                             trainable=True)
 
     def load_for_inference(self, model_dir: str) -> torch.nn.Module:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = load_blip2(base_model_source(model_dir), self.spec.model.load_in_8bit)
-        if is_adapter_folder(model_dir):  # else an untrained base (the eval's "untrained" baseline)
+        model = load_blip2(base_model_source(model_dir), self.spec.model.load_in_8bit, weight_dtype(self.spec))
+        if is_adapter_folder(model_dir):  # else a plain folder: fully fine-tuned, or an untrained base
             model = PeftModel.from_pretrained(model, model_dir)
         return model.eval()
 
@@ -247,13 +322,20 @@ class Blip2LoraRecipe(Recipe):
         )
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
-        if not isinstance(model, PeftModel):
-            raise TypeError(f"blip2_lora saves peft adapters; got a {type(model).__name__}")
+        """An adapter folder under LoRA, a plain BLIP-2 folder otherwise; with the tokenizer and image processor."""
+        if self.spec.train.finetune == "lora" and not isinstance(model, PeftModel):
+            raise TypeError(f"blip2 under train.finetune lora saves peft adapters; got a {type(model).__name__}")
         model.save_pretrained(out_dir)
         AutoTokenizer.from_pretrained(model_source).save_pretrained(out_dir)
         AutoImageProcessor.from_pretrained(model_source).save_pretrained(out_dir)
 
     def restore(self, model: torch.nn.Module, checkpoint_dir: Path) -> None:
-        if not (checkpoint_dir / ADAPTER_WEIGHTS).is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint_dir} has no {ADAPTER_WEIGHTS}")
-        load_adapter_weights(model, checkpoint_dir)
+        if isinstance(model, PeftModel):
+            if not (checkpoint_dir / ADAPTER_WEIGHTS).is_file():
+                raise FileNotFoundError(f"checkpoint {checkpoint_dir} has no {ADAPTER_WEIGHTS}")
+            load_adapter_weights(model, checkpoint_dir)
+            return
+        load_full_weights(model, checkpoint_dir)
+
+
+Blip2LoraRecipe = Blip2Recipe  # the class's name while the recipe trained LoRA only
