@@ -9,7 +9,6 @@ it would a checkpoint. Memory figures measured on it are those of the real model
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 import torch
