@@ -31,8 +31,11 @@ from medvl.data.images import UnreadableImage, decode_image
 from medvl.data.skips import report_skipped
 from medvl.models.base import Batch, Recipe, TensorBatch
 from medvl.models.blip_cross_attention import decoder_cross_attention
+from medvl.models.precision import storage_dtype, weight_dtype
+from medvl.models.random_preset import build_random, random_tokenizer, real_config
 from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
+from medvl.spec import JobSpec
 
 TINY_VOCAB = 1000
 
@@ -76,6 +79,29 @@ def save_tiny_blip(model_cls: type, work_dir: Path, texts: Iterable[str], image_
     torch.manual_seed(0)
     model = model_cls(config)
     model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return str(out)
+
+
+def save_random_blip(model_cls: type, spec: JobSpec, work_dir: Path, texts: Iterable[str]) -> str:
+    """``model.preset: random``: ``model_cls`` in the published architecture of ``model.name_or_path`` with random
+    weights in ``model.dtype``, its ids pointed at a tokenizer trained on ``texts`` and its ViT at
+    ``data.image_size`` (see :mod:`medvl.models.random_preset`); returns the folder."""
+    out = work_dir / "random-init"
+    tokenizer = random_tokenizer(texts)
+    config = real_config(spec.model.name_or_path)
+    if not isinstance(config, BlipConfig):
+        raise ValueError(f"model.name_or_path: the {spec.model.recipe} recipe needs a BLIP architecture, "
+                         f"got {spec.model.name_or_path!r}")
+    text = config.text_config
+    text.bos_token_id, text.eos_token_id, text.sep_token_id, text.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.sep_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    image_size = spec.data.image_size
+    config.vision_config.image_size = image_size
+    model = build_random(model_cls, config, storage_dtype(spec), seed=spec.train.seed)
+    model.save_pretrained(out)
+    del model
     tokenizer.save_pretrained(out)
     BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
     return str(out)
@@ -162,6 +188,8 @@ class BlipCaptionRecipe(Recipe):
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
             return save_tiny_blip(BlipForConditionalGeneration, work_dir, train_texts(), self.spec.data.image_size)
+        if self.spec.model.preset == "random":
+            return save_random_blip(BlipForConditionalGeneration, self.spec, work_dir, train_texts())
         return self.spec.model.name_or_path
 
     def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
@@ -169,13 +197,13 @@ class BlipCaptionRecipe(Recipe):
         return ImageTextPreprocessor(model_source, data.image_size, data.max_text_length, data.max_question_length)
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
-        model = BlipForConditionalGeneration.from_pretrained(model_source)
+        model = BlipForConditionalGeneration.from_pretrained(model_source, dtype=weight_dtype(self.spec))
         apply_blip_finetune_policy(model, self.spec.train.finetune)
         return model
 
     def load_for_inference(self, model_dir: str) -> torch.nn.Module:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return BlipForConditionalGeneration.from_pretrained(model_dir).eval()
+        return BlipForConditionalGeneration.from_pretrained(model_dir, dtype=weight_dtype(self.spec)).eval()
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         output = model(
