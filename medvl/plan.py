@@ -9,22 +9,25 @@ Model states per GPU, N GPUs, Ψ parameters of which T train, L = the largest mo
 (DeepSpeed's ``largest_layer_params``), mixed 16-bit precision (``train.precision`` auto/bf16/fp16; ``auto``
 is planned as bf16, the GPU case):
 
-================  ==========================  ======================  ============================
-strategy          weights                     gradients               optimizer (AdamW)
-================  ==========================  ======================  ============================
-DDP               w·Ψ (w: ``model.dtype``)    2·w·T (grads + DDP      2·w·T (torch AdamW's m, v in
-                                              buckets; w·T on 1 GPU)  the parameters' dtype)
-ZeRO-2            2·Ψ (16-bit copy)           6·T/N (16-bit + fp32)   12·T/N (fp32 master, m, v)
-ZeRO-3            2·Ψ/N + 2·L                 4·T/N + 2·L             12·T/N
-ZeRO-3 + offload  2·L                         2·L                     0 (CPU: 1.5 × (2·Ψ + 16·T))
-================  ==========================  ======================  ============================
+================  ============================  ======================  ==========================
+strategy          weights                       gradients               optimizer (AdamW)
+================  ============================  ======================  ==========================
+DDP               w·(Ψ − T) + 4·T               4·T (+ 4·T of DDP       8·T (fp32 m, v)
+                                                buckets on N > 1)
+ZeRO-2            2·Ψ (16-bit copy)             6·T/N (16-bit + fp32)   12·T/N (fp32 master, m, v)
+ZeRO-3            2·Ψ/N + 2·L                   4·T/N + 2·L             12·T/N
+ZeRO-3 + offload  2·L                           2·L                     0 (CPU: 1.5 × (2·Ψ + 16·T))
+================  ============================  ======================  ==========================
 
 These are DeepSpeed's own estimators (``estimate_zero2/3_model_states_mem_needs``: 2Ψ + 18Ψ/N; 4L + 18Ψ/N;
 4L with params and optimizer offloaded; CPU 18Ψ × 1.5) split into parts and generalised to frozen
 parameters: a frozen parameter costs its 16-bit copy only. With every parameter trainable they reduce to
-DeepSpeed's figures exactly; tests/test_plan.py checks that. ``w`` is 4 bytes unless ``model.dtype`` asks
-for 16-bit weights; fp32 precision under DeepSpeed stores 4-byte weights and gradients and 8 bytes of
-AdamW state per trainable parameter (no master copy).
+DeepSpeed's figures exactly; tests/test_plan.py checks that. Under DDP the frozen weights stay in
+``model.dtype`` (w bytes: ``auto`` is planned as bf16, the GPU case) and the trainable ones are fp32
+(:func:`medvl.models.precision.keep_trainable_in_fp32`), with fp32 gradients and AdamW state; frozen modules
+HF keeps in fp32 whatever the dtype (``_keep_in_fp32_modules``: BLIP-2's Q-Former) count 4 bytes. DeepSpeed casts
+the whole module to 16 bits and keeps the fp32 master copy in its optimizer; in fp32 (``train.precision:
+fp32``) it stores 4-byte weights and gradients and 8 bytes of AdamW state per trainable parameter.
 
 Activations per GPU (micro-batch b = ``train.batch_size``), per transformer layer of hidden size h, a heads,
 FFN width f, s tokens, in 16-bit values (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
@@ -53,7 +56,6 @@ estimate is an upper bound there), the frozen EMA teacher's forward (no graph) a
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -158,13 +160,14 @@ class ModelStates:
 
 
 def model_states(strategy: str, total: int, trainable: int, largest_layer: int, gpus: int,
-                 sixteen_bit: bool, weight_bytes: int) -> ModelStates:
-    """Per-GPU model-state bytes (see the table in the module docstring). ``weight_bytes``: DDP's weights."""
+                 sixteen_bit: bool, weight_bytes: int, frozen_fp32: int = 0) -> ModelStates:
+    """Per-GPU model-state bytes (see the table in the module docstring). DDP only: ``weight_bytes`` per frozen
+    weight (``model.dtype``), except ``frozen_fp32`` frozen weights HF keeps in fp32 whatever the dtype."""
     n, psi, t, big = gpus, float(total), float(trainable), float(largest_layer)
-    if strategy == "ddp":
-        w = weight_bytes
-        buckets = w * t if n > 1 else 0.0  # DDP keeps a second copy of the gradients in its buckets
-        return ModelStates(w * psi, w * t + buckets, 2 * w * t)
+    if strategy == "ddp":  # frozen weights in model.dtype, trainable ones (and their states) in fp32
+        buckets = 4 * t if n > 1 else 0.0  # DDP keeps a second copy of the gradients in its buckets
+        frozen = weight_bytes * (psi - t - frozen_fp32) + 4 * frozen_fp32
+        return ModelStates(frozen + 4 * t, 4 * t + buckets, 8 * t)
     if not sixteen_bit:  # DeepSpeed in fp32: 4-byte weights and gradients, AdamW m and v, no master copy
         if strategy == "zero2":
             return ModelStates(4 * psi, 4 * t / n, 8 * t / n)
@@ -287,32 +290,20 @@ def _blip_dapt(spec: JobSpec) -> MetaModel:
     return MetaModel(model, [vision, itc, itm, decoder], notes)
 
 
-def _import_blip2_module():
-    import importlib
-
-    for name in ("medvl.models.blip2", "medvl.models.blip2_lora"):
-        with contextlib.suppress(ModuleNotFoundError):
-            return importlib.import_module(name)
-    raise ModuleNotFoundError("medvl.models.blip2")
-
-
 def _blip2(spec: JobSpec) -> MetaModel:
     from peft import get_peft_model
 
+    from medvl.models.blip2 import apply_blip2_policy, check_policy
     from medvl.models.lora import lora_config, scoped_targets, target_modules
 
+    check_policy(spec.train.finetune, spec.model.load_in_8bit)
     model = _blip_on_meta(spec, "Blip2ForConditionalGeneration")
     config = model.config
-    if spec.train.finetune == "lora":
+    if spec.train.finetune == "lora":  # as Blip2Recipe.load_for_training: peft freezes every non-adapter weight
         targets = target_modules(spec.model, config.text_config.model_type)
         with torch.device("meta"):  # the adapters too: peft builds them beside their (meta) base layers
             model = get_peft_model(model, lora_config(spec.model, scoped_targets("language_model", targets)))
     else:
-        apply_blip2_policy = getattr(_import_blip2_module(), "apply_blip2_policy", None)
-        if apply_blip2_policy is None:
-            raise ValueError(
-                f"train.finetune: this checkout's BLIP-2 recipe trains lora only, got {spec.train.finetune!r}"
-            )
         apply_blip2_policy(model, spec.train.finetune)
     vision = _vit_tower("vision", "vision_model.", config.vision_config, spec.data.image_size)
     q = config.qformer_config
@@ -360,35 +351,21 @@ def _cnn_values(vision: torch.nn.Module, image_size: int) -> int:
 
 def _softprompt(spec: JobSpec) -> MetaModel:
     import transformers
-    from peft import get_peft_model
 
     from medvl.models.architectures import build_on_meta, real_config
-    from medvl.models.lora import lora_config, target_modules
-    from medvl.models.softprompt_llm import (
-        PrefixMapper,
-        SoftPromptConfig,
-        SoftPromptModel,
-        apply_softprompt_policy,
-        mapper_heads,
-    )
+    from medvl.models.softprompt_llm import apply_softprompt_policy, assemble_softprompt
 
     vision = build_on_meta(real_config(spec.model.vision_name_or_path), transformers.ResNetModel)
     lm_config = real_config(spec.model.name_or_path)
     lm = build_on_meta(lm_config, transformers.AutoModelForCausalLM)
-    width = vision.config.hidden_sizes[-1]
-    prefix = spec.model.num_prefix_tokens
-    config = SoftPromptConfig(spec.model.name_or_path, prefix, width, lm.get_input_embeddings().embedding_dim,
-                              mapper_heads(width), 4 * width)
-    model_type = lm_config.model_type
-    with torch.device("meta"):
-        mapper = PrefixMapper(prefix, width, config.lm_dim, config.mapper_heads, config.mapper_ffn_dim)
-        lm = get_peft_model(lm, lora_config(spec.model, target_modules(spec.model, model_type),
-                                            fan_in_fan_out=model_type == "gpt2"))
-        model = SoftPromptModel(vision, mapper, lm, config)
+    with torch.device("meta"):  # as SoftPromptRecipe.build for a fresh start: LoRA on the LM unless model.lm_lora is off
+        model = assemble_softprompt(vision, lm, spec.model, spec.model.name_or_path, spec.train.seed,
+                                    fresh_lora=spec.model.lm_lora)
     apply_softprompt_policy(model, spec.train.finetune)
+    width, prefix = model.config.vision_dim, model.config.num_prefix_tokens
     grid = math.ceil(spec.data.image_size / 32)  # ResNet-50 downsamples by 32
     cnn = Tower("vision (ResNet)", ("vision.",), cnn_values=_cnn_values(vision, spec.data.image_size))
-    mapper_tower = Tower("prefix mapper", ("mapper.",), 1, width, config.mapper_heads, config.mapper_ffn_dim,
+    mapper_tower = Tower("prefix mapper", ("mapper.",), 1, width, model.config.mapper_heads, model.config.mapper_ffn_dim,
                          prefix, cross_tokens=grid * grid, cross_hidden=width)
     lm_tower = _causal_lm_tower("language model", ("lm.",), lm_config, prefix + spec.data.max_text_length + 2)
     return MetaModel(model, [cnn, mapper_tower, lm_tower])
@@ -405,6 +382,20 @@ def unique_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def largest_layer_params(model: torch.nn.Module) -> int:
     """DeepSpeed's ``largest_layer_params``: the most parameters any one module holds itself (not recursing)."""
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+
+
+def frozen_fp32_params(model: torch.nn.Module) -> int:
+    """Frozen parameters that HF loads in fp32 whatever ``model.dtype`` asks (``_keep_in_fp32_modules``, e.g.
+    BLIP-2's Q-Former and query tokens)."""
+    kept: dict[int, int] = {}
+    for module in model.modules():
+        keep = getattr(module, "_keep_in_fp32_modules", None) or []
+        if not keep or not hasattr(module, "config"):
+            continue
+        for name, parameter in module.named_parameters():
+            if not parameter.requires_grad and set(name.split(".")) & set(keep):
+                kept[id(parameter)] = parameter.numel()
+    return sum(kept.values())
 
 
 def tower_trains(tower: Tower, parameters: dict[str, torch.nn.Parameter]) -> bool:
@@ -463,21 +454,23 @@ class Plan:
         return out
 
 
-def planned_precision(precision: str) -> str:
-    """``auto`` is bf16 on a GPU (the plan is for GPUs); others as given."""
-    return "bf16" if precision == "auto" else precision
+def planned_precision(spec: JobSpec) -> str:
+    """``train.precision`` as :func:`medvl.models.precision.training_precision` resolves it on a bf16 GPU."""
+    low = {"bfloat16": "bf16", "float16": "fp16"}
+    if spec.train.precision != "auto":
+        return spec.train.precision
+    return low.get(spec.model.dtype, "bf16")
 
 
-def ddp_weight_bytes(spec: JobSpec) -> tuple[int, str]:
-    """Bytes per weight under DDP: ``model.dtype`` when the spec has one and asks for 16 bits, else fp32."""
-    dtype = str(getattr(spec.model, "dtype", "") or "float32").lower()
-    if dtype in ("bfloat16", "bf16", "float16", "fp16", "half"):
-        return 2, dtype
-    return 4, "float32" if dtype in ("auto", "float32", "fp32") else dtype
+def planned_weight_dtype(spec: JobSpec) -> str:
+    """``model.dtype`` as :func:`medvl.models.precision.weight_dtype` resolves it on a bf16 GPU."""
+    if spec.model.dtype != "auto":
+        return spec.model.dtype
+    return {"fp16": "float16", "fp32": "float32"}.get(spec.train.precision, "bfloat16")
 
 
-def checkpointing_of(spec: JobSpec) -> bool:
-    return bool(getattr(spec.train, "gradient_checkpointing", False) or spec.train.deepspeed.activation_checkpointing)
+def weight_bytes_of(spec: JobSpec) -> int:
+    return 4 if planned_weight_dtype(spec) == "float32" else 2
 
 
 def plan_job(spec: JobSpec, gpus: list[int] | None = None) -> list[Plan]:
@@ -497,11 +490,12 @@ def plan_spec(spec: JobSpec, gpus: list[int] | None = None, stage: str = "train"
     total = sum(p.numel() for p in parameters.values())
     trainable = sum(p.numel() for p in parameters.values() if p.requires_grad)
     largest = largest_layer_params(meta.model)
+    frozen_fp32 = frozen_fp32_params(meta.model) if weight_bytes_of(spec) == 2 else 0
     trains = [tower_trains(tower, parameters) for tower in meta.towers]
-    precision = planned_precision(spec.train.precision)
+    precision = planned_precision(spec)
     fp32 = precision == "fp32"
-    weight_bytes, weight_dtype = ddp_weight_bytes(spec)
-    checkpointing = checkpointing_of(spec)
+    weight_dtype, weight_bytes = planned_weight_dtype(spec), weight_bytes_of(spec)
+    checkpointing = spec.train.checkpoints_activations
     batch = spec.train.batch_size
     activations = {on: activation_bytes(meta.towers, trains, batch, on, fp32) for on in (False, True)}
 
@@ -509,7 +503,7 @@ def plan_spec(spec: JobSpec, gpus: list[int] | None = None, stage: str = "train"
     by_gpus = {
         n: {
             strategy: _strategy_plan(
-                model_states(strategy, total, trainable, largest, n, not fp32, weight_bytes),
+                model_states(strategy, total, trainable, largest, n, not fp32, weight_bytes, frozen_fp32),
                 activations, checkpointing,
             )
             for strategy in STRATEGIES
@@ -554,7 +548,7 @@ def format_plan(plan: Plan) -> str:
     title = f"{plan.spec_name}, stage {plan.stage}" if plan.stage else plan.spec_name
     lines = [
         f"{title}: {plan.recipe} on {plan.model}, train.finetune {plan.finetune}, precision "
-        f"{plan.precision} (DDP weights {plan.weight_dtype})",
+        f"{plan.precision} (DDP: frozen weights {plan.weight_dtype}, trainable fp32)",
         f"parameters: {plan.params_total:,} total, {plan.params_trainable:,} trainable ({share:.2f} %); "
         f"largest layer {plan.largest_layer_params:,}",
         f"activations per GPU for a micro-batch of {plan.batch_size} (train.batch_size), per sample: "

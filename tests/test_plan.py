@@ -64,6 +64,21 @@ def test_both_blip2_recipe_names_plan_the_same_model():
     assert plan_spec(renamed).params_trainable == plan_spec(spec).params_trainable == 5_242_880
 
 
+@pytest.mark.parametrize("policy, trainable", [
+    ("full", 3_744_761_856),
+    ("frozen_vision", 3_744_761_856 - 985_952_256),  # all but the ViT
+])
+def test_blip2_policies_come_from_the_recipe(policy, trainable):
+    plan = plan_spec(load_spec(BLIP2_LORA, [f"train.finetune={policy}"]))
+    assert (plan.params_total, plan.params_trainable) == (3_744_761_856, trainable)
+
+
+def test_softprompt_lm_trains_whole_without_lora():
+    overrides = ["model.name_or_path=openlm-research/open_llama_7b", "model.lm_lora=false"]
+    stage2 = plan_job(load_spec(str(ROOT / "jobs" / "mimic_softprompt_llm.yaml"), overrides))[-1]
+    assert stage2.params_trainable == stage2.params_total > 6_738_415_616 + 23_508_032  # + the mapper
+
+
 # --------------------------------------------------------------------------------------------- DeepSpeed
 
 
@@ -103,10 +118,11 @@ def close(ours: float, theirs: float, tolerance: float = 0.05) -> bool:
 
 
 @pytest.mark.parametrize("gpus", [1, 8])
-def test_full_finetuning_model_states_match_deepspeed(estimators, gpus):
-    """Every parameter trains (BLIP captioning, train.finetune full): DeepSpeed's all-cold estimators, which
-    assume exactly that, apply as they are."""
-    plan = plan_spec(load_spec(ROCO_FULL), gpus=[gpus])
+@pytest.mark.parametrize("path, overrides", [(ROCO_FULL, []), (BLIP2_LORA, ["train.finetune=full"])])
+def test_full_finetuning_model_states_match_deepspeed(estimators, path, overrides, gpus):
+    """Every parameter trains (train.finetune full): DeepSpeed's all-cold estimators, which assume exactly that,
+    apply as they are."""
+    plan = plan_spec(load_spec(path, overrides), gpus=[gpus])
     assert plan.params_trainable == plan.params_total
     theirs = deepspeed_figures(estimators, plan.params_total, plan.largest_layer_params, gpus)
     for strategy, figure in theirs.items():
@@ -144,6 +160,22 @@ def test_ddp_keeps_bucket_copies_of_gradients_only_across_gpus():
     one, two = (model_states("ddp", 1000, 100, 10, n, True, 4) for n in (1, 2))
     assert (one.weights, one.gradients, one.optimizer) == (4000, 400, 800)
     assert two.gradients == 800
+
+
+def test_ddp_keeps_frozen_weights_in_model_dtype_and_trainable_ones_in_fp32():
+    bf16 = model_states("ddp", 1000, 100, 10, 1, True, weight_bytes=2)
+    assert (bf16.weights, bf16.gradients, bf16.optimizer) == (2 * 900 + 4 * 100, 400, 800)
+    kept = model_states("ddp", 1000, 100, 10, 1, True, weight_bytes=2, frozen_fp32=300)
+    assert kept.weights == 2 * 600 + 4 * 300 + 4 * 100
+
+
+def test_blip2_qformer_stays_fp32_under_ddp_with_bf16_weights():
+    bf16 = plan_spec(load_spec(BLIP2_LORA, ["model.dtype=bfloat16"])).memory_gib["ddp"].weights
+    fp32 = plan_spec(load_spec(BLIP2_LORA, ["model.dtype=float32"])).memory_gib["ddp"].weights
+    qformer_and_queries = 105_137_664 + 32 * 768
+    frozen = 3_744_761_856
+    assert bf16 * GIB == 2 * (frozen - qformer_and_queries) + 4 * qformer_and_queries + 4 * 5_242_880
+    assert fp32 * GIB == 4 * (frozen + 5_242_880)
 
 
 # --------------------------------------------------------------------------------------------- activations
