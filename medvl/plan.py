@@ -94,6 +94,7 @@ class Tower:
     passes: int = 1  # forward passes per sample (DAPT's ITM runs the text encoder on three pairings)
     vocab: int = 0  # an LM head over this many tokens (0: none)
     cnn_values: int = 0  # CNN towers: values stored per sample (measured on meta)
+    cnn_flops: int = 0  # CNN towers: forward FLOPs per sample of their convolutions (measured on meta)
 
     def cross_layers(self) -> int:
         return self.layers // self.cross_every if self.cross_tokens else 0
@@ -311,12 +312,12 @@ def _blip2(spec: JobSpec) -> MetaModel:
                     q.hidden_size, q.num_attention_heads, q.intermediate_size, config.num_query_tokens,
                     cross_tokens=vision.tokens, cross_hidden=q.encoder_hidden_size,
                     cross_every=q.cross_attention_frequency)
-    lm = _causal_lm_tower("language model", ("language_model.",), config.text_config,
+    lm = causal_lm_tower("language model", ("language_model.",), config.text_config,
                           config.num_query_tokens + spec.data.max_text_length + 2)
     return MetaModel(model, [vision, qformer, lm])
 
 
-def _causal_lm_tower(name: str, prefixes: tuple[str, ...], config, tokens: int) -> Tower:
+def causal_lm_tower(name: str, prefixes: tuple[str, ...], config, tokens: int) -> Tower:
     """OPT, GPT-2 or LLaMA-style configs (their field names differ)."""
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
@@ -330,13 +331,19 @@ def _causal_lm_tower(name: str, prefixes: tuple[str, ...], config, tokens: int) 
     return Tower(name, prefixes, layers, hidden, heads, ffn, tokens, gated_ffn=gated, vocab=config.vocab_size)
 
 
-def _cnn_values(vision: torch.nn.Module, image_size: int) -> int:
-    """Values a CNN stores for backward per image: outputs of its convolutions, norms and activations (meta)."""
-    stored = 0
+def _cnn_census(vision: torch.nn.Module, image_size: int) -> tuple[int, int]:
+    """(values a CNN stores for backward, forward FLOPs of its convolutions) per image, from a forward on meta.
 
-    def count(_module, _inputs, output):
-        nonlocal stored
+    Stored: the outputs of its convolutions, norms and activations. FLOPs: 2 × output values × (input channels
+    / groups × kernel area) per convolution."""
+    stored, flops = 0, 0
+
+    def count(module, _inputs, output):
+        nonlocal stored, flops
         stored += output.numel()
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            flops += 2 * output.numel() * kernel
 
     kinds = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU)
     handles = [m.register_forward_hook(count) for m in vision.modules() if isinstance(m, kinds)]
@@ -346,7 +353,7 @@ def _cnn_values(vision: torch.nn.Module, image_size: int) -> int:
     finally:
         for handle in handles:
             handle.remove()
-    return stored
+    return stored, flops
 
 
 def _softprompt(spec: JobSpec) -> MetaModel:
@@ -358,16 +365,17 @@ def _softprompt(spec: JobSpec) -> MetaModel:
     vision = build_on_meta(real_config(spec.model.vision_name_or_path), transformers.ResNetModel)
     lm_config = real_config(spec.model.name_or_path)
     lm = build_on_meta(lm_config, transformers.AutoModelForCausalLM)
-    with torch.device("meta"):  # as SoftPromptRecipe.build for a fresh start: LoRA on the LM unless model.lm_lora is off
+    with torch.device("meta"):  # as SoftPromptRecipe.build starts fresh: LoRA on the LM unless model.lm_lora is off
         model = assemble_softprompt(vision, lm, spec.model, spec.model.name_or_path, spec.train.seed,
                                     fresh_lora=spec.model.lm_lora)
     apply_softprompt_policy(model, spec.train.finetune)
     width, prefix = model.config.vision_dim, model.config.num_prefix_tokens
     grid = math.ceil(spec.data.image_size / 32)  # ResNet-50 downsamples by 32
-    cnn = Tower("vision (ResNet)", ("vision.",), cnn_values=_cnn_values(vision, spec.data.image_size))
-    mapper_tower = Tower("prefix mapper", ("mapper.",), 1, width, model.config.mapper_heads, model.config.mapper_ffn_dim,
-                         prefix, cross_tokens=grid * grid, cross_hidden=width)
-    lm_tower = _causal_lm_tower("language model", ("lm.",), lm_config, prefix + spec.data.max_text_length + 2)
+    stored, flops = _cnn_census(vision, spec.data.image_size)
+    cnn = Tower("vision (ResNet)", ("vision.",), cnn_values=stored, cnn_flops=flops)
+    mapper_tower = Tower("prefix mapper", ("mapper.",), 1, width, model.config.mapper_heads,
+                         model.config.mapper_ffn_dim, prefix, cross_tokens=grid * grid, cross_hidden=width)
+    lm_tower = causal_lm_tower("language model", ("lm.",), lm_config, prefix + spec.data.max_text_length + 2)
     return MetaModel(model, [cnn, mapper_tower, lm_tower])
 
 
@@ -408,6 +416,59 @@ def is_on_meta(model: torch.nn.Module) -> bool:
     return on_meta(model)
 
 
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Training FLOPs of one sample (forward + backward), and the language model's tokens per sample."""
+
+    train_per_sample: float
+    forward_per_sample: float
+    tokens_per_sample: int
+
+
+MATMUL_MODULES = ("Linear", "Conv1D", "Conv2d", "NonDynamicallyQuantizableLinear")
+
+
+def training_flops(meta: MetaModel) -> FlopCount:
+    """Matmul FLOPs of one training sample, from the meta model (the usual MFU accounting, e.g. PaLM's 6N + attention).
+
+    Every weight matrix (``nn.Linear``, GPT-2's ``Conv1D``, a ViT's patch ``Conv2d``) of a tower costs 2 FLOPs per
+    weight per token forward; backward adds 4 when the weight trains (input and weight gradients), 2 when it is
+    frozen but gradients flow through its tower (input gradient only: a frozen LM under LoRA), 0 when nothing at
+    or before its tower trains (a frozen vision encoder in front of LoRA). Embedding lookups cost nothing; a tied
+    LM head counts as the matmul it is. Attention scores add 4·s²·h per layer forward (4·s·c·h for a
+    cross-attention), tripled when gradients flow. Cross-attention key/value projections run over the attended
+    tokens. CNN towers count their convolutions (``cnn_flops``). Gradient flow is judged per tower, not per
+    layer; biases, norms, softmax and the loss are left out (well under 1 % at these widths).
+    """
+    parameters = dict(meta.model.named_parameters())
+    modules = [(name, m) for name, m in meta.model.named_modules() if type(m).__name__ in MATMUL_MODULES]
+    forward, train, upstream_trains = 0.0, 0.0, False
+    for tower in meta.towers:
+        tower_trains_ = tower_trains(tower, parameters)
+        flows = upstream_trains or tower_trains_
+        upstream_trains = flows
+        if tower.cnn_flops:
+            fwd = float(tower.cnn_flops) * tower.passes
+            forward, train = forward + fwd, train + fwd * (3 if tower_trains_ else 1)
+            continue
+        for name, module in modules:
+            if not any(part in name + "." for part in tower.prefixes):
+                continue
+            is_cross_kv = "crossattention" in name and name.rsplit(".", 1)[-1] in ("key", "value")
+            tokens = tower.cross_tokens if is_cross_kv else tower.tokens
+            fwd = 2.0 * module.weight.numel() * tokens * tower.passes
+            backward = 2.0 if module.weight.requires_grad else (1.0 if flows else 0.0)
+            forward, train = forward + fwd, train + fwd * (1 + backward)
+        s, h = tower.tokens, tower.hidden
+        scores = 4.0 * s * s * h * tower.layers + 4.0 * s * tower.cross_tokens * h * tower.cross_layers()
+        forward, train = forward + scores * tower.passes, train + scores * tower.passes * (3 if flows else 1)
+    lm_tokens = next((t.tokens for t in reversed(meta.towers) if t.vocab), meta.towers[-1].tokens)
+    return FlopCount(train, forward, lm_tokens)
+
+
 # --------------------------------------------------------------------------------------------- the plan
 
 
@@ -440,6 +501,8 @@ class Plan:
     params_total: int
     params_trainable: int
     largest_layer_params: int
+    train_flops_per_sample: float  # forward + backward, see training_flops
+    lm_tokens_per_sample: int
     batch_size: int
     checkpointing: bool
     towers: list[dict[str, Any]]
@@ -516,9 +579,10 @@ def plan_spec(spec: JobSpec, gpus: list[int] | None = None, stage: str = "train"
          "activations_stored": any(trains[: i + 1]), "image_size": spec.data.image_size if t.cnn_values else 0}
         for i, (t, on) in enumerate(zip(meta.towers, trains))
     ]
+    flops = training_flops(meta)
     return Plan(spec.name, stage, canonical_recipe(spec.model.recipe), spec.model.name_or_path, spec.train.finetune,
-                precision, weight_dtype, total, trainable, largest, batch, checkpointing, towers, headline,
-                by_gpus[headline], by_gpus, meta.notes)
+                precision, weight_dtype, total, trainable, largest, flops.train_per_sample, flops.tokens_per_sample,
+                batch, checkpointing, towers, headline, by_gpus[headline], by_gpus, meta.notes)
 
 
 def _strategy_plan(states: ModelStates, activations: dict[bool, float], checkpointing: bool) -> StrategyPlan:
@@ -550,7 +614,8 @@ def format_plan(plan: Plan) -> str:
         f"{title}: {plan.recipe} on {plan.model}, train.finetune {plan.finetune}, precision "
         f"{plan.precision} (DDP: frozen weights {plan.weight_dtype}, trainable fp32)",
         f"parameters: {plan.params_total:,} total, {plan.params_trainable:,} trainable ({share:.2f} %); "
-        f"largest layer {plan.largest_layer_params:,}",
+        f"largest layer {plan.largest_layer_params:,}; {plan.train_flops_per_sample / 1e12:.2f} TFLOP per training "
+        "sample",
         f"activations per GPU for a micro-batch of {plan.batch_size} (train.batch_size), per sample: "
         + ", ".join(_tower_text(t) for t in plan.towers),
     ]

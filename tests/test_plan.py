@@ -17,16 +17,19 @@ from medvl.plan import (
     CARDS_GIB,
     CUDA_RESERVE_GIB,
     GIB,
+    MetaModel,
     Tower,
     activation_bytes,
     build_meta_model,
     canonical_recipe,
     layer_bytes,
     model_states,
+    causal_lm_tower,
     plan_job,
     plan_spec,
+    training_flops,
 )
-from medvl.models.architectures import is_on_meta
+from medvl.models.architectures import build_known_on_meta, is_on_meta
 from medvl.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,6 +219,28 @@ def test_every_train_stage_is_planned_with_its_own_policy():
     resnet50 = 23_508_032
     assert by_stage["stage2"].params_trainable - by_stage["stage1"].params_trainable == resnet50
     assert by_stage["stage1"].params_total == by_stage["stage2"].params_total
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize("trains", [True, False])
+def test_flops_follow_the_palm_accounting_for_gpt2(trains):
+    """6 FLOPs per weight per token for the 12·L·h² block weights and the tied V·h head, plus 12·L·s²·h for
+    attention (Chowdhery et al. 2022, appendix B); a frozen LM with nothing trainable upstream runs forward only."""
+    lm = build_known_on_meta("gpt2").requires_grad_(trains)
+    s, h, layers, vocab = 200, 768, 12, 50257
+    flops = training_flops(MetaModel(lm, [causal_lm_tower("lm", ("transformer.", "lm_head"), lm.config, s)]))
+    forward = 2 * 12 * layers * h * h * s + 2 * vocab * h * s + 4 * layers * s * s * h
+    assert flops.forward_per_sample == forward
+    assert flops.train_per_sample == (3 * forward if trains else forward)
+    assert flops.tokens_per_sample == s
+
+
+def test_lora_costs_forward_plus_input_gradients_of_the_frozen_lm(blip2_lora_plan):
+    full = plan_spec(load_spec(BLIP2_LORA, ["train.finetune=full"]))
+    # the frozen ViT runs forward only (2 of 6) and the LM skips its weight gradients (4 of 6): about 60 %
+    assert 0.5 < blip2_lora_plan.train_flops_per_sample / full.train_flops_per_sample < 0.7
 
 
 # --------------------------------------------------------------------------------------------- the command
