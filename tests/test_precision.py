@@ -2,6 +2,7 @@
 fp32 (loss falls), fp16 without DeepSpeed going through a GradScaler, low-precision eval/serve loading."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,36 @@ def test_inference_loads_in_the_weights_dtype_and_takes_fp32_pixels(records, tmp
     with torch.inference_mode():
         scored = recipe.generate_scored(model, tensors)
     assert len(scored.texts) == 2 and all(0.0 < p <= 1.0 for p in scored.mean_token_probs)
+
+
+# ------------------------------------------------------------------------------------------------ preset: random
+
+
+def test_random_blip2_is_the_published_architecture_with_ids_from_the_trained_tokenizer():
+    from transformers import Blip2ForConditionalGeneration
+
+    from medvl.models.architectures import build_on_meta
+    from medvl.models.blip2 import IMAGE_TOKEN, random_blip2_config
+    from medvl.models.random_preset import random_tokenizer
+
+    tokenizer = random_tokenizer(["the heart is normal in size", "no pleural effusion"])
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    config = random_blip2_config("Salesforce/blip2-opt-2.7b", tokenizer, image_size=224)
+    assert config.image_token_index == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) < config.text_config.vocab_size
+    assert config.text_config.eos_token_id == tokenizer.eos_token_id
+    model = build_on_meta(config, Blip2ForConditionalGeneration)
+    assert sum(p.numel() for p in model.parameters()) == 3_744_761_856  # the 2024 hub revision's count
+
+
+def test_random_softprompt_writes_gpt2_and_resnet50_once_in_bf16_and_trains_the_whole_lm(records, tmp_path):
+    spec = parse_spec(job("softprompt_llm", "frozen_vision",
+                          model={"preset": "random", "name_or_path": "gpt2", "dtype": "bfloat16", "lm_lora": False}))
+    recipe = build_recipe(spec)
+    source = Path(recipe.initial_model(tmp_path, lambda: iter([r.text for r in records])))
+    assert (source / "lm" / "model.safetensors").is_file() and not (source / "base_lm").exists()  # no second copy
+    model = recipe.load_for_training(str(source))
+    assert sum(p.numel() for p in model.lm.parameters()) == 124_439_808  # GPT-2 small, embeddings tied
+    assert sum(p.numel() for p in model.vision.parameters()) == 23_508_032  # ResNet-50 without its head
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.requires_grad for p in model.lm.parameters()) and not any(
+        p.requires_grad for p in model.vision.parameters())

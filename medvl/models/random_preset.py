@@ -31,6 +31,8 @@ def random_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def build_random(model_cls: type, config: PretrainedConfig, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """``model_cls`` of ``config`` with random weights, created directly in ``dtype``."""
+    """``model_cls`` (a model class or an Auto class) of ``config`` with random weights, created directly in
+    ``dtype``."""
     torch.manual_seed(seed)
-    return model_cls._from_config(config, dtype=dtype)
+    build = getattr(model_cls, "_from_config", None) or model_cls.from_config  # Auto classes have only the latter
+    return build(config, dtype=dtype)
