@@ -11,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
+from medvl.models.base import GenerationSettings
 from medvl.data.synthetic import synthetic_records
 from medvl.models.blip2_lora import (
     Blip2LoraRecipe,
@@ -164,7 +165,7 @@ def test_adapter_and_merged_exports_reload_to_the_same_outputs(tiny_dir, records
         assert torch.equal(a, b), name
     inference = recipe.load_for_inference(str(folder))
     with torch.inference_mode():
-        scored = recipe.generate_scored(inference, batch)
+        scored = recipe.generate_scored(inference, batch, GenerationSettings.from_eval(recipe.spec.eval))
     texts = scored.texts
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert all(0.0 < p < 1.0 for p in scored.mean_token_probs)  # scored on the OPT decoder under the adapter
@@ -179,7 +180,7 @@ def val_loss_in_process(recipe, spec, model_dir: str) -> float:
 
     from medvl.data.shards import read_manifest, shard_paths
 
-    model, preprocess = recipe.load_for_inference(model_dir), recipe.preprocessor(model_dir)
+    model, preprocess = recipe.load_for_inference(model_dir).module, recipe.preprocessor(model_dir)
     total, count = 0.0, 0
     for path in shard_paths(read_manifest(spec.shards_location), spec.shards_location, "val"):
         rows = pq.read_table(path).to_pydict()

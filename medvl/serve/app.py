@@ -13,7 +13,6 @@ by the recipe's preprocessor and generated in one call, in a worker thread so th
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the route methods' signatures in its own
 # module, where FastAPI could not resolve "Request" from a string annotation.
 import asyncio
-import dataclasses
 import logging
 import math
 import time
@@ -27,6 +26,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from medvl.data.records import SHARD_COLUMNS
+from medvl.models.base import GenerationSettings
 from medvl.models.registry import build_recipe
 from medvl.serve.auth import authorized
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
@@ -59,13 +59,10 @@ async def failed(request: Request, error: Exception) -> JSONResponse:
                                    f"({type(error).__name__}); see the replica's log"}}, status_code=500)
 
 
-def serving_spec(raw: dict) -> JobSpec:
-    """The spec with ``serve.num_beams`` / ``serve.max_new_tokens`` in place of eval's (the recipes read eval's)."""
-    spec = parse_spec(raw)
-    settings = spec.serve
-    generation = dataclasses.replace(spec.eval, num_beams=settings.num_beams or spec.eval.num_beams,
-                                     max_new_tokens=settings.max_new_tokens or spec.eval.max_new_tokens)
-    return dataclasses.replace(spec, eval=generation)
+def serving_generation(spec: JobSpec) -> GenerationSettings:
+    """``serve.num_beams`` / ``serve.max_new_tokens``, each falling back to eval's when 0."""
+    return GenerationSettings(spec.serve.num_beams or spec.eval.num_beams,
+                              spec.serve.max_new_tokens or spec.eval.max_new_tokens)
 
 
 def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
@@ -90,17 +87,18 @@ def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
 @serve.ingress(api)
 class MedvlServer:
     def __init__(self, args: dict):
-        spec = serving_spec(args["spec"])
+        spec = parse_spec(args["spec"])
         self.settings = spec.serve
+        self.generation = serving_generation(spec)
         self.spec = spec
         self.checkpoint = args["checkpoint"]
         self.key_digest = args.get("api_key_sha256", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
         self.recipe = build_recipe(spec)
-        self.model = self.recipe.load_for_inference(self.checkpoint)
+        self.loaded = self.recipe.load_for_inference(self.checkpoint)
         self.device = torch.device("cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
-            self.model.to(self.device)
+            self.loaded.to(self.device)
         self.preprocess = self.recipe.preprocessor(self.checkpoint)
         self.infer.set_max_batch_size(self.settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
@@ -114,7 +112,7 @@ class MedvlServer:
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> dict:
         self.authorize(request)
-        settings, generation = self.settings, self.spec.eval
+        settings, generation = self.settings, self.generation
         return {
             "recipe": self.spec.model.recipe,
             "task": self.recipe.task,
@@ -171,7 +169,7 @@ class MedvlServer:
             if not kept:
                 return results
             tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
-            generated = self.recipe.generate_scored(self.model, tensors)
+            generated = self.recipe.generate_scored(self.loaded, tensors, self.generation)
             maps = self.attention([queries[i].attention for i in kept], tensors, generated.texts)
             for row, i in enumerate(kept):
                 results[i] = {"text": generated.texts[row], "mean_token_prob": generated.mean_token_probs[row],
@@ -187,7 +185,7 @@ class MedvlServer:
         if not rows:
             return out
         index = torch.as_tensor(rows)
-        maps = self.recipe.attention_maps(self.model, {k: v[index] for k, v in tensors.items()},
+        maps = self.recipe.attention_maps(self.loaded, {k: v[index] for k, v in tensors.items()},
                                           [texts[row] for row in rows])
         for position, row in enumerate(rows):
             if maps is None:
