@@ -7,8 +7,8 @@ Routes (all answers are JSON; errors are ``{"error": {"code", "message", ...}}``
 * ``GET /v1/model``: what is loaded. ``GET /healthz``: liveness, never behind the API key.
 
 Requests are validated one by one (:mod:`medvl.serve.requests`) before they join a batch; the batch is decoded
-by the recipe's preprocessor and generated in one call, in a worker thread so that the replica keeps accepting
-(and refusing) requests while the model runs.
+and generated in one call by :class:`medvl.serve.runner.ModelRunner`, in a worker thread so that the replica
+keeps accepting (and refusing) requests while the model runs.
 """
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the route methods' signatures in its own
 # module, where FastAPI could not resolve "Request" from a string annotation.
@@ -17,7 +17,6 @@ import logging
 import math
 import time
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -25,17 +24,14 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from medvl.data.records import SHARD_COLUMNS
-from medvl.models.base import GenerationSettings
-from medvl.models.registry import build_recipe
 from medvl.serve.auth import authorized
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
 from medvl.serve.requests import Query, RequestError, read_query
-from medvl.spec import JobSpec, parse_spec
+from medvl.serve.runner import ModelRunner
+from medvl.spec import parse_spec
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="medvl", docs_url=None, redoc_url=None)
-ATTENTION_DECIMALS = 5
 
 
 @api.exception_handler(RequestError)
@@ -59,28 +55,6 @@ async def failed(request: Request, error: Exception) -> JSONResponse:
                                    f"({type(error).__name__}); see the replica's log"}}, status_code=500)
 
 
-def serving_generation(spec: JobSpec) -> GenerationSettings:
-    """``serve.num_beams`` / ``serve.max_new_tokens``, each falling back to eval's when 0."""
-    return GenerationSettings(spec.serve.num_beams or spec.eval.num_beams,
-                              spec.serve.max_new_tokens or spec.eval.max_new_tokens)
-
-
-def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
-    """Queries as the shard rows every recipe's preprocessor takes; ``id`` is the position in the batch."""
-    n = len(queries)
-    values = {
-        "id": [str(i) for i in range(n)], "group_id": [str(i) for i in range(n)], "split": ["serve"] * n,
-        "image": [q.image for q in queries], "text": [""] * n, "question": [q.question for q in queries],
-        "answer": [""] * n, "answer_type": [""] * n, "meta": ["{}"] * n,
-    }
-    out = {}
-    for name in SHARD_COLUMNS:
-        column = np.empty(n, dtype=object)  # bytes of unequal length stay objects, as Ray Data hands them over
-        column[:] = values[name]
-        out[name] = column
-    return out
-
-
 # @serve.ingress copies the class by value while this module is still importing: the module-level names its
 # methods use must be defined above it.
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -89,21 +63,15 @@ class MedvlServer:
     def __init__(self, args: dict):
         spec = parse_spec(args["spec"])
         self.settings = spec.serve
-        self.generation = serving_generation(spec)
         self.spec = spec
-        self.checkpoint = args["checkpoint"]
         self.key_digest = args.get("api_key_sha256", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
-        self.recipe = build_recipe(spec)
-        self.loaded = self.recipe.load_for_inference(self.checkpoint)
-        self.device = torch.device("cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
-            self.loaded.to(self.device)
-        self.preprocess = self.recipe.preprocessor(self.checkpoint)
+        self.runner = ModelRunner(spec, args["checkpoint"])
+        self.recipe, self.generation = self.runner.recipe, self.runner.generation
         self.infer.set_max_batch_size(self.settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         logger.info("medvl: %s model from %s on %s, POST /v1/%s, batches of up to %d", spec.model.recipe,
-                    self.checkpoint, self.device, self.recipe.endpoint, self.settings.max_batch_size)
+                    self.runner.checkpoint, self.runner.device, self.recipe.endpoint, self.settings.max_batch_size)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -118,8 +86,8 @@ class MedvlServer:
             "task": self.recipe.task,
             "endpoint": f"/v1/{self.recipe.endpoint}",
             "takes_question": self.takes_question,
-            "checkpoint": self.checkpoint,
-            "device": str(self.device),
+            "checkpoint": self.runner.checkpoint,
+            "device": str(self.runner.device),
             "image_size": self.spec.data.image_size,
             "num_beams": generation.num_beams,
             "max_new_tokens": generation.max_new_tokens,
@@ -145,7 +113,7 @@ class MedvlServer:
 
     @property
     def takes_question(self) -> bool:
-        return self.recipe.task == "vqa"
+        return self.runner.takes_question
 
     def authorize(self, request: Request) -> None:
         if not authorized(request.headers, self.key_digest):
@@ -155,48 +123,7 @@ class MedvlServer:
     # The real limits are set in __init__ from the spec (set_max_batch_size / set_batch_wait_timeout_s).
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, queries: list[Query]) -> list[dict | RequestError]:
-        return await asyncio.to_thread(self.run_batch, queries)
-
-    def run_batch(self, queries: list[Query]) -> list[dict | RequestError]:
-        """Per query, its answer or the RequestError that refuses it (one bad image never fails the batch)."""
-        with torch.inference_mode():
-            batch = self.preprocess(shard_rows(queries))
-            kept = [int(i) for i in batch["id"]]  # the preprocessor drops rows whose image does not decode
-            results: list[dict | RequestError] = [
-                RequestError(400, "not_an_image", "the image could not be decoded (corrupt or truncated file)",
-                             field="image")
-            ] * len(queries)
-            if not kept:
-                return results
-            tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
-            generated = self.recipe.generate_scored(self.loaded, tensors, self.generation)
-            maps = self.attention([queries[i].attention for i in kept], tensors, generated.texts)
-            for row, i in enumerate(kept):
-                results[i] = {"text": generated.texts[row], "mean_token_prob": generated.mean_token_probs[row],
-                              "batch_size": len(queries)}
-                if queries[i].attention:
-                    results[i] = maps[row] if isinstance(maps[row], RequestError) else {**results[i], **maps[row]}
-        return results
-
-    def attention(self, wanted: list[bool], tensors: dict, texts: list[str]) -> list:
-        """Per kept row: {"attention": ...} where asked for, a RequestError where the recipe has no map."""
-        rows = [row for row, want in enumerate(wanted) if want]
-        out: list = [None] * len(wanted)
-        if not rows:
-            return out
-        index = torch.as_tensor(rows)
-        maps = self.recipe.attention_maps(self.loaded, {k: v[index] for k, v in tensors.items()},
-                                          [texts[row] for row in rows])
-        for position, row in enumerate(rows):
-            if maps is None:
-                out[row] = RequestError(400, "attention_not_available", f"the {self.spec.model.recipe} recipe "
-                                        "gives no cross-attention map: send the request without \"attention\"",
-                                        field="attention")
-            else:
-                grid = np.asarray(maps[position], dtype=np.float64)
-                out[row] = {"attention": {"rows": grid.shape[0], "cols": grid.shape[1],
-                                          "map": np.round(grid, ATTENTION_DECIMALS).tolist()}}
-        return out
+        return await asyncio.to_thread(self.runner.run_batch, queries)
 
 
 def build_app(args: dict) -> Application:
