@@ -335,7 +335,7 @@ def test_attention_map_is_a_patch_grid_or_a_clear_400(live):
 
     for recipe, endpoint, fields in [("blip_caption", "caption", {}),
                                      ("blip_vqa", "vqa", {"question": "is there an effusion?"})]:
-        module, _, name = RECIPES[recipe].partition(":")
+        module, _, name = RECIPES[recipe].implementation.partition(":")
         has_maps = getattr(importlib.import_module(module), name).attention_maps is not Recipe.attention_maps
         response = live.post(recipe, endpoint, json={"image": b64(png()), "attention": True, **fields})
         if has_maps:
