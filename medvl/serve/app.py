@@ -4,7 +4,8 @@ Routes (all answers are JSON; errors are ``{"error": {"code", "message", ...}}``
 
 * ``POST /v1/<endpoint>``: the recipe's endpoint (``caption``, ``report`` or ``vqa``; see ``Recipe.endpoint``).
   Another endpoint answers 404 naming the one this model serves.
-* ``GET /v1/model``: what is loaded. ``GET /healthz``: liveness, never behind the API key.
+* ``GET /v1/model``: what is loaded, named without the server's paths (see :func:`model_identity`).
+  ``GET /healthz``: liveness, never behind the API key.
 
 Requests are validated one by one (:mod:`medvl.serve.requests`) before they join a batch; the batch is decoded
 by the recipe's preprocessor and generated in one call, in a worker thread so that the replica keeps accepting
@@ -17,6 +18,7 @@ import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from medvl.data.records import SHARD_COLUMNS
+from medvl.models.lora import adapter_base, is_adapter_folder
 from medvl.models.registry import build_recipe
 from medvl.serve.auth import authorized
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
@@ -84,6 +87,37 @@ def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
     return out
 
 
+def public_model_name(location: str, output_dir: str) -> str:
+    """A model folder or hub id as clients see it: a hub id as is; a folder under the spec's ``output_dir`` by its
+    path there without the final ``model/`` (``train``, ``stage2``, ``tune/best``); any other folder by its own
+    name, or its parent's when it is called ``model``. Where the files lie on the server is nobody else's business.
+    """
+    path = Path(location)
+    if not path.exists() and location.count("/") <= 1 and not location.startswith((".", "/", "~")):
+        return location  # a hub id
+    path = path.absolute()
+    try:
+        parts = list(path.relative_to(Path(output_dir).absolute()).parts)
+    except ValueError:  # outside output_dir
+        parts = [path.parent.name] if path.name == "model" else [path.name]
+    if len(parts) > 1 and parts[-1] == "model":
+        parts.pop()
+    return "/".join(parts) or path.name
+
+
+def model_identity(spec: JobSpec, checkpoint: str) -> dict:
+    """``model``: the served folder (see :func:`public_model_name`); ``base_model``: what it was trained from (a
+    peft adapter's recorded base, else ``model.name_or_path``; null for a preset's random weights)."""
+    if is_adapter_folder(checkpoint):
+        base: str | None = public_model_name(adapter_base(checkpoint), spec.output_dir)
+    elif spec.model.preset:
+        base = None
+    else:
+        base = public_model_name(spec.model.name_or_path, spec.output_dir)
+    return {"model": public_model_name(checkpoint, spec.output_dir), "recipe": spec.model.recipe,
+            "base_model": base, "preset": spec.model.preset}
+
+
 # @serve.ingress copies the class by value while this module is still importing: the module-level names its
 # methods use must be defined above it.
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -94,6 +128,7 @@ class MedvlServer:
         self.settings = spec.serve
         self.spec = spec
         self.checkpoint = args["checkpoint"]
+        self.identity = model_identity(spec, self.checkpoint)
         self.key_digest = args.get("api_key_sha256", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
         self.recipe = build_recipe(spec)
@@ -116,11 +151,10 @@ class MedvlServer:
         self.authorize(request)
         settings, generation = self.settings, self.spec.eval
         return {
-            "recipe": self.spec.model.recipe,
+            **self.identity,
             "task": self.recipe.task,
             "endpoint": f"/v1/{self.recipe.endpoint}",
             "takes_question": self.takes_question,
-            "checkpoint": self.checkpoint,
             "device": str(self.device),
             "image_size": self.spec.data.image_size,
             "num_beams": generation.num_beams,
