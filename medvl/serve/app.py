@@ -4,7 +4,8 @@ Routes (all answers are JSON; errors are ``{"error": {"code", "message", ...}}``
 
 * ``POST /v1/<endpoint>``: the recipe's endpoint (``caption``, ``report`` or ``vqa``; see ``Recipe.endpoint``).
   Another endpoint answers 404 naming the one this model serves.
-* ``GET /v1/model``: what is loaded. ``GET /healthz``: liveness, never behind the API key.
+* ``GET /v1/model``: what is loaded, named without the server's paths (see :func:`model_identity`).
+  ``GET /healthz``: liveness, never behind the API key.
 
 Requests are validated one by one (:mod:`medvl.serve.requests`) before they join a batch; the batch is decoded
 and generated in one call by :class:`medvl.serve.runner.ModelRunner`, in a worker thread so that the replica
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
@@ -24,11 +26,13 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
+from medvl.models.lora import adapter_base, is_adapter_folder
+from medvl.runs import MODEL_DIR
 from medvl.serve.auth import authorized
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
 from medvl.serve.requests import Query, RequestError, read_query
 from medvl.serve.runner import ModelRunner
-from medvl.spec import parse_spec
+from medvl.spec import JobSpec, parse_spec
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="medvl", docs_url=None, redoc_url=None)
@@ -55,6 +59,37 @@ async def failed(request: Request, error: Exception) -> JSONResponse:
                                    f"({type(error).__name__}); see the replica's log"}}, status_code=500)
 
 
+def public_model_name(location: str, output_dir: str) -> str:
+    """A model folder or hub id as clients see it: a hub id as is; a folder under the spec's ``output_dir`` by its
+    path there without the final ``model/`` (``train``, ``stage2``, ``tune/best``); any other folder by its own
+    name, or its parent's when it is called ``model``. Where the files lie on the server is nobody else's business.
+    """
+    path = Path(location)
+    if not path.exists() and location.count("/") <= 1 and not location.startswith((".", "/", "~")):
+        return location  # a hub id
+    path = path.absolute()
+    try:
+        parts = list(path.relative_to(Path(output_dir).absolute()).parts)
+    except ValueError:  # outside output_dir
+        parts = [path.parent.name] if path.name == MODEL_DIR else [path.name]
+    if len(parts) > 1 and parts[-1] == MODEL_DIR:
+        parts.pop()
+    return "/".join(parts) or path.name
+
+
+def model_identity(spec: JobSpec, checkpoint: str) -> dict:
+    """``model``: the served folder (see :func:`public_model_name`); ``base_model``: what it was trained from (a
+    peft adapter's recorded base, else ``model.name_or_path``; null for a preset's random weights)."""
+    if is_adapter_folder(checkpoint):
+        base: str | None = public_model_name(adapter_base(checkpoint), spec.output_dir)
+    elif spec.model.preset:
+        base = None
+    else:
+        base = public_model_name(spec.model.name_or_path, spec.output_dir)
+    return {"model": public_model_name(checkpoint, spec.output_dir), "recipe": spec.model.recipe,
+            "base_model": base, "preset": spec.model.preset}
+
+
 # @serve.ingress copies the class by value while this module is still importing: the module-level names its
 # methods use must be defined above it.
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -64,6 +99,7 @@ class MedvlServer:
         spec = parse_spec(args["spec"])
         self.settings = spec.serve
         self.spec = spec
+        self.identity = model_identity(spec, args["checkpoint"])
         self.key_digest = args.get("api_key_sha256", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
         self.runner = ModelRunner(spec, args["checkpoint"])
@@ -82,11 +118,10 @@ class MedvlServer:
         self.authorize(request)
         settings, generation = self.settings, self.generation
         return {
-            "recipe": self.spec.model.recipe,
+            **self.identity,
             "task": self.recipe.task,
             "endpoint": f"/v1/{self.recipe.endpoint}",
             "takes_question": self.takes_question,
-            "checkpoint": self.runner.checkpoint,
             "device": str(self.runner.device),
             "image_size": self.spec.data.image_size,
             "num_beams": generation.num_beams,
