@@ -211,13 +211,12 @@ def free_port() -> int:
 class Workdir:
     path: Path
     spec: Path  # what SPEC stands for: the quickstart, its train stage's model written
-    vqa_spec: Path  # a tiny VQA model behind an API key
     env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Workdir:
-    from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
+    from transformers import BlipForConditionalGeneration
 
     from medvl.models.blip_caption import save_tiny_blip
 
@@ -237,16 +236,6 @@ def workdir(tmp_path_factory) -> Workdir:
     spec = path / "quickstart.yaml"
     spec.write_text(yaml.safe_dump({**quickstart, "output_dir": str(run),
                                     "serve": {"num_cpus": 0, "max_new_tokens": 8}}))
-    vqa_model = save_tiny_blip(BlipForQuestionAnswering, path / "vqa", TEXTS, 32)
-    vqa_spec = path / "vqa.yaml"
-    vqa_spec.write_text(yaml.safe_dump({
-        "name": "readme-vqa", "output_dir": str(path / "runs" / "vqa"), "stages": ["serve"],
-        "data": {"task": "vqa", "image_size": 32, "max_text_length": 16, "max_question_length": 12},
-        "model": {"recipe": "blip_vqa", "name_or_path": vqa_model},
-        "eval": {"num_beams": 1, "max_new_tokens": 5},
-        "serve": {"checkpoint": vqa_model, "num_cpus": 0, "api_key_env": SERVER_KEY_ENV},
-    }))
-
     bin_dir = path / "bin"  # `medvl` as the README calls it: this interpreter, this checkout
     bin_dir.mkdir()
     (bin_dir / "medvl").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m medvl.cli "$@"\n')
@@ -256,7 +245,25 @@ def workdir(tmp_path_factory) -> Workdir:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "MEDVL_API_KEY": KEY, "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}
     env.pop("RAY_ADDRESS", None)
-    return Workdir(path, spec, vqa_spec, env)
+    return Workdir(path, spec, env)
+
+
+def vqa_spec(workdir: Workdir) -> Path:
+    """A tiny BLIP VQA model behind the API key (the README's VQA example sends one)."""
+    from transformers import BlipForQuestionAnswering
+
+    from medvl.models.blip_caption import save_tiny_blip
+
+    model = save_tiny_blip(BlipForQuestionAnswering, workdir.path / "vqa", TEXTS, 32)
+    spec = workdir.path / "vqa.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "readme-vqa", "output_dir": str(workdir.path / "runs" / "vqa"), "stages": ["serve"],
+        "data": {"task": "vqa", "image_size": 32, "max_text_length": 16, "max_question_length": 12},
+        "model": {"recipe": "blip_vqa", "name_or_path": model},
+        "eval": {"num_beams": 1, "max_new_tokens": 5},
+        "serve": {"checkpoint": model, "num_cpus": 0, "api_key_env": SERVER_KEY_ENV},
+    }))
+    return spec
 
 
 # The README's endpoint → the route prefix of the model that answers it (the quickstart's model by default).
@@ -265,8 +272,10 @@ DEFAULT_PREFIX = "/quickstart"
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, workdir: Workdir) -> int:
+def served(workdir: Workdir, request) -> int:
     """One Serve instance with both models on a free loopback port; yields the port."""
+    chest_image()  # skips before Ray starts when the image is not here
+    request.getfixturevalue("ray_local")
     from ray import serve
 
     from medvl.serve.auth import api_key_digest
@@ -274,11 +283,10 @@ def served(ray_local, workdir: Workdir) -> int:
     from medvl.serve.command import application
     from medvl.spec import load_spec
 
-    chest_image()
     os.environ[SERVER_KEY_ENV] = KEY
     try:
         targets = []
-        for path, prefix, last_train in [(workdir.spec, DEFAULT_PREFIX, "train"), (workdir.vqa_spec, "/vqa", None)]:
+        for path, prefix, last_train in [(workdir.spec, DEFAULT_PREFIX, "train"), (vqa_spec(workdir), "/vqa", None)]:
             spec = load_spec(path)
             app = application(spec, resolve_checkpoint(spec, last_train), api_key_digest(spec.serve))
             targets.append(serve.RunTarget(app, name=prefix.strip("/"), route_prefix=prefix))
