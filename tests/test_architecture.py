@@ -84,6 +84,23 @@ def test_no_import_cycles_among_medvl_modules():
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
 
 
+# ARCHITECTURE.md's layers, bottom first: a module may import its own layer and the ones before it.
+LAYERS = (("runs",), ("spec",), ("data",), ("models",), ("train",), ("eval",), ("tune",), ("validation",),
+          ("serve",), ("runtime", "submit", "stages", "cli"))
+
+
+def layer_of(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    return next((i for i, names in enumerate(LAYERS) if part in names), len(LAYERS))
+
+
+def test_imports_only_go_down_the_layers():
+    modules = package_modules()
+    upward = sorted(f"{name} → {target}" for name, tree in modules.items()
+                    for target in runtime_imports(tree, set(modules)) if layer_of(target) > layer_of(name))
+    assert not upward, upward
+
+
 def string_constants_outside_docstrings(tree: ast.Module) -> list[str]:
     docstrings = set()
     for node in ast.walk(tree):
