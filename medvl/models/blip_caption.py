@@ -26,8 +26,10 @@ from medvl.models.blip_common import (
     blip_attention_maps,
     lm_labels,
     save_blip_folder,
+    save_random_blip,
     save_tiny_blip,
 )
+from medvl.models.precision import weight_dtype
 from medvl.models.scored_generation import Generated, generate_scored
 
 
@@ -35,6 +37,8 @@ class BlipCaptionRecipe(Recipe):
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
             return save_tiny_blip(BlipForConditionalGeneration, work_dir, train_texts(), self.spec.data.image_size)
+        if self.spec.model.preset == "random":
+            return save_random_blip(BlipForConditionalGeneration, self.spec, work_dir, train_texts())
         return self.spec.model.name_or_path
 
     def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
@@ -42,12 +46,12 @@ class BlipCaptionRecipe(Recipe):
         return BlipPreprocessor(model_source, data.image_size, data.max_text_length, data.max_question_length)
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
-        model = BlipForConditionalGeneration.from_pretrained(model_source)
+        model = BlipForConditionalGeneration.from_pretrained(model_source, dtype=weight_dtype(self.spec))
         apply_blip_finetune_policy(model, self.spec.train.finetune)
         return model
 
     def load_for_inference(self, model_dir: str) -> LoadedModel:
-        return LoadedModel(BlipForConditionalGeneration.from_pretrained(model_dir).eval(),
+        return LoadedModel(BlipForConditionalGeneration.from_pretrained(model_dir, dtype=weight_dtype(self.spec)).eval(),
                            AutoTokenizer.from_pretrained(model_dir))
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:

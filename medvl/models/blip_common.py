@@ -18,7 +18,10 @@ from transformers import AutoImageProcessor, AutoTokenizer, BlipConfig, BlipImag
 
 from medvl.data.preprocessing import ImageTextPreprocessor, pad_sequences
 from medvl.models.blip_cross_attention import decoder_cross_attention
+from medvl.models.precision import storage_dtype
+from medvl.models.random_preset import build_random, random_tokenizer, real_config
 from medvl.models.tokenizer import train_tokenizer
+from medvl.spec import JobSpec
 
 TINY_VOCAB = 1000
 
@@ -62,6 +65,29 @@ def save_tiny_blip(model_cls: type, work_dir: Path, texts: Iterable[str], image_
     torch.manual_seed(0)
     model = model_cls(config)
     model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return str(out)
+
+
+def save_random_blip(model_cls: type, spec: JobSpec, work_dir: Path, texts: Iterable[str]) -> str:
+    """``model.preset: random``: ``model_cls`` in the published architecture of ``model.name_or_path`` with random
+    weights in ``model.dtype``, its ids pointed at a tokenizer trained on ``texts`` and its ViT at
+    ``data.image_size`` (see :mod:`medvl.models.random_preset`); returns the folder."""
+    out = work_dir / "random-init"
+    tokenizer = random_tokenizer(texts)
+    config = real_config(spec.model.name_or_path)
+    if not isinstance(config, BlipConfig):
+        raise ValueError(f"model.name_or_path: the {spec.model.recipe} recipe needs a BLIP architecture, "
+                         f"got {spec.model.name_or_path!r}")
+    text = config.text_config
+    text.bos_token_id, text.eos_token_id, text.sep_token_id, text.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.sep_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    image_size = spec.data.image_size
+    config.vision_config.image_size = image_size
+    model = build_random(model_cls, config, storage_dtype(spec), seed=spec.train.seed)
+    model.save_pretrained(out)
+    del model
     tokenizer.save_pretrained(out)
     BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
     return str(out)

@@ -58,8 +58,10 @@ from medvl.models.blip_common import (
     encode_texts,
     lm_labels,
     save_blip_folder,
+    save_random_blip,
     save_tiny_blip,
 )
+from medvl.models.checkpointing import enable_hf_checkpointing, run_checkpointed
 from medvl.models.distill import (
     distilled_total,
     ema_momentum,
@@ -67,6 +69,7 @@ from medvl.models.distill import (
     smooth_ratios,
     task_weights,
 )
+from medvl.models.precision import weight_dtype
 from medvl.models.scored_generation import Generated, generate_scored
 
 TASKS = ("itc", "itm", "lm")
@@ -123,6 +126,15 @@ class DaptNet(nn.Module):
         self.text_proj = nn.Linear(config.text_config.hidden_size, config.image_text_hidden_size)
         self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.checkpoint_heads = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """BLIP's towers checkpoint their layers themselves; the heads (no HF support) go through torch's."""
+        enable_hf_checkpointing(self.blip)
+        self.checkpoint_heads = True
+
+    def head(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return run_checkpointed(module, inputs, enabled=self.checkpoint_heads)
 
     def task_losses(self, batch: TensorBatch, negatives: Negatives | None = None) -> tuple[torch.Tensor, Negatives]:
         """The stacked (ITC, ITM, LM) losses, and the ITM negatives used (mined here unless given)."""
@@ -131,8 +143,8 @@ class DaptNet(nn.Module):
         text_ids, text_mask = batch["text_input_ids"], batch["text_attention_mask"]
 
         text_embeds = self.blip.text_encoder(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
-        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+        image_feat = F.normalize(self.head(self.vision_proj, image_embeds[:, 0]), dim=-1)
+        text_feat = F.normalize(self.head(self.text_proj, text_embeds[:, 0]), dim=-1)
         logits = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image_feat @ text_feat.T
         groups = batch["group_index"]
         positives = groups[:, None] == groups[None, :]
@@ -163,7 +175,7 @@ class DaptNet(nn.Module):
             encoder_attention_mask=image_mask[image_index],
         ).last_hidden_state
         labels = (torch.arange(len(image_index), device=text_ids.device) < len(every)).long()  # 1 = matched
-        return F.cross_entropy(self.itm_head(fused[:, 0]).float(), labels)
+        return F.cross_entropy(self.head(self.itm_head, fused[:, 0]).float(), labels)
 
     def heads_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("blip.")}
@@ -193,6 +205,10 @@ class BlipDaptModel(nn.Module):
             self.teacher.eval()
         return self
 
+    def enable_gradient_checkpointing(self) -> None:
+        """The student's (the teacher runs without a graph: nothing of it is kept for backward)."""
+        self.student.enable_gradient_checkpointing()
+
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
         student, negatives = self.student.task_losses(batch)
         out = {f"loss_{task}": student[i] for i, task in enumerate(TASKS)}
@@ -218,9 +234,9 @@ def _local_file(source: str, name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def load_dapt_model(source: str, distill: bool) -> BlipDaptModel:
-    """The DAPT model from any starting point the module docstring lists."""
-    student = DaptNet(BlipForQuestionAnswering.from_pretrained(source))
+def load_dapt_model(source: str, distill: bool, dtype: torch.dtype = torch.float32) -> BlipDaptModel:
+    """The DAPT model from any starting point the module docstring lists, in ``dtype``."""
+    student = DaptNet(BlipForQuestionAnswering.from_pretrained(source, dtype=dtype)).to(dtype)  # heads too
     heads = _local_file(source, HEADS_FILE)
     ratio_ema = None
     if heads:
@@ -292,6 +308,8 @@ class BlipDaptRecipe(Recipe):
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
             return save_tiny_blip(BlipForQuestionAnswering, work_dir, train_texts(), self.spec.data.image_size)
+        if self.spec.model.preset == "random":
+            return save_random_blip(BlipForQuestionAnswering, self.spec, work_dir, train_texts())
         return self.spec.model.name_or_path
 
     def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
@@ -299,12 +317,13 @@ class BlipDaptRecipe(Recipe):
         return DaptPreprocessor(model_source, data.image_size, data.max_text_length, data.max_question_length)
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
-        model = load_dapt_model(model_source, distill=self.spec.model.distill)
+        model = load_dapt_model(model_source, distill=self.spec.model.distill, dtype=weight_dtype(self.spec))
         apply_frozen_vision_policy(model.student, self.spec.train.finetune, vision_prefix="blip.vision_model.")
         return model
 
     def load_for_inference(self, model_dir: str) -> LoadedModel:
-        return LoadedModel(load_dapt_model(model_dir, distill=False).eval(), AutoTokenizer.from_pretrained(model_dir))
+        return LoadedModel(load_dapt_model(model_dir, distill=False, dtype=weight_dtype(self.spec)).eval(),
+                           AutoTokenizer.from_pretrained(model_dir))
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(**{name: batch[name] for name in DAPT_COLUMNS})
@@ -340,5 +359,6 @@ class BlipDaptRecipe(Recipe):
 
     def restore(self, model: torch.nn.Module, checkpoint_dir: Path) -> None:
         """Resume: the student's towers, its heads and temperature, the ratio EMA and the teacher."""
+        # Read in fp32, as saved: the live model decides each weight's dtype (trainable ones are fp32 under DDP).
         restored = load_dapt_model(str(checkpoint_dir), distill=model.teacher is not None)
         model.load_state_dict(restored.state_dict())

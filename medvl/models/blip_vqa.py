@@ -35,8 +35,10 @@ from medvl.models.blip_common import (
     encode_texts,
     lm_labels,
     save_blip_folder,
+    save_random_blip,
     save_tiny_blip,
 )
+from medvl.models.precision import weight_dtype
 from medvl.models.scored_generation import Generated, generate_scored
 
 VQA_COLUMNS = ("pixel_values", "question_input_ids", "question_attention_mask",
@@ -99,6 +101,8 @@ class BlipVqaRecipe(Recipe):
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
             return save_tiny_blip(BlipForQuestionAnswering, work_dir, train_texts(), self.spec.data.image_size)
+        if self.spec.model.preset == "random":
+            return save_random_blip(BlipForQuestionAnswering, self.spec, work_dir, train_texts())
         return self.spec.model.name_or_path
 
     def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
@@ -107,12 +111,12 @@ class BlipVqaRecipe(Recipe):
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
         """From a hub id, a tiny-init folder, a saved VQA model or a DAPT stage's export (same layout)."""
-        model = BlipForQuestionAnswering.from_pretrained(model_source)
+        model = BlipForQuestionAnswering.from_pretrained(model_source, dtype=weight_dtype(self.spec))
         apply_frozen_vision_policy(model, self.spec.train.finetune)
         return model
 
     def load_for_inference(self, model_dir: str) -> LoadedModel:
-        return LoadedModel(BlipForQuestionAnswering.from_pretrained(model_dir).eval(),
+        return LoadedModel(BlipForQuestionAnswering.from_pretrained(model_dir, dtype=weight_dtype(self.spec)).eval(),
                            AutoTokenizer.from_pretrained(model_dir))
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -36,8 +36,9 @@ class RecipeCard:
     endpoint: str  # what the served model answers: POST /v1/<endpoint>
     finetune: tuple[str, ...]  # train.finetune policies, the first being the recipe's usual one
     options: tuple[str, ...] = ()  # recipe-specific ModelSpec fields it reads
-    presets: tuple[str, ...] = ("", "tiny")
+    presets: tuple[str, ...] = ("", "tiny", "random")
     data_task: str = ""  # the data.task it needs ("" = either)
+    lora_only: tuple[str, ...] = ()  # options that, set, need train.finetune: lora
     model_marker: str = "config.json"  # a file that marks a folder as this recipe's saved model
 
     def check(self, spec: JobSpec) -> None:
@@ -53,6 +54,11 @@ class RecipeCard:
             raise RecipeOptionError(f"data.task: expected {self.data_task!r} for recipe {self.name}, "
                                     f"got {spec.data.task!r}")
         defaults = type(model)()
+        for name in self.lora_only:
+            if getattr(model, name) != getattr(defaults, name) and policy != "lora":
+                raise RecipeOptionError(f"model.{name}: expected it unset with train.finetune {policy} for recipe "
+                                        f"{self.name} (only LoRA trains beside such weights), got "
+                                        f"{getattr(model, name)!r}")
         for f in fields(model):
             if f.name in COMMON_MODEL_FIELDS or f.name in self.options:
                 continue
@@ -66,30 +72,35 @@ class RecipeCard:
 RECIPES: dict[str, RecipeCard] = {card.name: card for card in (
     RecipeCard("blip_caption", "medvl.models.blip_caption:BlipCaptionRecipe", task="caption", endpoint="caption",
                finetune=("full", "decoder", "encoder")),
-    RecipeCard("blip2_lora", "medvl.models.blip2_lora:Blip2LoraRecipe", task="caption", endpoint="report",
-               finetune=("lora",), options=(*LORA_OPTIONS, "load_in_8bit"), model_marker="adapter_config.json"),
+    RecipeCard("blip2", "medvl.models.blip2:Blip2Recipe", task="caption", endpoint="report",
+               finetune=("lora", "frozen_vision", "full"), options=(*LORA_OPTIONS, "load_in_8bit"),
+               lora_only=("load_in_8bit",)),
     RecipeCard("blip_dapt", "medvl.models.blip_dapt:BlipDaptRecipe", task="caption", endpoint="caption",
                finetune=("full", "frozen_vision"), options=("distill", "ema_tau_start", "ema_tau_end")),
     RecipeCard("blip_vqa", "medvl.models.blip_vqa:BlipVqaRecipe", task="vqa", endpoint="vqa",
                finetune=("frozen_vision", "full"), data_task="vqa"),
     RecipeCard("softprompt_llm", "medvl.models.softprompt_llm:SoftPromptRecipe", task="caption", endpoint="report",
                finetune=("frozen_vision", "full"),
-               options=(*LORA_OPTIONS, "vision_name_or_path", "num_prefix_tokens"),
+               options=(*LORA_OPTIONS, "lm_lora", "vision_name_or_path", "num_prefix_tokens"),
                model_marker="medvl_softprompt.json"),
 )}
 
-#: Former names that still work, with the one-line notice printed when a spec uses them.
-ALIASES: dict[str, tuple[str, str]] = {}
+#: Old recipe names that still work: each → (its recipe, why it changed), said in one line when a spec uses it.
+ALIASES: dict[str, tuple[str, str]] = {
+    "blip2_lora": ("blip2", "same recipe; train.finetune picks lora or full"),
+}
+_warned: set[str] = set()
 
 
 def canonical_name(name: str, warn: bool = True) -> str:
-    """``name``, or the recipe an old name now refers to (printing the deprecation notice once per call)."""
-    if name in ALIASES:
-        new, notice = ALIASES[name]
-        if warn:
-            print(f"warning: model.recipe: {name!r} is deprecated, use {new!r} ({notice})", file=sys.stderr)
-        return new
-    return name
+    """``name``, or the recipe an old name now refers to (saying so once per process)."""
+    if name not in ALIASES:
+        return name
+    new, why = ALIASES[name]
+    if warn and name not in _warned:
+        _warned.add(name)
+        print(f"warning: model.recipe: {name!r} is deprecated, use {new!r} ({why})", file=sys.stderr, flush=True)
+    return new
 
 
 def card_for(name: str) -> RecipeCard:
@@ -101,7 +112,7 @@ def card_for(name: str) -> RecipeCard:
 
 
 def build_recipe(spec: JobSpec) -> Recipe:
-    card = card_for(spec.model.recipe)
+    card = card_for(canonical_name(spec.model.recipe))
     module, _, cls = card.implementation.partition(":")
     return getattr(importlib.import_module(module), cls)(spec)
 

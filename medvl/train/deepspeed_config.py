@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from medvl.models.precision import training_precision
 from medvl.spec import JobSpec
 
 
@@ -35,7 +36,7 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # the loop logs progress itself
         "wall_clock_breakdown": False,
     }
-    precision = deepspeed_precision(train.precision)
+    precision = training_precision(spec)
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -43,13 +44,6 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
     if settings.config_file:
         config = merged(config, json.loads(Path(settings.config_file).read_text()))
     return config
-
-
-def deepspeed_precision(precision: str) -> str:
-    """``auto`` is bf16 on a GPU that has it and fp32 elsewhere (CPU bf16 matmuls are slow on most x86 cores)."""
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
 
 
 def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
