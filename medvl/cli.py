@@ -129,7 +129,7 @@ def with_stage(spec, kind: str):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_valid_spec(args.spec, args.overrides)
     if any(n < 1 for n in args.gpus):
         print(f"error: --gpus: expected a positive number of GPUs, got {min(args.gpus)}", file=sys.stderr)
         return 2

@@ -70,7 +70,6 @@ CUDA_RESERVE_GIB = 2.0  # CUDA context + allocator fragmentation, kept free on e
 CARDS_GIB: dict[str, float] = {"24": 23.99, "40": 40.0, "80": 79.65, "141": 140.4}
 STRATEGIES = ("ddp", "zero2", "zero3", "zero3_offload")
 STRATEGY_TITLES = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_offload": "ZeRO-3 + offload"}
-RECIPE_ALIASES = {"blip2_lora": "blip2"}
 
 
 # --------------------------------------------------------------------------------------------- towers
@@ -198,7 +197,10 @@ class MetaModel:
 
 
 def canonical_recipe(name: str) -> str:
-    return RECIPE_ALIASES.get(name, name)
+    """``model.recipe`` with old names replaced (``blip2_lora`` → ``blip2``), as the registry resolves them."""
+    from medvl.models.registry import canonical_name
+
+    return canonical_name(name, warn=False)
 
 
 def build_meta_model(spec: JobSpec) -> MetaModel:
