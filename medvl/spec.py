@@ -1,4 +1,4 @@
-"""The job spec: one YAML file, parsed into typed dataclasses and validated before Ray starts.
+"""The job spec: one YAML file, parsed into typed dataclasses before Ray starts.
 
 The dataclasses below *are* the schema (litgpt style): each field's type and default is the documentation,
 and ``metadata`` carries the extra checks (allowed choices, positive numbers). Validation walks the raw YAML
@@ -9,6 +9,10 @@ A job runs ``stages`` in order. A stage is a kind (prepare, train, eval…) plus
 apply to that stage only (a command-line ``--set`` of the same key wins over them), and ``start_from``: the name
 of an earlier train stage whose model it starts from.
 Multi-stage recipes (DAPT → VQA, soft-prompt stage 1 → stage 2) are one spec with several train stages.
+
+Parsing is pure (types, ranges, cross-field rules; no files read, no medvl module but the run layout), so a
+Tune trial or a Serve replica can rebuild a spec anywhere. What needs the file system or the recipe registry
+(does the search space exist, does the recipe support ``train.finetune: lora``) is :mod:`medvl.validation`.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+
+from medvl.runs import SHARDS_DIR
 
 STAGE_KINDS = ("prepare", "train", "eval", "tune", "serve")
 
@@ -84,9 +90,14 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    recipe: Literal["blip_caption", "blip2_lora", "blip_dapt", "blip_vqa", "softprompt_llm"] = "blip_caption"
+    recipe: str = "blip_caption"  # a name of medvl/models/registry.py (checked by medvl.validation)
     name_or_path: str = "Salesforce/blip-image-captioning-base"  # hub id or local folder, loaded with from_pretrained
-    preset: Literal["", "tiny"] = ""  # "tiny": random weights from a small config + a locally trained tokenizer
+    # "tiny": random weights from a small config + a locally trained tokenizer; "random": name_or_path's real
+    # architecture (shipped config numbers, no download) with random weights, for throughput and memory work
+    preset: Literal["", "tiny", "random"] = ""
+    # Weights as loaded for train, eval and serve; auto: bfloat16 on a GPU that has it, float32 elsewhere.
+    # Frozen weights stay in it; trainable ones train in float32 (DDP) or through DeepSpeed's fp32 master copy.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     load_in_8bit: bool = False
     lora_r: int = checked(16, positive)
     lora_alpha: float = checked(32.0, positive)
@@ -94,6 +105,7 @@ class ModelSpec:
     # [] = the recipe picks per model type (BLIP-2/OPT: q_proj, k_proj; GPT-2: c_attn; LLaMA: q_proj, v_proj)
     lora_target_modules: list[str] = field(default_factory=list)
     vision_name_or_path: str = "microsoft/resnet-50"  # soft-prompt recipe: the vision encoder
+    lm_lora: bool = True  # soft-prompt recipe: LoRA on a frozen LM (true) or the whole LM trains (false)
     num_prefix_tokens: int = checked(10, positive)  # soft-prompt recipe: visual prefix length
     distill: bool = False  # BLIP DAPT: progressive self-distillation from an EMA teacher
     ema_tau_start: float = checked(0.95, unit_interval)  # EMA teacher momentum, rising linearly over training…
@@ -107,7 +119,7 @@ class DeepSpeedSpec:
     stage: Literal[2, 3] = 2  # 2: optimizer state + gradients partitioned; 3: parameters too (7B models)
     offload_optimizer: bool = False  # optimizer state in CPU RAM (compiles DeepSpeedCPUAdam on first use)
     offload_params: bool = False  # stage 3 only: parameters in CPU RAM between uses
-    activation_checkpointing: bool = False  # recompute activations in backward (HF gradient checkpointing)
+    activation_checkpointing: bool = False  # old name of train.gradient_checkpointing (either turns it on)
     config_file: str = ""  # a DeepSpeed JSON merged over the derived config (keys the spec sets are refused)
 
 
@@ -121,7 +133,11 @@ class TrainSpec:
     weight_decay: float = checked(0.01, non_negative)
     warmup_ratio: float = checked(0.05, unit_interval)
     max_grad_norm: float = checked(1.0, positive)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on a capable GPU, else fp32
+    # auto: bf16 on a capable GPU (or whatever low precision model.dtype names), else fp32; fp16 without
+    # DeepSpeed scales the loss with a GradScaler (DeepSpeed scales it itself)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Recompute activations in backward instead of keeping them (less memory, ~30 % more compute), any strategy
+    gradient_checkpointing: bool = False
     # What trains: full | decoder | encoder (BLIP captioning) | frozen_vision (all but the vision encoder) | lora
     finetune: Literal["full", "decoder", "encoder", "frozen_vision", "lora"] = "full"
     early_stopping_patience: int = checked(2, non_negative)  # validations without improvement; 0 = off
@@ -138,6 +154,11 @@ class TrainSpec:
     strategy: Literal["ddp", "deepspeed"] = "ddp"  # deepspeed: ZeRO partitioning, see train.deepspeed
     deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
     seed: int = 0
+
+    @property
+    def checkpoints_activations(self) -> bool:
+        """train.gradient_checkpointing, or its old DeepSpeed-only name train.deepspeed.activation_checkpointing."""
+        return self.gradient_checkpointing or self.deepspeed.activation_checkpointing
 
 
 @dataclass
@@ -199,7 +220,7 @@ class ServeSpec:
     """``medvl serve`` (or a ``serve`` stage): one Ray Serve deployment answering POST /v1/<the recipe's endpoint>."""
 
     # "" = the model of the spec's last train (or tune) stage; else an HF model folder, a peft adapter folder, or
-    # a train / tune stage's folder (its train_summary.json names the model); hf://<org>/<name> for a Hub model
+    # a train / tune stage's folder (its summary names the model); hf://<org>/<name> for a Hub model
     checkpoint: str = ""
     host: str = "127.0.0.1"
     port: int = checked(8000, port_number)
@@ -249,7 +270,7 @@ class JobSpec:
 
     @property
     def shards_location(self) -> str:
-        return self.data.shards or str(Path(self.output_dir) / "shards")
+        return self.data.shards or str(Path(self.output_dir) / SHARDS_DIR)
 
     def for_stage(self, stage: StageSpec) -> "JobSpec":
         """This spec with the stage's ``set`` overrides applied (validated like the file itself)."""
@@ -357,7 +378,11 @@ def _check_cross_fields(spec: JobSpec) -> None:
                         f"storage with data.shards and train.storage_path")
     if spec.model.preset == "" and not spec.model.name_or_path:
         raise SpecError('model.name_or_path: expected a hub id or local folder (or model.preset: tiny), got ""')
+    if spec.model.preset == "random" and not spec.model.name_or_path:
+        raise SpecError('model.name_or_path: expected the hub id whose architecture model.preset: random builds '
+                        '(e.g. Salesforce/blip2-opt-2.7b), got ""')
     _check_deepspeed(spec)
+    _check_precision(spec)
     _check_tune(spec)
     _check_serve(spec)
 
@@ -367,13 +392,17 @@ def _check_deepspeed(spec: JobSpec) -> None:
     if settings.offload_params and settings.stage != 3:
         raise SpecError(f"train.deepspeed.offload_params: expected false unless train.deepspeed.stage is 3, "
                         f"got true with stage {settings.stage}")
-    if settings.config_file and not Path(settings.config_file).is_file():
-        raise SpecError(f"train.deepspeed.config_file: expected a DeepSpeed JSON file, got {settings.config_file!r} "
-                        "(no such file)")
-    if settings.config_file:
-        from medvl.train.deepspeed_file import read_config_file
 
-        read_config_file(settings.config_file)  # refuses keys the spec derives (batch, accumulation, precision…)
+
+LOW_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}  # model.dtype → the train.precision it computes in
+
+
+def _check_precision(spec: JobSpec) -> None:
+    """Low-precision weights compute in their own precision: train.precision may not ask for another one."""
+    needed = LOW_PRECISION.get(spec.model.dtype)
+    if needed and spec.train.precision not in ("auto", needed):
+        raise SpecError(f'train.precision: expected auto or {needed} with model.dtype {spec.model.dtype} (the weights '
+                        f'compute in it), got "{spec.train.precision}"')
 
 
 def _check_tune(spec: JobSpec) -> None:
@@ -389,16 +418,6 @@ def _check_tune(spec: JobSpec) -> None:
                         f"got {settings.grace_period}")
     if searches and settings.gpus_per_trial and not spec.train.use_gpu:
         raise SpecError(f"tune.gpus_per_trial: expected 0 while train.use_gpu is false, got {settings.gpus_per_trial}")
-    if settings.search_alg == "optuna":
-        import importlib.util
-
-        if importlib.util.find_spec("optuna") is None:
-            raise SpecError('tune.search_alg: expected "grid" or "random" (the optuna package is not installed), '
-                            'got "optuna"')
-    if settings.space:
-        from medvl.tune.space import check_space_for
-
-        check_space_for(settings.space, settings.search_alg)
 
 
 def _check_serve(spec: JobSpec) -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from medvl.serve.requests import REFUSALS, Query, RequestError, read_query
-from medvl.spec import ServeSpec
+from medvl.spec import ServeSpec, parse_spec
 
 SIZE = 32
 TEXTS = ["no acute finding", "small left pleural effusion", "is there an effusion?", "yes", "no"] * 4
@@ -177,12 +177,10 @@ KNOWN_CASES = [  # (body, content type), Content-Length sent, chunk size
 
 @pytest.fixture(scope="module", params=["blip_caption", "blip_vqa"])
 def runner(request, tmp_path_factory):
-    import torch
     from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
 
     from medvl.models.blip_caption import save_tiny_blip
-    from medvl.serve.app import serving_spec
-    from medvl.serve.runner import BatchRunner
+    from medvl.serve.runner import ModelRunner
 
     recipe = request.param
     model_class = BlipForQuestionAnswering if recipe == "blip_vqa" else BlipForConditionalGeneration
@@ -192,7 +190,7 @@ def runner(request, tmp_path_factory):
                     "max_text_length": 8, "max_question_length": 12},
            "model": {"recipe": recipe, "name_or_path": model},
            "eval": {"num_beams": 1, "max_new_tokens": 3}, "serve": {"checkpoint": model}}
-    return BatchRunner(serving_spec(raw), model, torch.device("cpu"))
+    return ModelRunner(parse_spec(raw), model)
 
 
 @pytest.mark.slow  # no Ray, but ~300 generations: 30-100 s on 2 shared CPUs

@@ -2,17 +2,18 @@
 
 Preprocessing runs in many Ray processes; a named actor gathers their counts so that the run can report
 "skipped: {unreadable_image: 1}" instead of silently training on fewer samples.
+
+Ray is imported inside the functions: the recipes import :func:`report_skipped`, and ``medvl plan`` imports
+the recipes' finetune policies on machines (a laptop, CI) that must not pay for, or need, Ray.
 """
 from __future__ import annotations
 
 from collections import Counter
-
-import ray
+from functools import cache
 
 COUNTER_NAME = "medvl-skip-counter"
 
 
-@ray.remote(num_cpus=0)
 class SkipCounter:
     def __init__(self) -> None:
         self.counts: Counter = Counter()
@@ -29,12 +30,21 @@ def ensure_skip_counter():
     inside a Tune trial it would otherwise die with that trial (its owner, its placement group) while other
     trials still count into it. Runs on one cluster share it: :func:`skipped_since` takes a run's share of it
     (concurrent runs, such as a search's trials, see each other's counts)."""
-    return SkipCounter.options(name=COUNTER_NAME, get_if_exists=True, namespace="medvl", lifetime="detached",
-                               scheduling_strategy="DEFAULT").remote()
+    return _remote_counter().options(name=COUNTER_NAME, get_if_exists=True, namespace="medvl",
+                                     lifetime="detached", scheduling_strategy="DEFAULT").remote()
+
+
+@cache
+def _remote_counter():
+    import ray
+
+    return ray.remote(num_cpus=0)(SkipCounter)
 
 
 def report_skipped(reason: str, n: int) -> None:
     """Add to the job's count; a no-op outside Ray or when no driver created the counter."""
+    import ray
+
     if not ray.is_initialized():
         return
     try:
@@ -45,6 +55,8 @@ def report_skipped(reason: str, n: int) -> None:
 
 
 def skipped_counts() -> dict[str, int]:
+    import ray
+
     return ray.get(ensure_skip_counter().snapshot.remote()) if ray.is_initialized() else {}
 
 

@@ -50,19 +50,18 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from transformers import AutoTokenizer, BlipForQuestionAnswering
 
-from medvl.models.base import Batch, Recipe, TensorBatch
-from medvl.models.blip_caption import (
-    ImageTextPreprocessor,
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
+from medvl.models.blip_common import (
+    BlipPreprocessor,
+    apply_frozen_vision_policy,
     blip_attention_maps,
+    encode_texts,
     lm_labels,
+    save_blip_folder,
+    save_random_blip,
     save_tiny_blip,
 )
-from medvl.models.blip_vqa import (
-    apply_vqa_finetune_policy,
-    cls_token_id,
-    encode_texts,
-    save_blip_folder,
-)
+from medvl.models.checkpointing import enable_hf_checkpointing, run_checkpointed
 from medvl.models.distill import (
     distilled_total,
     ema_momentum,
@@ -70,6 +69,7 @@ from medvl.models.distill import (
     smooth_ratios,
     task_weights,
 )
+from medvl.models.precision import weight_dtype
 from medvl.models.scored_generation import Generated, generate_scored
 
 TASKS = ("itc", "itm", "lm")
@@ -126,6 +126,15 @@ class DaptNet(nn.Module):
         self.text_proj = nn.Linear(config.text_config.hidden_size, config.image_text_hidden_size)
         self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.checkpoint_heads = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """BLIP's towers checkpoint their layers themselves; the heads (no HF support) go through torch's."""
+        enable_hf_checkpointing(self.blip)
+        self.checkpoint_heads = True
+
+    def head(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return run_checkpointed(module, inputs, enabled=self.checkpoint_heads)
 
     def task_losses(self, batch: TensorBatch, negatives: Negatives | None = None) -> tuple[torch.Tensor, Negatives]:
         """The stacked (ITC, ITM, LM) losses, and the ITM negatives used (mined here unless given)."""
@@ -134,8 +143,8 @@ class DaptNet(nn.Module):
         text_ids, text_mask = batch["text_input_ids"], batch["text_attention_mask"]
 
         text_embeds = self.blip.text_encoder(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
-        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+        image_feat = F.normalize(self.head(self.vision_proj, image_embeds[:, 0]), dim=-1)
+        text_feat = F.normalize(self.head(self.text_proj, text_embeds[:, 0]), dim=-1)
         logits = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image_feat @ text_feat.T
         groups = batch["group_index"]
         positives = groups[:, None] == groups[None, :]
@@ -166,7 +175,7 @@ class DaptNet(nn.Module):
             encoder_attention_mask=image_mask[image_index],
         ).last_hidden_state
         labels = (torch.arange(len(image_index), device=text_ids.device) < len(every)).long()  # 1 = matched
-        return F.cross_entropy(self.itm_head(fused[:, 0]).float(), labels)
+        return F.cross_entropy(self.head(self.itm_head, fused[:, 0]).float(), labels)
 
     def heads_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("blip.")}
@@ -196,6 +205,10 @@ class BlipDaptModel(nn.Module):
             self.teacher.eval()
         return self
 
+    def enable_gradient_checkpointing(self) -> None:
+        """The student's (the teacher runs without a graph: nothing of it is kept for backward)."""
+        self.student.enable_gradient_checkpointing()
+
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
         student, negatives = self.student.task_losses(batch)
         out = {f"loss_{task}": student[i] for i, task in enumerate(TASKS)}
@@ -221,9 +234,9 @@ def _local_file(source: str, name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def load_dapt_model(source: str, distill: bool) -> BlipDaptModel:
-    """The DAPT model from any starting point the module docstring lists."""
-    student = DaptNet(BlipForQuestionAnswering.from_pretrained(source))
+def load_dapt_model(source: str, distill: bool, dtype: torch.dtype = torch.float32) -> BlipDaptModel:
+    """The DAPT model from any starting point the module docstring lists, in ``dtype``."""
+    student = DaptNet(BlipForQuestionAnswering.from_pretrained(source, dtype=dtype)).to(dtype)  # heads too
     heads = _local_file(source, HEADS_FILE)
     ratio_ema = None
     if heads:
@@ -270,7 +283,7 @@ def group_index(group_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(str(group_id).encode(), digest_size=8).digest(), "big") >> 1
 
 
-class DaptPreprocessor(ImageTextPreprocessor):
+class DaptPreprocessor(BlipPreprocessor):
     """Caption as decoder input (``input_ids``: ``[bos] … [sep]``) and as encoder input (``text_input_ids``:
     ``[cls] … [sep]``), plus ``group_index`` to tell in-batch positives from negatives."""
 
@@ -280,7 +293,7 @@ class DaptPreprocessor(ImageTextPreprocessor):
         out = super().__call__({**batch, "text": np.asarray(captions, dtype=object)})
         out["text_input_ids"], out["text_attention_mask"] = encode_texts(
             self.tokenizer, [str(t) for t in out["text"]], self.max_text_length,
-            cls_token_id(self.tokenizer, self.bos), self.sep, self.pad,
+            self.cls, self.sep, self.pad,
         )
         out["group_index"] = np.asarray([groups[str(i)] for i in out["id"]], dtype=np.int64)
         return out
@@ -290,12 +303,13 @@ class DaptPreprocessor(ImageTextPreprocessor):
 
 
 class BlipDaptRecipe(Recipe):
-    task = "caption"
     tensor_columns = DAPT_COLUMNS
 
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
             return save_tiny_blip(BlipForQuestionAnswering, work_dir, train_texts(), self.spec.data.image_size)
+        if self.spec.model.preset == "random":
+            return save_random_blip(BlipForQuestionAnswering, self.spec, work_dir, train_texts())
         return self.spec.model.name_or_path
 
     def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
@@ -303,13 +317,13 @@ class BlipDaptRecipe(Recipe):
         return DaptPreprocessor(model_source, data.image_size, data.max_text_length, data.max_question_length)
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
-        model = load_dapt_model(model_source, distill=self.spec.model.distill)
-        apply_vqa_finetune_policy(model.student, self.spec.train.finetune, vision_prefix="blip.vision_model.")
+        model = load_dapt_model(model_source, distill=self.spec.model.distill, dtype=weight_dtype(self.spec))
+        apply_frozen_vision_policy(model.student, self.spec.train.finetune, vision_prefix="blip.vision_model.")
         return model
 
-    def load_for_inference(self, model_dir: str) -> torch.nn.Module:
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return load_dapt_model(model_dir, distill=False).eval()
+    def load_for_inference(self, model_dir: str) -> LoadedModel:
+        return LoadedModel(load_dapt_model(model_dir, distill=False, dtype=weight_dtype(self.spec)).eval(),
+                           AutoTokenizer.from_pretrained(model_dir))
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(**{name: batch[name] for name in DAPT_COLUMNS})
@@ -322,22 +336,22 @@ class BlipDaptRecipe(Recipe):
             ema_update(model.teacher, model.student, tau)
 
     @torch.no_grad()
-    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
+    def generate_scored(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> Generated:
         """Captions from the decoder (as BlipForConditionalGeneration would write them)."""
-        blip = model.student.blip
+        blip = loaded.module.student.blip
         image_embeds = blip.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         text = blip.config.text_config
         bos = torch.full((image_embeds.shape[0], 1), text.bos_token_id, dtype=torch.long, device=image_embeds.device)
         return generate_scored(
-            blip.text_decoder.generate, blip.text_decoder, self.tokenizer, text.sep_token_id,
+            blip.text_decoder.generate, blip.text_decoder, loaded.tokenizer, text.sep_token_id,
             input_ids=bos, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
             encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-            num_beams=self.spec.eval.num_beams, max_new_tokens=self.spec.eval.max_new_tokens,
+            num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
         )
 
-    def attention_maps(self, model: torch.nn.Module, batch: TensorBatch, texts: list[str]) -> np.ndarray:
-        return blip_attention_maps(model.student.blip, self.tokenizer, batch["pixel_values"], texts,
+    def attention_maps(self, loaded: LoadedModel, batch: TensorBatch, texts: list[str]) -> np.ndarray:
+        return blip_attention_maps(loaded.module.student.blip, loaded.tokenizer, batch["pixel_values"], texts,
                                    self.spec.data.max_text_length)
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
@@ -345,5 +359,6 @@ class BlipDaptRecipe(Recipe):
 
     def restore(self, model: torch.nn.Module, checkpoint_dir: Path) -> None:
         """Resume: the student's towers, its heads and temperature, the ratio EMA and the teacher."""
+        # Read in fp32, as saved: the live model decides each weight's dtype (trainable ones are fp32 under DDP).
         restored = load_dapt_model(str(checkpoint_dir), distill=model.teacher is not None)
         model.load_state_dict(restored.state_dict())

@@ -8,25 +8,39 @@ Model (:class:`SoftPromptModel`):
 * ``mapper`` — :class:`PrefixMapper`: ``model.num_prefix_tokens`` learned queries go through ONE
   ``torch.nn.TransformerDecoderLayer`` (self-attention among the queries, cross-attention to the image
   tokens, at the vision width C) and a linear map into the LM's embedding space.
-* ``lm`` — any ``AutoModelForCausalLM`` wrapped in peft LoRA (``model.lora_target_modules``, or per model type:
-  GPT-2 ``c_attn``, LLaMA ``q_proj``/``v_proj``). Input: ``inputs_embeds = [prefix; embed([bos] text [eos])]``;
-  labels are -100 on the prefix, the BOS and padding. The LM's base weights never train.
+* ``lm`` — any ``AutoModelForCausalLM``. Input: ``inputs_embeds = [prefix; embed([bos] text [eos])]``; labels are
+  -100 on the prefix, the BOS and padding.
 
-Stages (``train.finetune``): ``frozen_vision`` (stage 1) trains mapper + LoRA with the ResNet frozen, in eval
-mode so that its BatchNorm statistics stay put too; ``full`` (stage 2, ``start_from`` stage 1) also trains the
-ResNet. The job spec chains them.
+What trains is two choices:
+
+* The LM (``model.lm_lora``): ``true`` (default) wraps it in peft LoRA (``model.lora_target_modules``, or per
+  model type: GPT-2 ``c_attn``, LLaMA ``q_proj``/``v_proj``) and its base weights never train; ``false`` trains
+  every LM weight (full fine-tuning: OpenLLaMA-7B needs ZeRO-3, see jobs/mimic_openllama_full.yaml).
+* The vision encoder (``train.finetune``): ``frozen_vision`` (stage 1) keeps the ResNet frozen, in eval mode so
+  that its BatchNorm statistics stay put too; ``full`` (stage 2, ``start_from`` stage 1) also trains it. The
+  mapper always trains. The job spec chains the stages. (``lora`` is not a value here: ``model.lm_lora`` says it.)
+
+:func:`apply_softprompt_policy` applies both by module name (on the meta device too, for ``medvl plan``).
 
 Saved folder (HF pieces, each loadable on its own)::
 
     medvl_softprompt.json   {"base_lm": hub id or folder of the LM, "num_prefix_tokens", "vision_dim", "lm_dim",
                              "mapper_heads", "mapper_ffn_dim"}
     vision/                 ResNetModel.save_pretrained + the image processor
-    lm_adapter/             the peft adapter (PeftModel.from_pretrained(AutoModelForCausalLM…(base_lm), it))
+    lm_adapter/             with LoRA: the peft adapter (PeftModel.from_pretrained(AutoModelForCausalLM…(base_lm), it))
+    lm/                     without LoRA: the whole fine-tuned LM (AutoModelForCausalLM.from_pretrained(it))
     mapper.safetensors      PrefixMapper state dict
     tokenizer files         the LM's tokenizer
 
-The LM's base weights are referenced (``base_lm``), not copied: a 7B LM would otherwise cost ~13 GB per
-checkpoint. The tiny preset saves its random base LM inside its own start folder.
+With LoRA the LM's base weights are referenced (``base_lm``), not copied: a 7B LM would otherwise cost ~13 GB per
+checkpoint. A folder of either kind starts the next stage: an adapter is merged into its base when that stage
+trains the whole LM, and a fully trained ``lm/`` becomes the base of a fresh adapter when it trains LoRA.
+The tiny and random presets save their random base LM inside their own start folder.
+
+Weights load in ``model.dtype`` (:mod:`medvl.models.precision`); pixels are cast to the ResNet's dtype here.
+Gradient checkpointing (:meth:`SoftPromptModel.enable_gradient_checkpointing`) uses the LM's own and wraps the
+mapper in ``torch.utils.checkpoint``; the ResNet is left alone: recomputing its BatchNorm layers in train mode
+would update their running statistics twice per step.
 
 Visual grounding check: :meth:`SoftPromptRecipe.extra_eval_metrics` reports, per LM layer, the share of
 attention mass the text positions put on the prefix (``prefix_attention_share_layer_<i>`` and their mean
@@ -39,6 +53,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
 from PIL import Image
@@ -56,22 +71,27 @@ from transformers import (
     ResNetModel,
 )
 
-from medvl.models.base import Batch, Recipe, TensorBatch
-from medvl.models.blip_caption import ImageTextPreprocessor
+from medvl.data.preprocessing import ImageTextPreprocessor, pad_sequences
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
+from medvl.models.checkpointing import enable_hf_checkpointing, run_checkpointed
 from medvl.models.lora import (
     load_adapter_weights,
     lora_config,
     target_modules,
     widen_frozen_head,
 )
+from medvl.models.precision import storage_dtype, weight_dtype
+from medvl.models.random_preset import build_random, random_tokenizer, real_config
 from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
-from medvl.spec import JobSpec
+from medvl.models.weights import load_full_weights
+from medvl.spec import JobSpec, ModelSpec
 
 CONFIG_FILE = "medvl_softprompt.json"
 MAPPER_FILE = "mapper.safetensors"
 VISION_DIR = "vision"
 ADAPTER_DIR = "lm_adapter"
+LM_DIR = "lm"
 TINY_VOCAB = 1000
 POLICIES = ("frozen_vision", "full")
 
@@ -120,10 +140,11 @@ def mapper_heads(width: int) -> int:
 
 
 class SoftPromptModel(nn.Module):
-    def __init__(self, vision: ResNetModel, mapper: PrefixMapper, lm: PeftModel, config: SoftPromptConfig):
+    def __init__(self, vision: ResNetModel, mapper: PrefixMapper, lm: nn.Module, config: SoftPromptConfig):
         super().__init__()
         self.vision, self.mapper, self.lm, self.config = vision, mapper, lm, config
         self.bos, self.eos, self.pad = special_ids(lm.config)
+        self.checkpoint_mapper = False
 
     def train(self, mode: bool = True) -> SoftPromptModel:
         super().train(mode)
@@ -131,12 +152,17 @@ class SoftPromptModel(nn.Module):
             self.vision.eval()  # a frozen encoder's BatchNorm running statistics must not drift either
         return self
 
+    def enable_gradient_checkpointing(self) -> None:
+        """The LM's own checkpointing, and the mapper's through torch.utils.checkpoint (see the module docstring)."""
+        enable_hf_checkpointing(self.lm)
+        self.checkpoint_mapper = True
+
     def prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, C, h, w)
+        features = self.vision(pixel_values=pixel_values.to(self.vision.dtype)).last_hidden_state  # (B, C, h, w)
         _, channels, height, width = features.shape
         tokens = features.flatten(2).transpose(1, 2)
         tokens = tokens + grid_position_code(height, width, channels).to(tokens)
-        return self.mapper(tokens)
+        return run_checkpointed(self.mapper, tokens, enabled=self.checkpoint_mapper)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, output_attentions: bool = False):
@@ -205,17 +231,20 @@ def prefix_attention_share(attentions: tuple[torch.Tensor, ...], prefix_length: 
 class Sources:
     """Where each piece of a model comes from: a folder :meth:`SoftPromptRecipe.save` wrote, or hub ids/folders."""
 
-    base_lm: str
+    base_lm: str  # the LM's weights: a hub id or folder (the saved lm/ when the whole LM was trained)
     vision: str
     tokenizer: str
-    saved: Path | None  # the save folder (mapper and adapter inside), None when starting fresh
+    saved: Path | None  # the save folder (mapper inside), None when starting fresh
+    adapter: Path | None = None  # the saved LoRA adapter on base_lm, if the LM was trained through one
 
 
 def resolve_sources(model_source: str, spec: JobSpec) -> Sources:
     folder = Path(model_source)
     if (folder / CONFIG_FILE).is_file():
+        if (folder / LM_DIR).is_dir():
+            return Sources(str(folder / LM_DIR), str(folder / VISION_DIR), str(folder), folder)
         config = json.loads((folder / CONFIG_FILE).read_text())
-        return Sources(config["base_lm"], str(folder / VISION_DIR), str(folder), folder)
+        return Sources(config["base_lm"], str(folder / VISION_DIR), str(folder), folder, folder / ADAPTER_DIR)
     return Sources(model_source, spec.model.vision_name_or_path, model_source, None)
 
 
@@ -235,68 +264,68 @@ class SquareImages:
 
 
 class SoftPromptPreprocessor(ImageTextPreprocessor):
-    """Shard rows → ``pixel_values`` and ``[bos] text [eos]`` ids for the LM (decoding/skips from BLIP's)."""
+    """Shard rows → ``pixel_values`` and ``[bos] text [eos]`` ids for the LM (ids from the causal LM's config)."""
 
     def __init__(self, sources: Sources, image_size: int, max_text_length: int):
-        # Not super().__init__: it reads a BLIP text config; the ids here come from the causal LM's config.
-        self.tokenizer = AutoTokenizer.from_pretrained(sources.tokenizer)
-        self.image_processor = SquareImages(AutoImageProcessor.from_pretrained(sources.vision), image_size)
-        self.size = {"height": image_size, "width": image_size}
-        self.max_text_length = max_text_length
-        self.bos, self.sep, self.pad = special_ids(AutoConfig.from_pretrained(sources.base_lm))
+        super().__init__(AutoTokenizer.from_pretrained(sources.tokenizer),
+                         SquareImages(AutoImageProcessor.from_pretrained(sources.vision), image_size),
+                         image_size, max_text_length)
+        self.bos, self.eos, self.pad = special_ids(AutoConfig.from_pretrained(sources.base_lm))
+
+    def encode(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+        pieces = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=length - 2)["input_ids"]
+        return pad_sequences([[self.bos, *tokens, self.eos] for tokens in pieces], length, self.pad)
 
 
 # --------------------------------------------------------------------------------------------- recipe
 
 
 class SoftPromptRecipe(Recipe):
-    task = "caption"
-    endpoint = "report"  # chest X-ray findings
-
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
             return save_tiny_softprompt(self, work_dir, train_texts())
+        if self.spec.model.preset == "random":
+            return save_random_softprompt(self, work_dir, train_texts())
         return self.spec.model.name_or_path
 
     def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
         data = self.spec.data
         return SoftPromptPreprocessor(resolve_sources(model_source, self.spec), data.image_size, data.max_text_length)
 
-    def build(self, sources: Sources, trainable: bool, eager_attention: bool = False) -> SoftPromptModel:
-        """The model from ``sources``: saved mapper/adapter when there are any, fresh (seeded) ones otherwise."""
-        vision = ResNetModel.from_pretrained(sources.vision)
+    def build(self, sources: Sources, trainable: bool, lm_lora: bool, eager_attention: bool = False) -> SoftPromptModel:
+        """The model from ``sources`` in ``model.dtype``: saved mapper/adapter when there are any, fresh (seeded)
+        ones otherwise; ``lm_lora`` says whether the LM trains through LoRA (an adapter is merged otherwise)."""
+        dtype = weight_dtype(self.spec)
+        vision = ResNetModel.from_pretrained(sources.vision, dtype=dtype)
         attention = {"attn_implementation": "eager"} if eager_attention else {}
-        lm = AutoModelForCausalLM.from_pretrained(sources.base_lm, **attention)
+        lm = AutoModelForCausalLM.from_pretrained(sources.base_lm, dtype=dtype, **attention)
+        if sources.adapter is not None:
+            lm = PeftModel.from_pretrained(lm, sources.adapter, is_trainable=trainable)
+            if not lm_lora:
+                lm = lm.merge_and_unload()
+        saved_config = None
+        if sources.saved is not None:  # its base_lm becomes this model's: a fully trained lm/ may now carry LoRA
+            saved = json.loads((sources.saved / CONFIG_FILE).read_text())
+            saved_config = SoftPromptConfig(**{**saved, "base_lm": sources.base_lm})
+        fresh_lora = lm_lora and sources.adapter is None
+        model = assemble_softprompt(vision, lm, self.spec.model, sources.base_lm, self.spec.train.seed,
+                                    config=saved_config, fresh_lora=fresh_lora)
         if sources.saved is not None:
-            config = SoftPromptConfig(**json.loads((sources.saved / CONFIG_FILE).read_text()))
-        else:
-            width = vision.config.hidden_sizes[-1]
-            config = SoftPromptConfig(sources.base_lm, self.spec.model.num_prefix_tokens, width,
-                                      lm.get_input_embeddings().embedding_dim, mapper_heads(width), 4 * width)
-        with torch.random.fork_rng(devices=[]):  # a fresh mapper/adapter is the same on every worker and every run
-            torch.manual_seed(self.spec.train.seed)
-            mapper = PrefixMapper(config.num_prefix_tokens, config.vision_dim, config.lm_dim, config.mapper_heads,
-                                  config.mapper_ffn_dim)
-            if sources.saved is None:
-                lm = get_peft_model(lm, self.fresh_lora(lm.config.model_type))
-        if sources.saved is not None:
-            mapper.load_state_dict(load_file(sources.saved / MAPPER_FILE))
-            lm = PeftModel.from_pretrained(lm, sources.saved / ADAPTER_DIR, is_trainable=trainable)
-        return SoftPromptModel(vision, mapper, lm, config)
-
-    def fresh_lora(self, model_type: str):
-        targets = target_modules(self.spec.model, model_type)
-        return lora_config(self.spec.model, targets, fan_in_fan_out=model_type == "gpt2")
+            model.mapper.load_state_dict(load_file(sources.saved / MAPPER_FILE))
+        model.mapper.to(dtype)
+        return model
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
-        model = self.build(resolve_sources(model_source, self.spec), trainable=True)
+        model = self.build(resolve_sources(model_source, self.spec), trainable=True, lm_lora=self.spec.model.lm_lora)
         apply_softprompt_policy(model, self.spec.train.finetune)
         return model
 
-    def load_for_inference(self, model_dir: str) -> torch.nn.Module:
+    def load_for_inference(self, model_dir: str) -> LoadedModel:
         sources = resolve_sources(model_dir, self.spec)
-        self.tokenizer = AutoTokenizer.from_pretrained(sources.tokenizer)
-        return self.build(sources, trainable=False, eager_attention=True).eval()
+        # As saved: through its adapter if it has one, else the plain LM (a fresh adapter would change nothing).
+        return LoadedModel(self.build(sources, trainable=False, lm_lora=sources.adapter is not None,
+                                      eager_attention=True).eval(),
+                           AutoTokenizer.from_pretrained(sources.tokenizer))
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         output = model(
@@ -307,9 +336,9 @@ class SoftPromptRecipe(Recipe):
         )
         return output.loss, {}
 
-    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
-        settings = self.spec.eval
-        return generate_scored(model.generate, model.lm, self.tokenizer, model.eos,
+    def generate_scored(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> Generated:
+        model = loaded.module
+        return generate_scored(model.generate, model.lm, loaded.tokenizer, model.eos,
                                pixel_values=batch["pixel_values"], num_beams=settings.num_beams,
                                max_new_tokens=settings.max_new_tokens)
 
@@ -331,19 +360,45 @@ class SoftPromptRecipe(Recipe):
     def restore(self, model: torch.nn.Module, checkpoint_dir: Path) -> None:
         model.vision.load_state_dict(load_file(checkpoint_dir / VISION_DIR / "model.safetensors"))
         model.mapper.load_state_dict(load_file(checkpoint_dir / MAPPER_FILE))
-        load_adapter_weights(model.lm, checkpoint_dir / ADAPTER_DIR)
+        if isinstance(model.lm, PeftModel):
+            load_adapter_weights(model.lm, checkpoint_dir / ADAPTER_DIR)
+        else:
+            load_full_weights(model.lm, checkpoint_dir / LM_DIR)
+
+
+def assemble_softprompt(vision: nn.Module, lm: nn.Module, settings: ModelSpec, base_lm: str, seed: int,
+                        config: SoftPromptConfig | None = None, fresh_lora: bool = False) -> SoftPromptModel:
+    """A :class:`SoftPromptModel` around an already built ResNet and LM: a fresh mapper (seeded: the same on every
+    worker and every run) and, with ``fresh_lora``, a fresh LoRA adapter on the LM. Loads nothing, so it also
+    builds on the meta device (``with torch.device("meta")``) for planning."""
+    if config is None:
+        width = vision.config.hidden_sizes[-1]
+        config = SoftPromptConfig(base_lm, settings.num_prefix_tokens, width,
+                                  lm.get_input_embeddings().embedding_dim, mapper_heads(width), 4 * width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mapper = PrefixMapper(config.num_prefix_tokens, config.vision_dim, config.lm_dim, config.mapper_heads,
+                              config.mapper_ffn_dim)
+        if fresh_lora:
+            model_type = lm.config.model_type
+            targets = target_modules(settings, model_type)
+            lm = get_peft_model(lm, lora_config(settings, targets, fan_in_fan_out=model_type == "gpt2"))
+    return SoftPromptModel(vision, mapper, lm, config)
 
 
 def apply_softprompt_policy(model: SoftPromptModel, policy: str) -> None:
-    """Mapper and LoRA always train, the LM's base never; the vision encoder trains only under ``full``."""
+    """By module name (works on the meta device): the mapper always trains; the LM's LoRA weights when it has
+    an adapter, else every LM weight; the vision encoder only under ``full``."""
     if policy not in POLICIES:
-        raise ValueError(
-            f"train.finetune: expected frozen_vision (stage 1) or full (stage 2) for softprompt_llm, got {policy!r}"
-        )
+        raise ValueError(f"train.finetune: expected frozen_vision (stage 1) or full (stage 2) for softprompt_llm "
+                         f"(model.lm_lora picks LoRA or the whole LM), got {policy!r}")
     for parameter in model.vision.parameters():
         parameter.requires_grad = policy == "full"
     for parameter in model.mapper.parameters():
         parameter.requires_grad = True
+    through_lora = isinstance(model.lm, PeftModel)
+    for name, parameter in model.lm.named_parameters():
+        parameter.requires_grad = ".lora_" in name if through_lora else True
 
 
 def write_softprompt(model: SoftPromptModel, sources: Sources, out: Path) -> None:
@@ -351,9 +406,14 @@ def write_softprompt(model: SoftPromptModel, sources: Sources, out: Path) -> Non
     (out / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2))
     model.vision.save_pretrained(out / VISION_DIR)
     AutoImageProcessor.from_pretrained(sources.vision).save_pretrained(out / VISION_DIR)
-    model.lm.save_pretrained(out / ADAPTER_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(sources.tokenizer)
+    if isinstance(model.lm, PeftModel):
+        model.lm.save_pretrained(out / ADAPTER_DIR)
+    else:  # the whole LM trained: a plain causal-LM folder, loadable on its own
+        model.lm.save_pretrained(out / LM_DIR)
+        tokenizer.save_pretrained(out / LM_DIR)
     save_file({k: v.contiguous() for k, v in model.mapper.state_dict().items()}, out / MAPPER_FILE)
-    AutoTokenizer.from_pretrained(sources.tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 # --------------------------------------------------------------------------------------------- tiny preset
@@ -392,5 +452,36 @@ def save_tiny_softprompt(recipe: SoftPromptRecipe, work_dir: Path, texts: Iterab
     out = work_dir / "tiny-init"
     lm_dir, vision_dir = save_tiny_parts(out, texts, recipe.spec.data.image_size)
     sources = Sources(lm_dir, vision_dir, lm_dir, None)
-    write_softprompt(recipe.build(sources, trainable=True), sources, out)
+    write_softprompt(recipe.build(sources, trainable=True, lm_lora=recipe.spec.model.lm_lora), sources, out)
+    return str(out)
+
+
+def save_random_softprompt(recipe: SoftPromptRecipe, work_dir: Path, texts: Iterable[str]) -> str:
+    """``model.preset: random``: the published architectures of ``model.name_or_path`` (the LM) and
+    ``model.vision_name_or_path`` (the ResNet) with random weights in ``model.dtype``, a tokenizer trained on
+    ``texts``, saved in the saved-model layout; returns the folder. The LM is written once: as the base of a
+    fresh adapter (``base_lm/``) with LoRA, as the trained LM's folder (``lm/``) without."""
+    spec = recipe.spec
+    out = work_dir / "random-init"
+    tokenizer = random_tokenizer(texts)
+    lm_config = real_config(spec.model.name_or_path)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    lm_config.bos_token_id, lm_config.eos_token_id, lm_config.pad_token_id = bos, eos, pad
+    vision_config = real_config(spec.model.vision_name_or_path)
+    if not isinstance(vision_config, ResNetConfig):
+        raise ValueError(f"model.vision_name_or_path: the softprompt_llm recipe needs a ResNet architecture, "
+                         f"got {spec.model.vision_name_or_path!r}")
+    dtype = storage_dtype(spec)
+    lm = build_random(AutoModelForCausalLM, lm_config, dtype, seed=spec.train.seed)
+    vision = build_random(ResNetModel, vision_config, dtype, seed=spec.train.seed)
+    vision_dir = out / "base_vision"
+    vision.save_pretrained(vision_dir)
+    ConvNextImageProcessor(size={"shortest_edge": spec.data.image_size}).save_pretrained(vision_dir)
+    base_lm = out / ("base_lm" if spec.model.lm_lora else LM_DIR)
+    if spec.model.lm_lora:
+        lm.save_pretrained(base_lm)
+    tokenizer.save_pretrained(base_lm)
+    model = assemble_softprompt(vision, lm, spec.model, str(base_lm), spec.train.seed, fresh_lora=spec.model.lm_lora)
+    model.mapper.to(dtype)
+    write_softprompt(model, Sources(str(base_lm), str(vision_dir), str(base_lm), None), out)
     return str(out)

@@ -4,33 +4,36 @@ Routes (all answers are JSON; errors are ``{"error": {"code", "message", ...}}``
 
 * ``POST /v1/<endpoint>``: the recipe's endpoint (``caption``, ``report`` or ``vqa``; see ``Recipe.endpoint``).
   Another endpoint answers 404 naming the one this model serves.
-* ``GET /v1/model``: what is loaded. ``GET /healthz``: 200 while the model works, 503 once it failed a probe
-  (the deployment's ``check_health``, which makes Serve replace the replica); never behind the API key.
+* ``GET /v1/model``: what is loaded, named without the server's paths (see :func:`model_identity`).
+  ``GET /healthz``: 200 while the model works, 503 once it failed a probe (the deployment's ``check_health``,
+  which makes Serve replace the replica); never behind the API key.
 
 Requests are validated one by one (:mod:`medvl.serve.requests`) before they join a batch; the batch is decoded
-by the recipe's preprocessor and generated in one call (:mod:`medvl.serve.runner`: one query's failure fails
-only that query), in a worker thread so that the replica keeps accepting (and refusing) requests while the model
-runs.
+and generated in one call by :class:`medvl.serve.runner.ModelRunner` (one query's failure fails only that
+query), in a worker thread so that the replica keeps accepting (and refusing) requests while the model runs.
 """
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the route methods' signatures in its own
 # module, where FastAPI could not resolve "Request" from a string annotation.
 import asyncio
-import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
-from fastapi import FastAPI, Path, Request
+from fastapi import FastAPI, Request
+from fastapi import Path as PathParameter
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
+from medvl.models.lora import adapter_base, is_adapter_folder
+from medvl.runs import MODEL_DIR
 from medvl.serve.auth import authorized, check_digest
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
 from medvl.serve.requests import OPENAPI_EXTRA, OPENAPI_RESPONSES, Query, RequestError, read_query
-from medvl.serve.runner import BatchRunner, ModelDead
+from medvl.serve.runner import ModelDead, ModelRunner
 from medvl.spec import JobSpec, parse_spec
 
 logger = logging.getLogger("ray.serve")
@@ -58,13 +61,35 @@ async def failed(request: Request, error: Exception) -> JSONResponse:
                                    f"({type(error).__name__}); see the replica's log"}}, status_code=500)
 
 
-def serving_spec(raw: dict) -> JobSpec:
-    """The spec with ``serve.num_beams`` / ``serve.max_new_tokens`` in place of eval's (the recipes read eval's)."""
-    spec = parse_spec(raw)
-    settings = spec.serve
-    generation = dataclasses.replace(spec.eval, num_beams=settings.num_beams or spec.eval.num_beams,
-                                     max_new_tokens=settings.max_new_tokens or spec.eval.max_new_tokens)
-    return dataclasses.replace(spec, eval=generation)
+def public_model_name(location: str, output_dir: str) -> str:
+    """A model folder or hub id as clients see it: a hub id as is; a folder under the spec's ``output_dir`` by its
+    path there without the final ``model/`` (``train``, ``stage2``, ``tune/best``); any other folder by its own
+    name, or its parent's when it is called ``model``. Where the files lie on the server is nobody else's business.
+    """
+    path = Path(location)
+    if not path.exists() and location.count("/") <= 1 and not location.startswith((".", "/", "~")):
+        return location  # a hub id
+    path = path.absolute()
+    try:
+        parts = list(path.relative_to(Path(output_dir).absolute()).parts)
+    except ValueError:  # outside output_dir
+        parts = [path.parent.name] if path.name == MODEL_DIR else [path.name]
+    if len(parts) > 1 and parts[-1] == MODEL_DIR:
+        parts.pop()
+    return "/".join(parts) or path.name
+
+
+def model_identity(spec: JobSpec, checkpoint: str) -> dict:
+    """``model``: the served folder (see :func:`public_model_name`); ``base_model``: what it was trained from (a
+    peft adapter's recorded base, else ``model.name_or_path``; null for a preset's random weights)."""
+    if is_adapter_folder(checkpoint):
+        base: str | None = public_model_name(adapter_base(checkpoint), spec.output_dir)
+    elif spec.model.preset:
+        base = None
+    else:
+        base = public_model_name(spec.model.name_or_path, spec.output_dir)
+    return {"model": public_model_name(checkpoint, spec.output_dir), "recipe": spec.model.recipe,
+            "base_model": base, "preset": spec.model.preset}
 
 
 # @serve.ingress copies the class by value while this module is still importing: the module-level names its
@@ -73,19 +98,18 @@ def serving_spec(raw: dict) -> JobSpec:
 @serve.ingress(api)
 class MedvlServer:
     def __init__(self, args: dict):
-        spec = serving_spec(args["spec"])
+        spec = parse_spec(args["spec"])
         self.settings = spec.serve
         self.spec = spec
-        self.checkpoint = args["checkpoint"]
+        self.identity = model_identity(spec, args["checkpoint"])
         self.key_digest = args.get("api_key_hmac", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
-        self.device = torch.device("cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.runner = BatchRunner(spec, self.checkpoint, self.device)
-        self.recipe = self.runner.recipe
+        self.runner = ModelRunner(spec, args["checkpoint"])
+        self.recipe, self.generation = self.runner.recipe, self.runner.generation
         self.infer.set_max_batch_size(self.settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         logger.info("medvl: %s model from %s on %s, POST /v1/%s, batches of up to %d", spec.model.recipe,
-                    self.checkpoint, self.device, self.recipe.endpoint, self.settings.max_batch_size)
+                    self.runner.checkpoint, self.runner.device, self.recipe.endpoint, self.settings.max_batch_size)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -97,20 +121,19 @@ class MedvlServer:
         return JSONResponse({"status": "ok", "replica": replica})
 
     async def check_health(self) -> None:
-        """Ray Serve calls this every few seconds and replaces the replica when it raises (see BatchRunner)."""
+        """Ray Serve calls this every few seconds and replaces the replica when it raises (see ModelRunner)."""
         await asyncio.to_thread(self.runner.check_health)
 
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> dict:
         self.authorize(request)
-        settings, generation = self.settings, self.spec.eval
+        settings, generation = self.settings, self.generation
         return {
-            "recipe": self.spec.model.recipe,
+            **self.identity,
             "task": self.recipe.task,
             "endpoint": f"/v1/{self.recipe.endpoint}",
             "takes_question": self.takes_question,
-            "checkpoint": self.checkpoint,
-            "device": str(self.device),
+            "device": str(self.runner.device),
             "image_size": self.spec.data.image_size,
             "num_beams": generation.num_beams,
             "max_new_tokens": generation.max_new_tokens,
@@ -122,7 +145,8 @@ class MedvlServer:
         }
 
     @api.post("/v1/{endpoint}", openapi_extra=OPENAPI_EXTRA, responses=OPENAPI_RESPONSES)
-    async def answer(self, request: Request, endpoint: str = Path(examples=["caption", "report", "vqa"])) -> dict:
+    async def answer(self, request: Request,
+                     endpoint: str = PathParameter(examples=["caption", "report", "vqa"])) -> dict:
         started = time.perf_counter()
         self.authorize(request)
         if endpoint != self.recipe.endpoint:
@@ -136,7 +160,7 @@ class MedvlServer:
 
     @property
     def takes_question(self) -> bool:
-        return self.recipe.task == "vqa"
+        return self.runner.takes_question
 
     def authorize(self, request: Request) -> None:
         if not authorized(request.headers, self.key_digest):

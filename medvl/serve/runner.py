@@ -1,16 +1,20 @@
-"""The model inside one replica: answers a batch of validated queries, each query's failure its own, and says
-whether the model still works.
+"""What a Serve replica does with a batch of validated requests, free of Serve: load the model once, then turn
+queries into answers (or into the RequestError that refuses just that query), and say whether the model still
+works.
 
-Isolation. A batch is preprocessed and generated in one call. Requests are validated before they join it
-(:mod:`medvl.serve.requests`), but should anything in the batch still raise (a tokenizer that chokes on some
-text, an image decoder bug), the batch is answered again one query at a time: only the query that fails alone
-gets a 500, every other query gets its answer. An image that does not decode is a 400 for its own request
-either way (the preprocessor drops its row).
+:class:`medvl.serve.app.MedvlServer` holds one of these; tests and tools can drive it in-process.
 
-Health. A query that fails alone may be the query's fault or the model's. It marks the model *suspect*; the next
-health check (Ray Serve calls ``check_health`` every few seconds, ``/healthz`` calls it too) then generates from
-a blank image. If that fails as well the model is dead: the check raises from then on and Serve replaces the
-replica. A healthy model is never probed, so the check costs nothing while requests succeed.
+Isolation (:meth:`ModelRunner.answer`). A batch is preprocessed and generated in one call. Requests are validated
+before they join it (:mod:`medvl.serve.requests`), but should anything in the batch still raise (a tokenizer that
+chokes on some text, an image decoder bug), the batch is answered again one query at a time: only the query that
+fails alone gets a 500, every other query gets its answer. An image that does not decode is a 400 for its own
+request either way (the preprocessor drops its row).
+
+Health (:meth:`ModelRunner.check_health`). A query that fails alone may be the query's fault or the model's. It
+marks the model *suspect*; the next health check (Ray Serve calls the deployment's ``check_health`` every few
+seconds, ``/healthz`` calls it too) then generates from a blank image. If that fails as well the model is dead:
+the check raises from then on and Serve replaces the replica. A healthy model is never probed, so the check
+costs nothing while requests succeed.
 """
 from __future__ import annotations
 
@@ -22,17 +26,24 @@ import torch
 
 from medvl.data.images import encode_png
 from medvl.data.records import SHARD_COLUMNS
+from medvl.models.base import GenerationSettings
 from medvl.models.registry import build_recipe
 from medvl.serve.requests import Query, RequestError
 from medvl.spec import JobSpec
 
-logger = logging.getLogger("ray.serve")
 ATTENTION_DECIMALS = 5
 PROBE_QUESTION = "is there an abnormality?"
+logger = logging.getLogger("ray.serve")
 
 
 class ModelDead(RuntimeError):
     """The model failed a generation from a known-good input: the replica should be replaced."""
+
+
+def serving_generation(spec: JobSpec) -> GenerationSettings:
+    """``serve.num_beams`` / ``serve.max_new_tokens``, each falling back to eval's when 0."""
+    return GenerationSettings(spec.serve.num_beams or spec.eval.num_beams,
+                              spec.serve.max_new_tokens or spec.eval.max_new_tokens)
 
 
 def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
@@ -51,24 +62,30 @@ def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
     return out
 
 
-class BatchRunner:
-    def __init__(self, spec: JobSpec, checkpoint: str, device: torch.device):
-        self.spec, self.device = spec, device
+class ModelRunner:
+    """One loaded model and the recipe that preprocesses, generates and (where it can) draws attention for it."""
+
+    def __init__(self, spec: JobSpec, checkpoint: str):
+        self.spec, self.checkpoint = spec, checkpoint
         self.recipe = build_recipe(spec)
-        self.model = self.recipe.load_for_inference(checkpoint)
+        self.generation = serving_generation(spec)
+        self.loaded = self.recipe.load_for_inference(checkpoint)
+        self.device = torch.device("cuda" if spec.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
-            self.model.to(device)
+            self.loaded.to(self.device)
         self.preprocess = self.recipe.preprocessor(checkpoint)
         self.suspect = False  # a query failed alone since the last probe
         self.dead_reason = ""  # set once a probe failed: the replica stays unhealthy
         self._probe_lock = threading.Lock()
 
-    # ------------------------------------------------------------------------------------------- answering
+    @property
+    def takes_question(self) -> bool:
+        return self.recipe.task == "vqa"
 
     def answer(self, queries: list[Query]) -> list[dict | RequestError]:
         """Per query, its answer or the RequestError that refuses it; one query's failure is never another's."""
         try:
-            return self._answer_together(queries)
+            return self.run_batch(queries)
         except Exception as error:
             if len(queries) > 1:
                 logger.warning("medvl: a batch of %d failed (%s: %s); answering its queries one by one",
@@ -79,48 +96,6 @@ class BatchRunner:
             return [RequestError(500, "generation_failed", f"the model failed on this request "
                                  f"({type(error).__name__}); see the replica's log")]
 
-    def _answer_together(self, queries: list[Query]) -> list[dict | RequestError]:
-        with torch.inference_mode():
-            batch = self.preprocess(shard_rows(queries))
-            kept = [int(i) for i in batch["id"]]  # the preprocessor drops rows whose image does not decode
-            results: list[dict | RequestError] = [
-                RequestError(400, "not_an_image", "the image could not be decoded (corrupt or truncated file)",
-                             field="image")
-            ] * len(queries)
-            if not kept:
-                return results
-            tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
-            generated = self.recipe.generate_scored(self.model, tensors)
-            maps = self._attention([queries[i].attention for i in kept], tensors, generated.texts)
-            for row, i in enumerate(kept):
-                results[i] = {"text": generated.texts[row], "mean_token_prob": generated.mean_token_probs[row],
-                              "batch_size": len(queries)}
-                if queries[i].attention:
-                    results[i] = maps[row] if isinstance(maps[row], RequestError) else {**results[i], **maps[row]}
-        return results
-
-    def _attention(self, wanted: list[bool], tensors: dict, texts: list[str]) -> list:
-        """Per kept row: {"attention": ...} where asked for, a RequestError where the recipe has no map."""
-        rows = [row for row, want in enumerate(wanted) if want]
-        out: list = [None] * len(wanted)
-        if not rows:
-            return out
-        index = torch.as_tensor(rows)
-        maps = self.recipe.attention_maps(self.model, {k: v[index] for k, v in tensors.items()},
-                                          [texts[row] for row in rows])
-        for position, row in enumerate(rows):
-            if maps is None:
-                out[row] = RequestError(400, "attention_not_available", f"the {self.spec.model.recipe} recipe "
-                                        "gives no cross-attention map: send the request without \"attention\"",
-                                        field="attention")
-            else:
-                grid = np.asarray(maps[position], dtype=np.float64)
-                out[row] = {"attention": {"rows": grid.shape[0], "cols": grid.shape[1],
-                                          "map": np.round(grid, ATTENTION_DECIMALS).tolist()}}
-        return out
-
-    # ------------------------------------------------------------------------------------------- health
-
     def check_health(self) -> None:
         """Raise :class:`ModelDead` when the model no longer generates (probed only after a failed query)."""
         with self._probe_lock:  # Serve's periodic check and /healthz may ask at once: one probe
@@ -129,7 +104,7 @@ class BatchRunner:
             if not self.suspect:
                 return
             try:
-                (result,) = self._answer_together([self.probe_query()])
+                (result,) = self.run_batch([self.probe_query()])
                 if isinstance(result, RequestError):
                     raise RuntimeError(f"the probe image was refused: {result.message}")
             except Exception as error:
@@ -143,5 +118,47 @@ class BatchRunner:
         from PIL import Image
 
         size = self.spec.data.image_size
-        question = PROBE_QUESTION if self.recipe.task == "vqa" else ""
+        question = PROBE_QUESTION if self.takes_question else ""
         return Query(encode_png(Image.new("RGB", (size, size), (128, 128, 128))), question)
+
+    def run_batch(self, queries: list[Query]) -> list[dict | RequestError]:
+        """Per query, its answer or the RequestError that refuses it (a bad image fails alone); raises if the
+        batch fails as a whole (see :meth:`answer`)."""
+        with torch.inference_mode():
+            batch = self.preprocess(shard_rows(queries))
+            kept = [int(i) for i in batch["id"]]  # the preprocessor drops rows whose image does not decode
+            results: list[dict | RequestError] = [
+                RequestError(400, "not_an_image", "the image could not be decoded (corrupt or truncated file)",
+                             field="image")
+            ] * len(queries)
+            if not kept:
+                return results
+            tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
+            generated = self.recipe.generate_scored(self.loaded, tensors, self.generation)
+            maps = self.attention([queries[i].attention for i in kept], tensors, generated.texts)
+            for row, i in enumerate(kept):
+                results[i] = {"text": generated.texts[row], "mean_token_prob": generated.mean_token_probs[row],
+                              "batch_size": len(queries)}
+                if queries[i].attention:
+                    results[i] = maps[row] if isinstance(maps[row], RequestError) else {**results[i], **maps[row]}
+        return results
+
+    def attention(self, wanted: list[bool], tensors: dict, texts: list[str]) -> list:
+        """Per kept row: {"attention": ...} where asked for, a RequestError where the recipe has no map."""
+        rows = [row for row, want in enumerate(wanted) if want]
+        out: list = [None] * len(wanted)
+        if not rows:
+            return out
+        index = torch.as_tensor(rows)
+        maps = self.recipe.attention_maps(self.loaded, {k: v[index] for k, v in tensors.items()},
+                                          [texts[row] for row in rows])
+        for position, row in enumerate(rows):
+            if maps is None:
+                out[row] = RequestError(400, "attention_not_available", f"the {self.spec.model.recipe} recipe "
+                                        "gives no cross-attention map: send the request without \"attention\"",
+                                        field="attention")
+            else:
+                grid = np.asarray(maps[position], dtype=np.float64)
+                out[row] = {"attention": {"rows": grid.shape[0], "cols": grid.shape[1],
+                                          "map": np.round(grid, ATTENTION_DECIMALS).tolist()}}
+        return out

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from medvl.models.precision import training_precision
 from medvl.spec import JobSpec
 from medvl.train.deepspeed_file import read_config_file
 
@@ -38,7 +39,7 @@ def deepspeed_config(spec: JobSpec, world_size: int,
         "steps_per_print": 10**9,  # the loop logs progress itself
         "wall_clock_breakdown": False,
     }
-    precision = deepspeed_precision(train.precision)
+    precision = training_precision(spec)
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -48,13 +49,6 @@ def deepspeed_config(spec: JobSpec, world_size: int,
     if file_settings:
         config = merged(config, file_settings)
     return config
-
-
-def deepspeed_precision(precision: str) -> str:
-    """``auto`` is bf16 on a GPU that has it and fp32 elsewhere (CPU bf16 matmuls are slow on most x86 cores)."""
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
 
 
 def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -4,12 +4,18 @@ The loop in :mod:`medvl.train.loop` is the same for both; an engine owns the opt
 the on-disk form of a checkpoint:
 
 * :class:`DdpEngine`: ``ray.train.torch.prepare_model`` (DDP across workers), torch AdamW, accumulation and
-  clipping done here; rank 0 writes the model with ``recipe.save`` (an HF folder) plus optimizer and scheduler.
+  clipping done here, autocast to the training precision and, for fp16, a ``GradScaler`` (fp16 gradients
+  underflow without loss scaling); trainable weights loaded in a low precision are cast back to fp32 first, so
+  the optimizer state is fp32 while frozen weights stay small. Rank 0 writes the model with ``recipe.save`` (an
+  HF folder) plus optimizer, scheduler and scaler.
 * :class:`ZeroEngine`: ``deepspeed.initialize`` with the config of :mod:`medvl.train.deepspeed_config`;
   DeepSpeed accumulates, clips and scales fp16 losses; every rank writes its ZeRO shards with
   ``save_checkpoint`` into its own folder and Ray merges the folders into one checkpoint. Export consolidates
   the shards into an HF folder (:func:`consolidate`). With ZeRO-3 the model is loaded partitioned
-  (``HfDeepSpeedConfig`` before ``from_pretrained``), so a 7B model is never whole on one rank.
+  (``HfDeepSpeedConfig`` before ``from_pretrained``), so a 7B model is never whole on one rank. bf16/fp16
+  weights with an fp32 master copy in the optimizer are DeepSpeed's own; no autocast.
+
+Both engines switch on ``train.gradient_checkpointing`` (:mod:`medvl.models.checkpointing`) before wrapping.
 
 DeepSpeed runs on CPU too (its CPU accelerator over Ray's gloo process group), which is how CI tests it.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,8 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from medvl.models.base import Recipe
+from medvl.models.checkpointing import enable_gradient_checkpointing
+from medvl.models.precision import PRECISION_DTYPES, autocast, keep_trainable_in_fp32, training_precision
 from medvl.spec import JobSpec
 
 DEEPSPEED_TAG = "zero"  # DeepSpeed's sub-folder inside a checkpoint
@@ -50,24 +59,42 @@ def _optimizer_and_scheduler(spec: JobSpec, parameters: list[torch.nn.Parameter]
 class DdpEngine:
     def __init__(self, spec: JobSpec, recipe: Recipe, model_source: str, total_steps: int):
         self.spec, self.recipe, self.model_source = spec, recipe, model_source
-        self.model = ray.train.torch.prepare_model(recipe.load_for_training(model_source))
+        model = recipe.load_for_training(model_source)
+        if spec.train.checkpoints_activations:
+            enable_gradient_checkpointing(model)
+        keep_trainable_in_fp32(model)
+        self.model = ray.train.torch.prepare_model(model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = _optimizer_and_scheduler(spec, self.trainable, total_steps)
+        self.precision = training_precision(spec)
+        self.device_type = next(self.model.parameters()).device.type
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.precision == "fp16" else None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
         return getattr(self.model, "module", self.model)
 
+    def autocast(self):
+        return autocast(self.precision, self.device_type)
+
     def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch
 
     def backward_and_step(self, loss: torch.Tensor, boundary: bool) -> bool:
-        """Accumulate ``loss``'s gradients; at an accumulation boundary clip and step. True if a step happened."""
-        (loss / self.spec.train.grad_accum).backward()
+        """Accumulate ``loss``'s gradients; at an accumulation boundary clip and step. True if a step happened
+        (with fp16, the scaler may skip the optimizer step on overflow; the schedule still advances)."""
+        loss = loss / self.spec.train.grad_accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
         if not boundary:
             return False
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(self.trainable, self.spec.train.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
@@ -80,12 +107,17 @@ class DdpEngine:
         if rank != 0:
             return {}
         self.recipe.save(self.unwrapped, self.model_source, folder)
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load(self, folder: Path, saved: dict[str, Any]) -> None:
         self.recipe.restore(self.unwrapped, folder)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler and "scaler" in saved:
+            self.scaler.load_state_dict(saved["scaler"])
 
 
 class ZeroEngine:
@@ -94,19 +126,20 @@ class ZeroEngine:
         deepspeed = import_deepspeed()
         from transformers.integrations import HfDeepSpeedConfig
 
-        from medvl.train.deepspeed_config import deepspeed_config, deepspeed_precision
+        from medvl.train.deepspeed_config import deepspeed_config
 
         self.spec, self.recipe, self.model_source = spec, recipe, model_source
         # Adopt the process group Ray Train set up (gloo on CPU, NCCL on GPUs) before anything asks its size.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         world_size = ray.train.get_context().get_world_size()
         self.config = deepspeed_config(spec, world_size, deepspeed_file)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(deepspeed_precision(spec.train.precision))
+        precision = training_precision(spec)
+        self.dtype = PRECISION_DTYPES[precision] if precision != "fp32" else None
         # Alive while from_pretrained runs: with ZeRO-3 it makes transformers load the weights partitioned.
         self._hf_deepspeed_config = HfDeepSpeedConfig(self.config)
         model = recipe.load_for_training(model_source)
-        if spec.train.deepspeed.activation_checkpointing:
-            _enable_activation_checkpointing(model)
+        if spec.train.checkpoints_activations:
+            enable_gradient_checkpointing(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = _optimizer_and_scheduler(spec, trainable, total_steps)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -116,6 +149,9 @@ class ZeroEngine:
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.model.module
+
+    def autocast(self):
+        return nullcontext()  # DeepSpeed holds the weights in the training precision itself
 
     def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """DeepSpeed runs bf16/fp16 weights without autocast: floating inputs must match them."""
@@ -159,13 +195,6 @@ def import_deepspeed():
     # Its shared-memory allreduce compiles a C++ extension (~1 min) on CPU; gloo does the job here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
-
-
-def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(base, "gradient_checkpointing_enable"):
-        raise ValueError(f"train.deepspeed.activation_checkpointing: {type(base).__name__} does not support it")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def is_deepspeed_checkpoint(folder: Path) -> bool:

@@ -1,8 +1,9 @@
 """The per-worker training loop run by Ray Train's ``TorchTrainer`` (Train V2 APIs).
 
-One loop serves every recipe: the recipe supplies the loss; this file owns optimisation (AdamW, linear
-warm-up + cosine decay, gradient accumulation and clipping, autocast where the device supports it),
-validation, early stopping and checkpoints.
+One loop serves every recipe: the recipe supplies the loss; this file owns the schedule of training (epochs,
+steps, validation, early stopping, checkpoints). Optimisation itself (AdamW, warm-up + cosine decay,
+accumulation, clipping, autocast and loss scaling, gradient checkpointing) belongs to the engine
+(:mod:`medvl.train.engines`), which applies it the same way for every recipe.
 
 Checkpoints are reported at each validation through ``ray.train.report``; Ray persists them to
 ``RunConfig(storage_path=…)`` and registers one only after it is fully uploaded, so a crash mid-save leaves
@@ -17,7 +18,6 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _log(rank, f"resumed from checkpoint at epoch {state.epoch + 1}, step {state.step} "
                    f"({len(epoch_trained)} samples of the epoch already trained)")
 
-    autocast = _autocast_context(settings.precision) if settings.strategy == "ddp" else nullcontext()
     train_shard = ray.train.get_dataset_shard("train")
     device = ray.train.torch.get_device()
     run = WorkerRun(spec, recipe, engine, device, ray.train.get_dataset_shard("val"), config.get("position_file"),
@@ -105,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             keys = batch.pop(ROW_KEY, None)
             if keys is not None:
                 run.consumed.extend(keys.tolist())
-            with autocast:
+            with engine.autocast():
                 loss, _ = recipe.loss(model, engine.prepare_batch(batch))
             running.append(loss.item())
             if not engine.backward_and_step(loss, boundary=(micro_step + 1) % settings.grad_accum == 0):
@@ -203,26 +202,13 @@ def evaluate_loss(recipe: Recipe, engine, shard, spec: JobSpec, device) -> float
     for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, device=device)):
         if spec.train.max_val_batches and i >= spec.train.max_val_batches:
             break
-        loss, _ = recipe.loss(engine.model, engine.prepare_batch(batch))
+        with engine.autocast():  # the forward of training: frozen low-precision weights beside fp32 trainable ones
+            loss, _ = recipe.loss(engine.model, engine.prepare_batch(batch))
         n = next(iter(batch.values())).shape[0]
         total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     return float(total[0] / total[1]) if total[1] else math.nan
-
-
-def _autocast_context(precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if torch.cuda.is_available():
-        if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        if precision == "fp16":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return nullcontext()
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()  # "auto" on CPU: fp32 (CPU autocast is slower than fp32 on most x86 cores)
 
 
 def _save_checkpoint(folder: Path, run: WorkerRun, state: TrainState, rank: int) -> bool:

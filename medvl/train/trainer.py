@@ -1,10 +1,8 @@
 """Driver side of a train stage: build the Ray datasets, run ``TorchTrainer``, export the best model.
 
-Outputs of a train stage named ``NAME`` under ``output_dir``::
-
-    NAME/model/                the best checkpoint (lowest validation loss) as a plain HF folder
-    NAME/train_summary.json    steps, losses, best checkpoint, skipped rows
-    checkpoints/NAME/          Ray Train's run folder (all kept checkpoints); or train.storage_path
+A train stage writes its model folder (the best checkpoint, lowest validation loss, as a plain HF folder), its
+summary (steps, losses, best checkpoint, skipped rows) and Ray Train's run folder (all kept checkpoints) where
+:mod:`medvl.runs` says.
 """
 from __future__ import annotations
 
@@ -30,6 +28,7 @@ from medvl.data.shards import MANIFEST, read_manifest, shard_paths
 from medvl.data.skips import skipped_counts, skipped_since
 from medvl.models.base import Recipe
 from medvl.models.registry import build_recipe
+from medvl.runs import RUN_SPEC_FILE, RunLayout, write_summary
 from medvl.spec import JobSpec, StageSpec
 from medvl.train.deepspeed_file import config_file_digest, read_config_file
 from medvl.train.engines import consolidate, is_deepspeed_checkpoint
@@ -42,10 +41,6 @@ class TrainOutcome:
     summary: dict
 
 
-def stage_dir(spec: JobSpec, stage_name: str) -> Path:
-    return Path(spec.output_dir).absolute() / stage_name
-
-
 def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None, callbacks: list | None = None,
                     resources_per_worker: dict | None = None) -> TrainOutcome:
     """Train ``spec``'s model (from ``start_from``, a model folder, when given) and export the best checkpoint.
@@ -54,9 +49,10 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     ``resources_per_worker`` replaces ``{"CPU": train.cpus_per_worker}`` (a Tune trial's fractional GPUs).
     """
     recipe = build_recipe(spec)
-    out = stage_dir(spec, stage.name)
+    layout = RunLayout.of(spec.output_dir)
+    out = layout.stage(stage.name)
     out.mkdir(parents=True, exist_ok=True)
-    claim_run_folder(spec, stage.name, out)
+    claim_run_folder(spec, stage.name)
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     manifest = read_manifest(location, endpoint)
     model_source = start_from or recipe.initial_model(out, lambda: training_texts(spec))
@@ -103,7 +99,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     best = result.get_best_checkpoint(metric="val_loss", mode="min") if result.best_checkpoints else None
     if best is None:
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
-    model_dir = out / "model"
+    model_dir = layout.model(stage.name)
     export_checkpoint(best, model_dir, recipe)
     summary = {
         "stage": stage.name,
@@ -118,32 +114,30 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         "resumed_at_steps": result.metrics["resumed_at_steps"],
         "skipped": skipped_since(skipped_before),
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    write_summary(out, summary)
     return TrainOutcome(model_dir, summary)
 
 
-RUN_SPEC = "run_spec.json"
-SUMMARY = "train_summary.json"
-
-
-def claim_run_folder(spec: JobSpec, name: str, out: Path) -> None:
+def claim_run_folder(spec: JobSpec, name: str) -> None:
     """Decide between resuming and starting afresh before Ray Train sees the run folder.
 
     Ray Train resumes any run whose folder holds checkpoints. That is what a crashed run wants, and only that:
     a stage that finished (its summary exists), or whose folder holds no checkpoint, starts afresh; an unfinished
     one is resumed only when it is the same run. What a run is (the spec, a digest of the prepared data's
     manifest, a digest of the DeepSpeed config file's contents) is written with its checkpoints,
-    ``<storage>/<name>/run_spec.json``, and copied to ``<out>/run_spec.json``. A run folder with checkpoints but
+    ``<storage>/<name>/run_spec.json``, and copied to the stage folder's ``run_spec.json``. A run folder with checkpoints but
     without that record, or with a different one, is refused naming what changed, rather than resumed as a silent
     mix of two configurations or two datasets.
     """
     location = storage.join(storage_location(spec), name)
     fs, run_dir = storage.filesystem_for(location, spec.data.endpoint_url)
     identity = run_identity(spec)
-    record = storage.join(run_dir, RUN_SPEC)
+    layout = RunLayout.of(spec.output_dir)
+    summary, run_spec = layout.summary(name), layout.run_spec(name)
+    record = storage.join(run_dir, RUN_SPEC_FILE)
     entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
     has_checkpoints = any(entry.base_name.startswith("checkpoint") for entry in entries)
-    if entries and ((out / SUMMARY).exists() or not has_checkpoints):
+    if entries and (summary.exists() or not has_checkpoints):
         fs.delete_dir(run_dir)  # finished (its best model is exported under `out`), or nothing to resume
     elif has_checkpoints:
         before = json.loads(storage.read_bytes(fs, record)) if storage.exists(fs, record) else None
@@ -153,10 +147,10 @@ def claim_run_folder(spec: JobSpec, name: str, out: Path) -> None:
                 f"{location} holds an unfinished run of stage {name!r} {changes}: rerun with the same settings and "
                 "data to resume it, or delete that folder to start afresh"
             )
-    (out / SUMMARY).unlink(missing_ok=True)  # present again only once this run finishes
+    summary.unlink(missing_ok=True)  # present again only once this run finishes
     text = json.dumps(identity, sort_keys=True, indent=1)
     storage.write_bytes_atomic(fs, record, text.encode())
-    (out / RUN_SPEC).write_text(text)
+    run_spec.write_text(text)
 
 
 def run_identity(spec: JobSpec) -> dict:
@@ -176,7 +170,7 @@ def run_identity(spec: JobSpec) -> dict:
 def identity_changes(before: dict | None, now: dict) -> str:
     """"" when ``before`` is the same run as ``now``; else what differs, in words."""
     if not isinstance(before, dict) or "spec" not in before:
-        return f"with no record of its settings and data ({RUN_SPEC} is missing or from an older medvl)"
+        return f"with no record of its settings and data ({RUN_SPEC_FILE} is missing or from an older medvl)"
     changes = [f"{key} {old!r} → {new!r}" for key, old, new in _differences(before["spec"], now["spec"])]
     if len(changes) > 5:
         changes = changes[:5] + [f"and {len(changes) - 5} more"]
@@ -222,7 +216,7 @@ def planned_steps(train_rows: int, spec: JobSpec) -> int:
 
 def storage_location(spec: JobSpec) -> str:
     """Where Ray Train keeps this job's runs: ``train.storage_path`` or ``<output_dir>/checkpoints``."""
-    return spec.train.storage_path or str(Path(spec.output_dir).absolute() / "checkpoints")
+    return spec.train.storage_path or str(RunLayout.of(spec.output_dir).checkpoints)
 
 
 def position_file_location(spec: JobSpec, name: str) -> str:

@@ -1,4 +1,5 @@
-"""BLIP-2 + LoRA recipe: ids layout, adapter placement and count, freezing, 8-bit error, adapter/merged save."""
+"""BLIP-2 recipe: ids layout, adapter placement and count, freezing per policy (lora, frozen_vision, full),
+8-bit error, adapter/merged/full save, the deprecated name."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
+from medvl.models.base import GenerationSettings
 from medvl.data.synthetic import synthetic_records
-from medvl.models.blip2_lora import (
-    Blip2LoraRecipe,
+from medvl.models.blip2 import (
+    Blip2Recipe,
+    apply_blip2_policy,
     blip2_labels,
     export_merged,
     save_tiny_blip2,
@@ -31,7 +34,7 @@ def job(model_dir: str, tmp_path: Path, **model) -> dict:
         "stages": ["train"],
         "data": {"image_size": IMAGE_SIZE, "max_text_length": 40},
         # preset "": the model folder is loaded exactly as a hub id would be (from_pretrained)
-        "model": {"recipe": "blip2_lora", "name_or_path": model_dir, "preset": "", "lora_r": R, "lora_alpha": 8,
+        "model": {"recipe": "blip2", "name_or_path": model_dir, "preset": "", "lora_r": R, "lora_alpha": 8,
                   "lora_dropout": 0.0, **model},
         "train": {"finetune": "lora", "lr": 1e-2, "weight_decay": 0.0},
         "eval": {"num_beams": 2, "max_new_tokens": 6},
@@ -69,7 +72,7 @@ def train_steps(recipe, model, batch, steps: int = 2) -> None:
 
 
 def test_ids_start_with_one_image_token_per_query_and_labels_mask_them(tiny_dir, records, tmp_path):
-    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path)))
+    recipe = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path)))
     batch = tensors(recipe, tiny_dir, records[:2])
     config = Blip2Config.from_pretrained(tiny_dir)
     q, image_id = config.num_query_tokens, config.image_token_index
@@ -88,7 +91,7 @@ def test_ids_start_with_one_image_token_per_query_and_labels_mask_them(tiny_dir,
 def test_lora_goes_on_the_language_model_only_with_r_times_d_plus_k_parameters(tiny_dir, tmp_path):
     # "query"/"key" are Q-Former names and "qkv" the vision tower's: the language_model scope must skip them.
     targets = ["q_proj", "k_proj", "query", "qkv"]
-    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path, lora_target_modules=targets)))
+    recipe = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path, lora_target_modules=targets)))
     model = recipe.load_for_training(tiny_dir)
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".language_model." in name and ".lora_" in name for name in trainable)
@@ -98,13 +101,13 @@ def test_lora_goes_on_the_language_model_only_with_r_times_d_plus_k_parameters(t
 
 
 def test_default_targets_are_q_and_k_projections(tiny_dir, tmp_path):
-    model = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path))).load_for_training(tiny_dir)
+    model = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path))).load_for_training(tiny_dir)
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[1] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert adapted == {"q_proj", "k_proj"}
 
 
 def test_a_step_changes_every_adapter_weight_and_nothing_else(tiny_dir, records, tmp_path):
-    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path)))
+    recipe = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path)))
     model = recipe.load_for_training(tiny_dir)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     train_steps(recipe, model, tensors(recipe, tiny_dir, records[:4]))  # 2 steps: lora_A's grad is 0 while B is 0
@@ -114,16 +117,96 @@ def test_a_step_changes_every_adapter_weight_and_nothing_else(tiny_dir, records,
     assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_model" in n or "qformer" in n)
 
 
-def test_other_finetune_policies_are_refused(tiny_dir, tmp_path):
+@pytest.mark.parametrize("policy", ["decoder", "encoder"])
+def test_policies_blip2_has_no_name_for_are_refused(tiny_dir, tmp_path, policy):
+    raw = job(tiny_dir, tmp_path)
+    raw["train"]["finetune"] = policy
+    with pytest.raises(ValueError, match=f"train.finetune: expected lora, frozen_vision or full for the blip2 recipe, "
+                                         f"got '{policy}'"):
+        Blip2Recipe(parse_spec(raw)).load_for_training(tiny_dir)
+
+
+@pytest.mark.parametrize("policy", ["frozen_vision", "full"])
+def test_a_full_policy_step_trains_exactly_the_parts_it_names(tiny_dir, records, tmp_path, policy):
+    raw = job(tiny_dir, tmp_path)
+    raw["train"]["finetune"] = policy
+    recipe = Blip2Recipe(parse_spec(raw))
+    model = recipe.load_for_training(tiny_dir)
+    assert not isinstance(model, PeftModel) and not any("lora" in name for name, _ in model.named_parameters())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train_steps(recipe, model, tensors(recipe, tiny_dir, records[:4]))
+    for name, parameter in model.named_parameters():
+        trains = policy == "full" or not name.startswith("vision_model.")
+        assert parameter.requires_grad == trains, name
+        assert (not torch.equal(before[name], parameter)) == trains, name
+    parts = ("language_model.", "qformer.", "query_tokens", "language_projection.")
+    assert all(any(p.requires_grad for n, p in model.named_parameters() if n.startswith(part)) for part in parts)
+
+
+def test_the_policy_function_works_on_the_meta_device(tiny_dir):
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(Blip2Config.from_pretrained(tiny_dir))
+    apply_blip2_policy(model, "frozen_vision")
+    vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith("vision_model."))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in model.parameters()) - vision and vision > 0
+
+
+def test_8bit_is_refused_for_full_fine_tuning(tiny_dir, tmp_path):
+    raw = job(tiny_dir, tmp_path, load_in_8bit=True)
+    raw["train"]["finetune"] = "full"
+    with pytest.raises(ValueError, match="model.load_in_8bit: expected false with train.finetune full"):
+        Blip2Recipe(parse_spec(raw)).load_for_training(tiny_dir)
+
+
+def test_the_old_recipe_name_selects_the_same_recipe_and_says_so_once(tiny_dir, tmp_path, capsys):
+    from medvl.models import registry
+
+    registry._warned.clear()
+    raw = job(tiny_dir, tmp_path)
+    raw["model"]["recipe"] = "blip2_lora"
+    first, second = registry.build_recipe(parse_spec(raw)), registry.build_recipe(parse_spec(raw))
+    assert type(first) is type(second) is Blip2Recipe
+    lines = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert lines == ["warning: model.recipe: 'blip2_lora' is deprecated, use 'blip2' (same recipe; train.finetune "
+                     "picks lora or full)"]
+
+
+def test_a_full_fine_tune_saves_a_plain_folder_and_can_start_from_a_lora_stage(tiny_dir, records, tmp_path):
+    lora = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path)))
+    adapted = lora.load_for_training(tiny_dir)
+    batch = tensors(lora, tiny_dir, records[:3])
+    train_steps(lora, adapted, batch)
+    adapter_dir = tmp_path / "adapter"
+    lora.save(adapted, tiny_dir, adapter_dir)
+    inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = adapted.eval()(**inputs).logits
+
     raw = job(tiny_dir, tmp_path)
     raw["train"]["finetune"] = "full"
-    with pytest.raises(ValueError, match="train.finetune: the blip2_lora recipe trains LoRA adapters only"):
-        Blip2LoraRecipe(parse_spec(raw)).load_for_training(tiny_dir)
+    full = Blip2Recipe(parse_spec(raw))
+    model = full.load_for_training(str(adapter_dir))  # the adapter is merged into the base, then everything trains
+    assert not isinstance(model, PeftModel) and all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
+    train_steps(full, model, batch)
+    folder = tmp_path / "full"
+    full.save(model, str(adapter_dir), folder)
+    assert not (folder / "adapter_config.json").exists() and (folder / "tokenizer.json").is_file()
+    with torch.no_grad():
+        trained = model.eval()(**inputs).logits
+        reloaded = full.load_for_inference(str(folder)).module
+        torch.testing.assert_close(reloaded(**inputs).logits, trained)
+    resumed = full.load_for_training(tiny_dir)  # restore(): a fresh model takes a full checkpoint's weights
+    full.restore(resumed, folder)
+    for (name, a), (_, b) in zip(resumed.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no CUDA GPU")
 def test_8bit_without_cuda_says_what_to_do(tiny_dir, tmp_path):
-    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path, load_in_8bit=True)))
+    recipe = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path, load_in_8bit=True)))
     what_to_do = r"needs a CUDA GPU and the bitsandbytes package: set model.load_in_8bit: false"
     with pytest.raises(RuntimeError, match=what_to_do):
         recipe.load_for_training(tiny_dir)
@@ -138,7 +221,7 @@ def test_tiny_preset_saves_a_loadable_checkpoint(tiny_dir):
 
 
 def test_adapter_and_merged_exports_reload_to_the_same_outputs(tiny_dir, records, tmp_path):
-    recipe = Blip2LoraRecipe(parse_spec(job(tiny_dir, tmp_path)))
+    recipe = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path)))
     model = recipe.load_for_training(tiny_dir)
     batch = tensors(recipe, tiny_dir, records[:3])
     train_steps(recipe, model, batch)
@@ -164,7 +247,7 @@ def test_adapter_and_merged_exports_reload_to_the_same_outputs(tiny_dir, records
         assert torch.equal(a, b), name
     inference = recipe.load_for_inference(str(folder))
     with torch.inference_mode():
-        scored = recipe.generate_scored(inference, batch)
+        scored = recipe.generate_scored(inference, batch, GenerationSettings.from_eval(recipe.spec.eval))
     texts = scored.texts
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert all(0.0 < p < 1.0 for p in scored.mean_token_probs)  # scored on the OPT decoder under the adapter
@@ -179,7 +262,7 @@ def val_loss_in_process(recipe, spec, model_dir: str) -> float:
 
     from medvl.data.shards import read_manifest, shard_paths
 
-    model, preprocess = recipe.load_for_inference(model_dir), recipe.preprocessor(model_dir)
+    model, preprocess = recipe.load_for_inference(model_dir).module, recipe.preprocessor(model_dir)
     total, count = 0.0, 0
     for path in shard_paths(read_manifest(spec.shards_location), spec.shards_location, "val"):
         rows = pq.read_table(path).to_pydict()
@@ -200,7 +283,7 @@ def test_end_to_end_on_ray_lowers_the_loss_and_writes_metrics(tmp_path, ray_loca
         "stages": ["prepare", "train", "eval"],
         "data": {"format": "synthetic", "synthetic_images": 160, "synthetic_image_size": 48, "image_size": IMAGE_SIZE,
                  "max_text_length": 40, "records_per_shard": 80, "shuffle_buffer": 0},
-        "model": {"recipe": "blip2_lora", "preset": "tiny"},
+        "model": {"recipe": "blip2", "preset": "tiny"},
         "train": {"finetune": "lora", "epochs": 3, "batch_size": 16, "lr": 1e-2, "workers": 1, "cpus_per_worker": 0.5,
                   "early_stopping_patience": 0},
         "eval": {"num_beams": 1, "max_new_tokens": 8, "max_samples": 8, "semantic": False},  # BERTScore: own tests
@@ -210,7 +293,7 @@ def test_end_to_end_on_ray_lowers_the_loss_and_writes_metrics(tmp_path, ray_loca
     summary = json.loads((out / "train" / "train_summary.json").read_text())
     history = summary["history"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
-    recipe = Blip2LoraRecipe(spec)
+    recipe = Blip2Recipe(spec)
     untrained = val_loss_in_process(recipe, spec, summary["model_source"])  # the tiny base, no adapter
     trained = val_loss_in_process(recipe, spec, summary["model_dir"])
     assert trained < untrained - 0.5, (untrained, trained)
