@@ -85,8 +85,6 @@ def test_an_expert_json_is_merged_over_the_derived_config(tmp_path: Path):
 def test_a_config_file_cannot_override_what_the_spec_derives(tmp_path: Path, contents: dict, named: str):
     expert = tmp_path / "ds.json"
     expert.write_text(json.dumps(contents))
-    from medvl.validation import validate
-
     with pytest.raises(SpecError) as info:
         validate(parse_spec(job(tmp_path, deepspeed={"stage": 2, "config_file": str(expert)})))
     message = str(info.value)
