@@ -321,7 +321,7 @@ def test_a_stale_ray_start_record_is_ignored_and_the_run_finishes_on_its_own_ray
         (root / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")  # a `ray start` since stopped
         out_dir = tmp_path / "run"
         code, output = finish(medvl_run([*TINY, "stages=[prepare, train]", "train.max_steps=2",
-                                         f"output_dir={out_dir}"], root), timeout=300)
+                                         f"output_dir={out_dir}"], root), timeout=600)
         assert code == 0, output[-4000:]
         assert LOCAL_LINE in output and "Connecting to existing Ray cluster" not in output
         summary = json.loads((out_dir / "train" / "train_summary.json").read_text())
