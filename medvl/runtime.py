@@ -146,7 +146,8 @@ def _endpoint(target: RayTarget) -> tuple[str, int, str]:
         bootstrap, shown = address.split("://", 1)[1].rstrip("/"), address
     else:
         # Without a record, Ray's "auto" falls back to any GCS process it sees: on a shared machine, someone else's.
-        if address == "auto" and not os.environ.get("RAY_ADDRESS") and services.find_bootstrap_address(None) is None:
+        names_one = os.environ.get("RAY_ADDRESS", "") not in ("", "auto")  # Ray reads it for "auto" first
+        if address == "auto" and not names_one and services.find_bootstrap_address(None) is None:
             raise nothing_recorded
         try:
             bootstrap = services.canonicalize_bootstrap_address(address)  # "auto": RAY_ADDRESS, else the record

@@ -217,6 +217,11 @@ def test_auto_is_only_what_ray_start_recorded_and_names_it(fake_ray, monkeypatch
             pass
     assert str(error.value) == ('ray.address (spec): "auto" found no Ray that `ray start` left on this machine '
                                 f"(nothing recorded in {tmp_path}/ray/ray_current_cluster)")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(RayConnectError, match=r'^RAY_ADDRESS \(environment\): "auto" found no Ray'):
+        with ray_session(quickstart()):
+            pass
+    monkeypatch.delenv("RAY_ADDRESS")
 
     (tmp_path / "ray").mkdir()
     with nothing_listening() as port, pytest.raises(RayConnectError) as error:
