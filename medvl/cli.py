@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medvl.runtime import RayConnectError, Stopped
 from medvl.serve.auth import DASHBOARD_NOTE as SERVE_KEY_NOTE
 from medvl.spec import SpecError
 from medvl.submit import add_job_commands
@@ -18,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RayConnectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Stopped as exc:  # SIGINT / SIGTERM: Ray is already shut down
+        print(f"[medvl] stopped by {exc.signal_name}", file=sys.stderr)
+        return exc.code
 
 
 def build_parser() -> argparse.ArgumentParser:

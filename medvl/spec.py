@@ -243,8 +243,11 @@ class ServeSpec:
 
 @dataclass
 class RaySpec:
-    address: str = ""  # "" = start a local Ray inside this process; "auto" or ray://… for a cluster
+    # "" = a fresh local Ray inside this process (even beside a running `ray start`); "auto" = the Ray that
+    # `ray start` left on this machine; host:port or ray://host:port for a cluster
+    address: str = ""
     num_cpus: int = checked(0, non_negative)  # local Ray only; 0 = all cores
+    connect_timeout_s: float = checked(60.0, positive)  # joining only: fail (one line) when the address stays silent
 
 
 @dataclass

@@ -9,10 +9,11 @@ def run_stages(spec: JobSpec, kinds: tuple[str, ...] | None = None, model_dir: s
     """Run every stage (or only those of ``kinds``); ``model_dir`` overrides the model an eval stage scores."""
     from medvl.runtime import ray_session
 
-    with ray_session(spec):
+    with ray_session(spec) as stop_signals:
         last_train: str | None = None
         for stage in spec.stages:
             if kinds is None or stage.kind in kinds:
+                stop_signals.rearm()  # Ray Train leaves its own SIGINT handler behind after a fit
                 if _run_stage(spec, stage, last_train, model_dir) is False:
                     return  # an interrupted search: the stages after it wait for the resumed run
             if stage.kind in ("train", "tune"):  # a tune stage's best trial is a trained model too
