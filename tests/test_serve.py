@@ -54,7 +54,7 @@ def job(recipe: str, model_dir: str, out: Path, **serve) -> dict:
         "data": {"task": "vqa" if recipe == "blip_vqa" else "caption", "image_size": SIZE, "max_text_length": 16,
                  "max_question_length": 12},
         "model": {"recipe": recipe, "preset": "", "name_or_path": model_dir},
-        "train": {"finetune": "lora" if recipe == "blip2_lora" else "full"},
+        "train": {"finetune": "lora" if recipe == "blip2" else "full"},
         "eval": {"num_beams": 1, "max_new_tokens": 5},
         "serve": {"checkpoint": model_dir, "num_cpus": 0, "max_batch_size": 4, "batch_wait_timeout_s": 0.005,
                   **LIMITS, **serve},
@@ -243,7 +243,7 @@ def test_model_is_named_without_server_paths(tmp_path: Path):
                                                       "preset": ""}
     adapter = fake_model_folder(out / "stage2" / "model", "adapter_config.json")
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(elsewhere)}))
-    identity = model_identity(parse_spec(job("blip2_lora", "org/unused", out)), str(adapter))
+    identity = model_identity(parse_spec(job("blip2", "org/unused", out)), str(adapter))
     assert (identity["model"], identity["base_model"]) == ("stage2", "cxr-blip")  # the base the adapter records
     tiny = parse_spec({**job("blip_caption", "org/unused", out), "model": {"recipe": "blip_caption", "preset": "tiny"}})
     assert model_identity(tiny, str(stage_model))["base_model"] is None  # random weights: no base model
@@ -331,7 +331,7 @@ def models(tmp_path_factory) -> dict[str, str]:
     """Tiny random-init models as the recipes build them: BLIP caption, BLIP VQA, a BLIP-2 LoRA adapter."""
     from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
 
-    from medvl.models.blip2_lora import save_tiny_blip2
+    from medvl.models.blip2 import save_tiny_blip2
     from medvl.models.blip_caption import save_tiny_blip
     from medvl.models.registry import build_recipe
 
@@ -339,10 +339,10 @@ def models(tmp_path_factory) -> dict[str, str]:
     caption = save_tiny_blip(BlipForConditionalGeneration, root / "caption", TEXTS, SIZE)
     vqa = save_tiny_blip(BlipForQuestionAnswering, root / "vqa", TEXTS, SIZE)
     base = save_tiny_blip2(root / "blip2", TEXTS, SIZE)
-    recipe = build_recipe(parse_spec(job("blip2_lora", base, root)))
+    recipe = build_recipe(parse_spec(job("blip2", base, root)))
     adapter = root / "blip2-adapter"
     recipe.save(recipe.load_for_training(base), base, adapter)
-    return {"blip_caption": caption, "blip_vqa": vqa, "blip2_lora": str(adapter)}
+    return {"blip_caption": caption, "blip_vqa": vqa, "blip2": str(adapter)}
 
 
 def runner_for(recipe: str, models: dict[str, str], tmp_path: Path):
@@ -391,10 +391,10 @@ def test_a_dead_model_fails_its_health_check_for_good(models, tmp_path: Path, mo
 def test_medvl_serve_answers_then_exits_0_on_sigterm(models, tmp_path: Path):
     """The model is the train stage's (its train_summary.json names the adapter), served on its base."""
     port = free_port()
-    raw = job("blip2_lora", "org/base", tmp_path / "run", port=port, num_cpus=0.5, checkpoint="")
+    raw = job("blip2", "org/base", tmp_path / "run", port=port, num_cpus=0.5, checkpoint="")
     raw["stages"] = ["train"]
     (tmp_path / "run" / "train").mkdir(parents=True)
-    (tmp_path / "run" / "train" / "train_summary.json").write_text(json.dumps({"model_dir": models["blip2_lora"]}))
+    (tmp_path / "run" / "train" / "train_summary.json").write_text(json.dumps({"model_dir": models["blip2"]}))
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -418,9 +418,9 @@ def test_medvl_serve_answers_then_exits_0_on_sigterm(models, tmp_path: Path):
         assert answer.status_code == 200, answer.text
         assert isinstance(answer.json()["text"], str) and 0 < answer.json()["mean_token_prob"] <= 1
         info = requests.get(f"{url}/v1/model", timeout=60)
-        assert (info.json()["recipe"], info.json()["endpoint"]) == ("blip2_lora", "/v1/report")
+        assert (info.json()["recipe"], info.json()["endpoint"]) == ("blip2", "/v1/report")
         assert (info.json()["model"], info.json()["base_model"]) == ("blip2-adapter", "tiny-init")  # folder names
-        assert str(Path(models["blip2_lora"]).parent) not in info.text
+        assert str(Path(models["blip2"]).parent) not in info.text
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
     finally:
