@@ -63,7 +63,7 @@ from medvl.models.lora import (
     with_adapter,
 )
 from medvl.models.precision import storage_dtype, weight_dtype
-from medvl.models.random_preset import build_random, random_tokenizer, real_config
+from medvl.models.random_preset import build_random, random_tokenizer, real_config, release
 from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
 from medvl.models.weights import load_full_weights
@@ -161,7 +161,7 @@ def save_random_blip2(spec: JobSpec, work_dir: Path, texts: Iterable[str]) -> st
     config = random_blip2_config(spec.model.name_or_path, tokenizer, spec.data.image_size)
     model = build_random(Blip2ForConditionalGeneration, config, storage_dtype(spec), seed=spec.train.seed)
     model.save_pretrained(out)
-    del model  # the workers load it from disk; the driver need not hold gigabytes meanwhile
+    release(model)
     tokenizer.save_pretrained(out)
     image_size = spec.data.image_size
     BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)

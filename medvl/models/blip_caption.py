@@ -32,7 +32,7 @@ from medvl.data.skips import report_skipped
 from medvl.models.base import Batch, Recipe, TensorBatch
 from medvl.models.blip_cross_attention import decoder_cross_attention
 from medvl.models.precision import storage_dtype, weight_dtype
-from medvl.models.random_preset import build_random, random_tokenizer, real_config
+from medvl.models.random_preset import build_random, random_tokenizer, real_config, release
 from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
 from medvl.spec import JobSpec
@@ -101,7 +101,7 @@ def save_random_blip(model_cls: type, spec: JobSpec, work_dir: Path, texts: Iter
     config.vision_config.image_size = image_size
     model = build_random(model_cls, config, storage_dtype(spec), seed=spec.train.seed)
     model.save_pretrained(out)
-    del model
+    release(model)
     tokenizer.save_pretrained(out)
     BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
     return str(out)
