@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medvl.spec import SpecError, load_spec
+from medvl.spec import SpecError
 from medvl.submit import add_job_commands
+from medvl.validation import load_valid_spec, validate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only write a Serve config file for `serve deploy PATH` (starts nothing)")
     serve.set_defaults(handler=cmd_serve)
 
+    plan = commands.add_parser("plan", help="parameters and per-GPU memory of the spec's training under DDP and "
+                               "ZeRO-2/3, before renting a GPU (no Ray, nothing allocated)")
+    plan.add_argument("spec")
+    _add_overrides(plan)
+    plan.add_argument("--gpus", type=int, action="append", default=[], metavar="N",
+                      help="also plan for N GPUs (repeatable; default: train.workers)")
+    plan.add_argument("--stage", help="the train stage whose plan --json puts at the top (default: the first)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(handler=cmd_plan)
+
     add_job_commands(commands, _add_overrides)  # submit, status, logs, stop: a job on a Ray cluster
 
     chexpert = commands.add_parser("chexpert", help="label reports with the 14 CheXpert observations (offline)")
@@ -68,7 +79,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.specs:
         try:
-            spec = load_spec(path, args.overrides)
+            spec = load_valid_spec(path, args.overrides)
             print(f"ok: {path} ({spec.name}: {' → '.join(s.name for s in spec.stages)})")
         except SpecError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -77,7 +88,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(args: argparse.Namespace, kinds: tuple[str, ...] | None) -> int:
-    spec = load_spec(args.spec, args.overrides)  # fails here, before Ray starts, on a bad spec
+    spec = load_valid_spec(args.spec, args.overrides)  # fails here, before Ray starts, on a bad spec
     if kinds == ("tune",) and not any(stage.kind == "tune" for stage in spec.stages):
         spec = with_stage(spec, "tune")  # `medvl tune` on a spec whose stages list none (tune.space is checked)
     from medvl.stages import run_stages
@@ -87,17 +98,17 @@ def cmd_stages(args: argparse.Namespace, kinds: tuple[str, ...] | None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_valid_spec(args.spec, args.overrides)
     if not any(stage.kind == "serve" for stage in spec.stages):
         spec = with_stage(spec, "serve")
     if args.write_config:
         from pathlib import Path
 
-        from medvl.serve.checkpoint import model_stage_before
+        from medvl.runs import model_stage_before
         from medvl.serve.command import write_config
 
         stage = next(stage for stage in spec.stages if stage.kind == "serve")
-        write_config(spec.for_stage(stage), model_stage_before(spec, stage.name), Path(args.write_config))
+        write_config(spec.for_stage(stage), model_stage_before(spec.stages, stage.name), Path(args.write_config))
         print(f"wrote {args.write_config}: deploy it with `serve deploy {args.write_config}`")
         return 0
     from medvl.stages import run_stages
@@ -114,7 +125,26 @@ def with_stage(spec, kind: str):
 
     raw = dataclasses.asdict(spec)
     raw["stages"].append(dataclasses.asdict(StageSpec(kind=kind, name=kind)))
-    return parse_spec(raw)
+    return validate(parse_spec(raw))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_valid_spec(args.spec, args.overrides)
+    if any(n < 1 for n in args.gpus):
+        print(f"error: --gpus: expected a positive number of GPUs, got {min(args.gpus)}", file=sys.stderr)
+        return 2
+    import json
+
+    from medvl.plan import format_plan, job_json, plan_job, select_stage
+
+    try:
+        plans = plan_job(spec, args.gpus)
+        select_stage(plans, args.stage)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(job_json(plans, args.stage), indent=2) if args.json else "\n\n".join(map(format_plan, plans)))
+    return 0
 
 
 def cmd_chexpert(args: argparse.Namespace) -> int:

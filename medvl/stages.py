@@ -1,17 +1,8 @@
 """Run a job spec's stages in order, handing each train stage's model to the stages after it."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+from medvl.runs import read_summary, stage_model
 from medvl.spec import JobSpec, StageSpec
-
-
-def train_summary(spec: JobSpec, stage_name: str) -> dict:
-    path = Path(spec.output_dir).absolute() / stage_name / "train_summary.json"
-    if not path.exists():
-        raise FileNotFoundError(f"stage {stage_name!r} has not been trained yet ({path} is missing)")
-    return json.loads(path.read_text())
 
 
 def run_stages(spec: JobSpec, kinds: tuple[str, ...] | None = None, model_dir: str | None = None) -> None:
@@ -30,6 +21,7 @@ def run_stages(spec: JobSpec, kinds: tuple[str, ...] | None = None, model_dir: s
 
 def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_dir: str | None) -> bool | None:
     stage_spec = spec.for_stage(stage)
+    start_from = stage_model(spec.output_dir, stage.start_from) if stage.start_from else None
     print(f"[medvl] stage {stage.name} ({stage.kind})", flush=True)
     if stage.kind == "prepare":
         from medvl.data.prepare import run_prepare_stage
@@ -38,20 +30,18 @@ def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_di
     elif stage.kind == "train":
         from medvl.train.trainer import run_train_stage
 
-        start_from = train_summary(spec, stage.start_from)["model_dir"] if stage.start_from else None
         run_train_stage(stage_spec, stage, start_from=start_from)
     elif stage.kind == "eval":
         from medvl.eval.evaluate import run_eval_stage
 
         untrained = None
         if model_dir is None and last_train is not None:
-            summary = train_summary(spec, last_train)
+            summary = read_summary(spec.output_dir, last_train)
             model_dir, untrained = summary["model_dir"], summary["model_source"]
         run_eval_stage(stage_spec, stage, model_dir or spec.model.name_or_path, untrained_dir=untrained)
     elif stage.kind == "tune":
         from medvl.tune.stage import run_tune_stage
 
-        start_from = train_summary(spec, stage.start_from)["model_dir"] if stage.start_from else None
         return run_tune_stage(stage_spec, stage, start_from=start_from)["complete"]
     elif stage.kind == "serve":
         from medvl.serve.command import run_serve_stage

@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medvl.spec import JobSpec, SpecError, load_spec
+from medvl.spec import JobSpec, SpecError
+from medvl.validation import load_valid_spec
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -117,7 +118,7 @@ def first_line(text: str) -> str:
 
 @_one_line_errors
 def cmd_submit(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec, args.overrides)  # a bad spec fails here, before anything is sent
+    spec = load_valid_spec(args.spec, args.overrides)  # a bad spec fails here, before anything is sent
     working_dir = Path(args.working_dir).resolve()
     if not working_dir.is_dir():
         raise SubmitError(f"--working-dir {args.working_dir}: no such folder")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from medvl.spec import SpecError, parse_spec
+from medvl.validation import validate
 from medvl.train.deepspeed_config import deepspeed_config
 
 
@@ -33,7 +34,7 @@ def mean_row_loss(recipe, spec, model_dir: str) -> float:
 
     from medvl.data.shards import read_manifest, shard_paths
 
-    model, preprocess = recipe.load_for_inference(model_dir), recipe.preprocessor(model_dir)
+    model, preprocess = recipe.load_for_inference(model_dir).module, recipe.preprocessor(model_dir)
     model.eval()
     losses = []
     for path in shard_paths(read_manifest(spec.shards_location), spec.shards_location, "val"):
@@ -83,7 +84,7 @@ def test_bad_deepspeed_settings_name_the_field(tmp_path: Path, bad: dict, messag
     raw = job(tmp_path)
     raw["train"].update(bad)
     with pytest.raises(SpecError) as info:
-        parse_spec(raw)
+        validate(parse_spec(raw))
     assert str(info.value).startswith(message), str(info.value)
 
 
@@ -106,7 +107,7 @@ def test_zero_trains_the_tiny_blip2_and_exports_a_consolidated_adapter(tmp_path:
     model_dir = Path(summary["model_dir"])
     assert (model_dir / "adapter_model.safetensors").is_file() and not list(model_dir.rglob("*optim_states*"))
     recipe = Blip2LoraRecipe(spec)
-    assert isinstance(recipe.load_for_inference(str(model_dir)), PeftModel)
+    assert isinstance(recipe.load_for_inference(str(model_dir)).module, PeftModel)
     # ...whose reloaded model gives the validation loss the live (partitioned) model reported.
     manifest = json.loads((Path(spec.output_dir) / "shards" / "manifest.json").read_text())
     assert manifest["counts"]["val"] % 2 == 0  # the equal split over 2 workers drops no validation row

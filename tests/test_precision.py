@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from medvl.models.base import GenerationSettings
 from medvl.data.synthetic import synthetic_records
 from medvl.models.precision import dtype_census, training_precision, weight_dtype
 from medvl.models.registry import build_recipe
@@ -163,13 +164,13 @@ def test_inference_loads_in_the_weights_dtype_and_takes_fp32_pixels(records, tmp
                           eval={"num_beams": 1, "max_new_tokens": 4}))
     recipe = build_recipe(spec)
     source = recipe.initial_model(tmp_path, lambda: iter([r.text for r in records]))
-    model = recipe.load_for_inference(source)
-    assert {p.dtype for name, p in model.named_parameters() if ".lora_" not in name} == {torch.bfloat16}
+    loaded = recipe.load_for_inference(source)
+    assert {p.dtype for name, p in loaded.module.named_parameters() if ".lora_" not in name} == {torch.bfloat16}
     batch = recipe.preprocessor(source)(shard_batch(records[:2]))
     tensors = {k: torch.as_tensor(batch[k]) for k in recipe.tensor_columns}
     assert tensors["pixel_values"].dtype == torch.float32  # as the preprocessor and the server hand them over
     with torch.inference_mode():
-        scored = recipe.generate_scored(model, tensors)
+        scored = recipe.generate_scored(loaded, tensors, GenerationSettings.from_eval(spec.eval))
     assert len(scored.texts) == 2 and all(0.0 < p <= 1.0 for p in scored.mean_token_probs)
 
 

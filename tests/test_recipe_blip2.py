@@ -12,6 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
+from medvl.models.base import GenerationSettings
 from medvl.data.synthetic import synthetic_records
 from medvl.models.blip2 import (
     Blip2Recipe,
@@ -167,8 +168,8 @@ def test_the_old_recipe_name_selects_the_same_recipe_and_says_so_once(tiny_dir, 
     first, second = registry.build_recipe(parse_spec(raw)), registry.build_recipe(parse_spec(raw))
     assert type(first) is type(second) is Blip2Recipe
     lines = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
-    assert lines == ['model.recipe: "blip2_lora" is deprecated, use "blip2" (same recipe; train.finetune picks lora '
-                     'or full)']
+    assert lines == ["warning: model.recipe: 'blip2_lora' is deprecated, use 'blip2' (same recipe; train.finetune "
+                     "picks lora or full)"]
 
 
 def test_a_full_fine_tune_saves_a_plain_folder_and_can_start_from_a_lora_stage(tiny_dir, records, tmp_path):
@@ -195,7 +196,7 @@ def test_a_full_fine_tune_saves_a_plain_folder_and_can_start_from_a_lora_stage(t
     assert not (folder / "adapter_config.json").exists() and (folder / "tokenizer.json").is_file()
     with torch.no_grad():
         trained = model.eval()(**inputs).logits
-        reloaded = full.load_for_inference(str(folder))
+        reloaded = full.load_for_inference(str(folder)).module
         torch.testing.assert_close(reloaded(**inputs).logits, trained)
     resumed = full.load_for_training(tiny_dir)  # restore(): a fresh model takes a full checkpoint's weights
     full.restore(resumed, folder)
@@ -246,7 +247,7 @@ def test_adapter_and_merged_exports_reload_to_the_same_outputs(tiny_dir, records
         assert torch.equal(a, b), name
     inference = recipe.load_for_inference(str(folder))
     with torch.inference_mode():
-        scored = recipe.generate_scored(inference, batch)
+        scored = recipe.generate_scored(inference, batch, GenerationSettings.from_eval(recipe.spec.eval))
     texts = scored.texts
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert all(0.0 < p < 1.0 for p in scored.mean_token_probs)  # scored on the OPT decoder under the adapter
@@ -261,7 +262,7 @@ def val_loss_in_process(recipe, spec, model_dir: str) -> float:
 
     from medvl.data.shards import read_manifest, shard_paths
 
-    model, preprocess = recipe.load_for_inference(model_dir), recipe.preprocessor(model_dir)
+    model, preprocess = recipe.load_for_inference(model_dir).module, recipe.preprocessor(model_dir)
     total, count = 0.0, 0
     for path in shard_paths(read_manifest(spec.shards_location), spec.shards_location, "val"):
         rows = pq.read_table(path).to_pydict()

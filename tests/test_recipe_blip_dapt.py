@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import BlipForQuestionAnswering
 
+from medvl.models.base import GenerationSettings
 from medvl.models.blip_caption import save_tiny_blip
 from medvl.models.blip_dapt import (
     HEADS_FILE,
@@ -257,7 +258,7 @@ def test_generate_writes_scored_captions_and_attention_maps(tiny_source, tmp_pat
     recipe.save(model, tiny_source, tmp_path)
     loaded = recipe.load_for_inference(str(tmp_path))
     batch = colour_batch(recipe, tiny_source)
-    scored = recipe.generate_scored(loaded, batch)
+    scored = recipe.generate_scored(loaded, batch, GenerationSettings.from_eval(recipe.spec.eval))
     assert len(scored.texts) == 4 and all(isinstance(t, str) for t in scored.texts)
     assert all(0.0 < p < 1.0 for p in scored.mean_token_probs)
     maps = recipe.attention_maps(loaded, batch, scored.texts)

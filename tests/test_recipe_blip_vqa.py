@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import BlipForQuestionAnswering
 
+from medvl.models.base import GenerationSettings
 from medvl.models.blip_caption import save_tiny_blip
 from medvl.models.blip_vqa import VQA_COLUMNS, generate_answers
 from medvl.models.registry import build_recipe
@@ -123,7 +124,8 @@ def test_vqa_starts_from_the_dapt_weights(tiny_source, tmp_path: Path):
 def test_decoding_sees_what_training_saw(tiny_source):
     """The first decoding step's scores give the same answer-token loss as the training forward."""
     recipe = recipe_for("blip_vqa")
-    model = recipe.load_for_inference(tiny_source)
+    loaded = recipe.load_for_inference(tiny_source)
+    model = loaded.module
     batch = vqa_batch(recipe, tiny_source)
     first = generate_answers(model, batch, max_new_tokens=1, output_scores=True, return_dict_in_generate=True)
     answer_ids = batch["answer_input_ids"][:, :2]  # [bos] first-answer-token
@@ -132,7 +134,7 @@ def test_decoding_sees_what_training_saw(tiny_source):
         trained = model(input_ids=batch["question_input_ids"], attention_mask=batch["question_attention_mask"],
                         pixel_values=batch["pixel_values"], decoder_input_ids=answer_ids, labels=answer_ids).loss
     assert trained.item() == pytest.approx(expected.item(), rel=1e-5)
-    scored = recipe.generate_scored(model, batch)
+    scored = recipe.generate_scored(loaded, batch, GenerationSettings.from_eval(recipe.spec.eval))
     assert len(scored.texts) == 4 and all(isinstance(a, str) for a in scored.texts)
     assert all(0.0 < p < 1.0 for p in scored.mean_token_probs)
 

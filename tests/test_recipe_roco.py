@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import BlipForConditionalGeneration
 
+from medvl.models.base import GenerationSettings
 from medvl.models.blip_caption import apply_blip_finetune_policy, save_tiny_blip
 from medvl.models.registry import build_recipe
 from medvl.spec import parse_spec
@@ -84,13 +85,14 @@ def test_save_then_from_pretrained_round_trip(tiny_folder, tmp_path: Path):
     recipe.save(model, tiny_folder, tmp_path)
 
     loaded = recipe.load_for_inference(str(tmp_path))
-    assert not loaded.training
-    saved_state = loaded.state_dict()
+    assert not loaded.module.training
+    saved_state = loaded.module.state_dict()
     for name, value in model.state_dict().items():
         assert torch.equal(saved_state[name], value), name
     model.eval()
     with torch.no_grad():
-        assert recipe.loss(loaded, batch)[0].item() == pytest.approx(recipe.loss(model, batch)[0].item(), rel=1e-6)
-    captions = recipe.generate(loaded, batch)
+        assert recipe.loss(loaded.module, batch)[0].item() == pytest.approx(recipe.loss(model, batch)[0].item(),
+                                                                            rel=1e-6)
+    captions = recipe.generate(loaded, batch, GenerationSettings.from_eval(recipe.spec.eval))
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
     assert recipe.preprocessor(str(tmp_path)).tokenizer.get_vocab() == recipe.preprocessor(tiny_folder).tokenizer.get_vocab()

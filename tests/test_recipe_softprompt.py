@@ -12,6 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, ResNetModel
 
+from medvl.models.base import GenerationSettings
 from medvl.data.synthetic import synthetic_records
 from medvl.models.softprompt_llm import (
     SoftPromptRecipe,
@@ -195,9 +196,9 @@ def test_generation_and_prefix_attention_share_from_a_saved_model(parts, records
     inference = recipe.load_for_inference(str(folder))
     batch = tensors(recipe, str(folder), records[:3])
     with torch.inference_mode():
-        tokens = inference.generate(batch["pixel_values"], num_beams=2, max_new_tokens=5)
-        scored = recipe.generate_scored(inference, batch)
-        metrics = recipe.extra_eval_metrics(inference, batch)
+        tokens = inference.module.generate(batch["pixel_values"], num_beams=2, max_new_tokens=5)
+        scored = recipe.generate_scored(inference, batch, GenerationSettings.from_eval(recipe.spec.eval))
+        metrics = recipe.extra_eval_metrics(inference.module, batch)
     texts = scored.texts
     assert tokens.shape[0] == 3 and tokens.shape[1] <= 5  # only new tokens come back, not the prefix
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
@@ -285,9 +286,10 @@ def test_a_whole_lm_stage_merges_the_adapter_a_lora_stage_saved(parts, records, 
 
 def test_lm_lora_false_is_refused_for_other_recipes(tmp_path):
     from medvl.spec import SpecError
+    from medvl.validation import validate
 
     raw = job(tmp_path, "lm", "vision", lm_lora=False)
-    raw["model"]["recipe"] = "blip2"
-    with pytest.raises(SpecError, match="model.lm_lora: expected true \\(only softprompt_llm trains its LM without "
-                                        "LoRA; train.finetune picks what blip2 trains\\), got false"):
-        parse_spec(raw)
+    raw["model"] = {"recipe": "blip2", "name_or_path": "lm", "lm_lora": False}
+    raw["train"]["finetune"] = "lora"
+    with pytest.raises(SpecError, match="model.lm_lora: recipe blip2 does not read it"):
+        validate(parse_spec(raw))

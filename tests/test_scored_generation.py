@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import BlipForConditionalGeneration
 
-from medvl.models.blip_caption import blip_attention_maps, save_tiny_blip
+from medvl.models.base import GenerationSettings
+from medvl.models.blip_common import blip_attention_maps, save_tiny_blip
 from medvl.models.scored_generation import mean_token_probabilities
 from tests.test_recipe_roco import CAPTIONS, SIZE, caption_batch, caption_recipe
 
@@ -44,11 +45,12 @@ def teacher_forced_mean_probabilities(model, pixel_values: torch.Tensor, sequenc
 def test_mean_token_probability_is_what_the_model_gives_its_own_text(tiny_folder, beams):
     """The score of each generated text equals the probabilities the decoder assigns when reading it back."""
     recipe = caption_recipe(tiny_folder)
-    recipe.spec.eval.num_beams, recipe.spec.eval.max_new_tokens = beams, 12
-    model = recipe.load_for_inference(tiny_folder)
+    settings = GenerationSettings(num_beams=beams, max_new_tokens=12)
+    loaded = recipe.load_for_inference(tiny_folder)
+    model = loaded.module
     batch = caption_batch(recipe, tiny_folder)
-    generated = recipe.generate_scored(model, batch)
-    assert generated.texts == recipe.generate(model, batch)
+    generated = recipe.generate_scored(loaded, batch, settings)
+    assert generated.texts == recipe.generate(loaded, batch, settings)
     sequences = model.generate(pixel_values=batch["pixel_values"], num_beams=beams, max_new_tokens=12)
     expected = teacher_forced_mean_probabilities(model, batch["pixel_values"], sequences)
     assert all(0.0 < score < 1.0 for score in generated.mean_token_probs)
@@ -57,12 +59,13 @@ def test_mean_token_probability_is_what_the_model_gives_its_own_text(tiny_folder
 
 def test_attention_maps_sum_to_one_over_the_patch_grid_and_ignore_padding(tiny_folder):
     recipe = caption_recipe(tiny_folder)
-    model = recipe.load_for_inference(tiny_folder)
+    loaded = recipe.load_for_inference(tiny_folder)
+    model = loaded.module
     pixels = caption_batch(recipe, tiny_folder)["pixel_values"]
-    maps = recipe.attention_maps(model, pixels_batch := {"pixel_values": pixels}, CAPTIONS)
+    maps = recipe.attention_maps(loaded, pixels_batch := {"pixel_values": pixels}, CAPTIONS)
     side = SIZE // model.config.vision_config.patch_size
     assert maps.shape == (4, side, side)
     assert np.allclose(maps.sum(axis=(1, 2)), 1.0) and (maps >= 0).all()
     assert not np.allclose(maps[0], maps[3])  # different images, different maps
-    longer = blip_attention_maps(model, recipe.tokenizer, pixels_batch["pixel_values"], CAPTIONS, max_length=30)
+    longer = blip_attention_maps(model, loaded.tokenizer, pixels_batch["pixel_values"], CAPTIONS, max_length=30)
     assert np.allclose(maps, longer, atol=1e-6)  # padding positions are not averaged in

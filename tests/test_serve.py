@@ -126,6 +126,32 @@ def test_checkpoint_comes_from_the_last_train_stage_or_serve_checkpoint(tmp_path
         resolve_checkpoint(parse_spec(job("blip_caption", "org/model", tmp_path, checkpoint="")), None)
 
 
+def test_model_is_named_without_server_paths(tmp_path: Path):
+    from medvl.serve.app import model_identity, public_model_name
+
+    out = tmp_path / "runs" / "quickstart"
+    stage_model = fake_model_folder(out / "train" / "model")
+    assert public_model_name(str(stage_model), str(out)) == "train"
+    assert public_model_name(str(fake_model_folder(out / "tune" / "best" / "model")), str(out)) == "tune/best"
+    elsewhere = fake_model_folder(tmp_path / "shelf" / "cxr-blip")
+    assert public_model_name(str(elsewhere), str(out)) == "cxr-blip"
+    assert public_model_name(str(fake_model_folder(tmp_path / "v2" / "model")), str(out)) == "v2"
+    assert public_model_name("Salesforce/blip-image-captioning-base", str(out)) == (
+        "Salesforce/blip-image-captioning-base")
+
+    spec = parse_spec(job("blip_caption", "Salesforce/blip-image-captioning-base", out))
+    assert model_identity(spec, str(stage_model)) == {"model": "train", "recipe": "blip_caption",
+                                                      "base_model": "Salesforce/blip-image-captioning-base",
+                                                      "preset": ""}
+    adapter = fake_model_folder(out / "stage2" / "model", "adapter_config.json")
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(elsewhere)}))
+    identity = model_identity(parse_spec(job("blip2_lora", "org/unused", out)), str(adapter))
+    assert (identity["model"], identity["base_model"]) == ("stage2", "cxr-blip")  # the base the adapter records
+    tiny = parse_spec({**job("blip_caption", "org/unused", out), "model": {"recipe": "blip_caption", "preset": "tiny"}})
+    assert model_identity(tiny, str(stage_model))["base_model"] is None  # random weights: no base model
+    assert str(tmp_path) not in json.dumps([identity, model_identity(spec, str(stage_model))])
+
+
 def test_write_config_is_a_valid_serve_config_without_the_key(tmp_path: Path, monkeypatch, capsys):
     from ray.serve.schema import ServeDeploySchema
 
@@ -224,9 +250,10 @@ def test_medvl_serve_answers_then_exits_0_on_sigterm(models, tmp_path: Path):
         answer = requests.post(f"{url}/v1/report", json={"image": b64(png())}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert isinstance(answer.json()["text"], str) and 0 < answer.json()["mean_token_prob"] <= 1
-        info = requests.get(f"{url}/v1/model", timeout=60).json()
-        assert (info["recipe"], info["endpoint"], info["checkpoint"]) == ("blip2_lora", "/v1/report",
-                                                                          models["blip2_lora"])
+        info = requests.get(f"{url}/v1/model", timeout=60)
+        assert (info.json()["recipe"], info.json()["endpoint"]) == ("blip2_lora", "/v1/report")
+        assert (info.json()["model"], info.json()["base_model"]) == ("blip2-adapter", "tiny-init")  # folder names
+        assert str(Path(models["blip2_lora"]).parent) not in info.text
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
     finally:
@@ -309,9 +336,11 @@ def test_each_endpoint_answers_with_text_probability_and_latency(live, models, r
     assert isinstance(body["text"], str)
     assert 0.0 < body["mean_token_prob"] <= 1.0
     assert body["latency_ms"] > 0 and body["batch_size"] >= 1
-    info = live.get(recipe, "/v1/model").json()
+    answer = live.get(recipe, "/v1/model")
+    info = answer.json()
     assert info["recipe"] == recipe and info["endpoint"] == f"/v1/{endpoint}"
-    assert info["checkpoint"] == models[recipe]
+    assert info["model"] == info["base_model"] == "tiny-init"  # the folder's name (job() names it as the base too)
+    assert str(Path(models[recipe]).parent) not in answer.text  # no server path
     assert info["takes_question"] == (endpoint == "vqa")
     assert info["api_key_required"] == (recipe == "blip_caption")
 
@@ -335,7 +364,7 @@ def test_attention_map_is_a_patch_grid_or_a_clear_400(live):
 
     for recipe, endpoint, fields in [("blip_caption", "caption", {}),
                                      ("blip_vqa", "vqa", {"question": "is there an effusion?"})]:
-        module, _, name = RECIPES[recipe].partition(":")
+        module, _, name = RECIPES[recipe].implementation.partition(":")
         has_maps = getattr(importlib.import_module(module), name).attention_maps is not Recipe.attention_maps
         response = live.post(recipe, endpoint, json={"image": b64(png()), "attention": True, **fields})
         if has_maps:

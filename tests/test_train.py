@@ -35,7 +35,7 @@ def val_loss_in_process(spec, model_dir: str) -> float:
     from medvl.models.registry import build_recipe
 
     recipe = build_recipe(spec)
-    model = recipe.load_for_inference(model_dir)
+    model = recipe.load_for_inference(model_dir).module
     preprocess = recipe.preprocessor(model_dir)
     manifest = read_manifest(spec.shards_location)
     total, count = 0.0, 0

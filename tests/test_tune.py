@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from medvl.spec import SpecError, load_spec, parse_spec
+from medvl.validation import validate
 from medvl.tune.results import TrialRow, best_job_spec
 from medvl.tune.search import concurrency, trial_cpus
 from medvl.tune.stage import base_trial_spec
@@ -57,7 +58,7 @@ def search_job(tmp_path: Path, space: dict, stages: list, **tune) -> dict:
 )
 def test_malformed_tune_section_names_the_field(tune: dict, message: str):
     with pytest.raises(SpecError) as info:
-        parse_spec({"name": "t", "output_dir": "out", "stages": ["prepare", "tune"], "tune": tune})
+        validate(parse_spec({"name": "t", "output_dir": "out", "stages": ["prepare", "tune"], "tune": tune}))
     assert str(info.value).startswith(message), str(info.value)
 
 
@@ -65,7 +66,7 @@ def test_a_malformed_space_file_fails_at_spec_validation(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train.lr: {uniform: [0.1, 0.01]}\n")
     with pytest.raises(SpecError, match=r"^tune.space: bad.yaml: train.lr.uniform: expected low < high"):
-        parse_spec({"name": "t", "output_dir": "out", "stages": ["tune"], "tune": {"space": str(bad)}})
+        validate(parse_spec({"name": "t", "output_dir": "out", "stages": ["tune"], "tune": {"space": str(bad)}}))
 
 
 def test_trial_spec_applies_the_sampled_values_in_its_own_folder(tmp_path: Path):
@@ -170,18 +171,24 @@ def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tm
 
 
 class InterruptAfter:
-    """A Tune callback that presses Ctrl+C once ``count`` trials have completed."""
+    """A Tune callback that presses Ctrl+C once ``count`` trials have completed.
+
+    Tune pickles callbacks with the experiment and a restored search runs with them again: the restored copy
+    is disarmed (an interrupt happens once)."""
 
     def __new__(cls, count: int):
         from ray.tune import Callback
 
         class _Interrupt(Callback):
             def __init__(self):
-                self.completed = 0
+                self.completed, self.armed = 0, True
+
+            def __setstate__(self, state):
+                self.__dict__.update(state, armed=False)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.completed += 1
-                if self.completed == count:
+                if self.armed and self.completed == count:
                     os.kill(os.getpid(), signal.SIGINT)
 
         return _Interrupt()

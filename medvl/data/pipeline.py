@@ -16,7 +16,7 @@ from medvl.data import storage
 from medvl.data.position import ROW_KEY, SkipTrained, row_keys
 from medvl.data.shards import read_manifest, shard_paths
 from medvl.data.skips import ensure_skip_counter
-from medvl.models.base import Batch
+from medvl.data.preprocessing import Batch
 
 # A map_batches block this size keeps tokeniser/image-processor calls vectorised without holding much memory.
 PREPROCESS_BATCH_SIZE = 64

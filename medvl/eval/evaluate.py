@@ -1,10 +1,10 @@
 """The eval stage: generate on a split of the shards, score, and write what a reviewer reads.
 
-Writes to ``<output_dir>/<stage name>/``: ``metrics.json`` (flat keys), ``predictions.jsonl`` (id, reference,
-prediction, answer type, mean token probability), ``report.md`` (headline metrics and the worst examples),
-``attention/<id>.png`` for the first ``eval.attention_maps`` samples and, when ``eval.baselines`` asks for them,
-``<output_dir>/<job name>.json`` comparing the trained model with the untrained one and with images shuffled
-across references (a model that ignores the image scores the same either way).
+Writes to the stage's folder (paths: :class:`medvl.runs.RunLayout`): the metrics (flat keys), the predictions
+(id, reference, prediction, answer type, mean token probability), a report (headline metrics and the worst
+examples), attention overlays for the first ``eval.attention_maps`` samples and, when ``eval.baselines`` asks
+for them, a comparison of the trained model with the untrained one and with images shuffled across references
+(a model that ignores the image scores the same either way).
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from medvl.data.pipeline import preprocessed, read_split
-from medvl.models.base import Recipe
+from medvl.models.base import GenerationSettings, LoadedModel, Recipe
 from medvl.models.registry import build_recipe
+from medvl.runs import RunLayout
 from medvl.spec import JobSpec, StageSpec
 
 
@@ -48,7 +49,8 @@ def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attentio
     """Stream the eval split through Ray Data and generate on the driver; attention maps of the first
     ``attention_maps`` samples."""
     settings = spec.eval
-    model = recipe.load_for_inference(model_dir)
+    generation = GenerationSettings.from_eval(settings)
+    loaded = recipe.load_for_inference(model_dir)
     factory = functools.partial(recipe.preprocessor, model_dir)
     dataset = read_split(spec.shards_location, settings.split, spec.data.endpoint_url)
     if settings.max_samples:
@@ -59,12 +61,12 @@ def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attentio
     for batch in dataset.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
         tensors = {name: torch.as_tensor(batch[name]) for name in recipe.tensor_columns}
         with torch.inference_mode():
-            generated = recipe.generate_scored(model, tensors)
-            for key, value in recipe.extra_eval_metrics(model, tensors).items():
+            generated = recipe.generate_scored(loaded, tensors, generation)
+            for key, value in recipe.extra_eval_metrics(loaded.module, tensors).items():
                 extras.setdefault(key, []).append(value)
         wanted = attention_maps - len(out.attention)
         if wanted > 0:
-            out.attention += ground(recipe, model, tensors, batch["id"][:wanted], generated.texts[:wanted])
+            out.attention += ground(recipe, loaded, tensors, batch["id"][:wanted], generated.texts[:wanted])
         out.predictions += generated.texts
         out.confidences += generated.mean_token_probs
         out.ids += [str(i) for i in batch["id"]]
@@ -75,12 +77,12 @@ def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attentio
     return out
 
 
-def ground(recipe: Recipe, model: torch.nn.Module, tensors: dict[str, torch.Tensor], ids: np.ndarray,
+def ground(recipe: Recipe, loaded: LoadedModel, tensors: dict[str, torch.Tensor], ids: np.ndarray,
            texts: list[str]) -> list[Grounding]:
     """Attention maps of the first ``len(texts)`` samples of a batch; none (with a note) if the recipe has none."""
     first = {name: value[: len(texts)] for name, value in tensors.items()}
     with torch.inference_mode():
-        maps = recipe.attention_maps(model, first, texts)
+        maps = recipe.attention_maps(loaded, first, texts)
     if maps is None:
         print(f"[medvl eval] eval.attention_maps: {recipe.spec.model.recipe} has no decoder cross-attention to "
               "draw; no overlays written", flush=True)
@@ -133,15 +135,15 @@ def shuffled_references(preds: Predictions, seed: int = 0) -> Predictions:
 
 def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_dir: str | None = None) -> dict:
     recipe = build_recipe(spec)
-    out = Path(spec.output_dir).absolute() / stage.name
-    out.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout.of(spec.output_dir)
+    layout.stage(stage.name).mkdir(parents=True, exist_ok=True)
     preds = generate_predictions(spec, recipe, model_dir, spec.eval.attention_maps)
     metrics = score(spec, recipe, preds) | preds.extra_metrics
     metrics["mean_token_prob"] = float(np.mean(preds.confidences)) if preds.confidences else 0.0
     metrics["n"] = len(preds.predictions)
-    write_outputs(out, metrics, preds)
-    write_attention_overlays(out / "attention", preds.attention)
-    write_report(out / "report.md", spec, recipe, metrics, preds)
+    write_outputs(layout, stage.name, metrics, preds)
+    write_attention_overlays(layout.attention(stage.name), preds.attention)
+    write_report(layout.report(stage.name), spec, recipe, metrics, preds)
     print(f"[medvl eval] {stage.name}: {_headline(metrics)}", flush=True)
 
     comparison = {"trained": metrics}
@@ -150,17 +152,16 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     if "shuffled_images" in spec.eval.baselines:
         comparison["shuffled_images"] = score(spec, recipe, shuffled_references(preds, spec.data.seed))
     if len(comparison) > 1:
-        path = Path(spec.output_dir).absolute() / f"{spec.name}.json"
-        path.write_text(json.dumps(comparison, indent=2))
+        layout.comparison(spec.name).write_text(json.dumps(comparison, indent=2))
         for name, values in comparison.items():
             print(f"[medvl eval] {name:>16}: {_headline(values)}", flush=True)
     return metrics
 
 
-def write_outputs(out: Path, metrics: dict, preds: Predictions) -> None:
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+def write_outputs(layout: RunLayout, stage: str, metrics: dict, preds: Predictions) -> None:
+    layout.metrics(stage).write_text(json.dumps(metrics, indent=2))
     keys = ("id", "reference", "prediction", "answer_type", "mean_token_prob")
-    with open(out / "predictions.jsonl", "w") as handle:
+    with open(layout.predictions(stage), "w") as handle:
         for row in zip(preds.ids, preds.references, preds.predictions, preds.answer_types, preds.confidences):
             handle.write(json.dumps(dict(zip(keys, row))) + "\n")
 

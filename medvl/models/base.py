@@ -8,38 +8,78 @@ The training loop, the evaluator and the server know nothing about BLIP or LoRA:
 2. How does a batch of shard rows become tensors? (:meth:`Recipe.preprocessor`, run inside Ray Data.)
 3. What does a training step minimise? (:meth:`Recipe.loss`.)
 4. How does it produce text, and how sure is it? (:meth:`Recipe.generate_scored`: texts and the mean
-   probability of their tokens.)
+   probability of their tokens, for a :class:`LoadedModel` and explicit :class:`GenerationSettings`.)
 5. How is it saved so that ``from_pretrained`` (or peft) loads it elsewhere? (:meth:`Recipe.save`.)
 
-Freezing policies and adapters are applied in :meth:`Recipe.load_for_training`.
+Freezing policies and adapters are applied in :meth:`Recipe.load_for_training`. What a recipe accepts (finetune
+policies, options, task, endpoint) is its card in :mod:`medvl.models.registry`, checked before Ray starts.
+A recipe object holds the spec and nothing else: a loaded model travels with its tokenizer as a
+:class:`LoadedModel`, and whoever generates (eval, serve) says how (:class:`GenerationSettings`).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
+from medvl.data.preprocessing import Batch
+from medvl.models.registry import RecipeCard, card_for
 from medvl.models.scored_generation import Generated
-from medvl.spec import JobSpec
+from medvl.spec import EvalSpec, JobSpec
 
-Batch = dict[str, np.ndarray]
 TensorBatch = dict[str, torch.Tensor]
 
 
-class Recipe(ABC):
-    """One model family. Subclasses are registered in :mod:`medvl.models.registry`."""
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode: eval takes them from ``eval``, serve from ``serve`` (falling back to eval's)."""
 
-    task: str = "caption"  # "caption" (image → text) or "vqa" (image + question → answer)
-    #: What the served model is asked for: POST /v1/<endpoint> ("caption", "report" or "vqa").
-    endpoint: str = "caption"
+    num_beams: int
+    max_new_tokens: int
+
+    @classmethod
+    def from_eval(cls, settings: EvalSpec) -> GenerationSettings:
+        return cls(settings.num_beams, settings.max_new_tokens)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate, with the tokenizer that decodes its output."""
+
+    module: torch.nn.Module
+    tokenizer: Any
+
+    def to(self, device: torch.device | str) -> LoadedModel:
+        self.module.to(device)
+        return self
+
+
+class Recipe(ABC):
+    """One model family, registered with its card in :mod:`medvl.models.registry`."""
+
     #: Columns of the preprocessed batch that go to the model (others, such as ids, stay behind).
     tensor_columns: tuple[str, ...] = ("pixel_values", "input_ids", "attention_mask")
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
+
+    @property
+    def card(self) -> RecipeCard:
+        return card_for(self.spec.model.recipe)
+
+    @property
+    def task(self) -> str:
+        """"caption" (image → text) or "vqa" (image + question → answer)."""
+        return self.card.task
+
+    @property
+    def endpoint(self) -> str:
+        """What the served model is asked for: POST /v1/<endpoint> ("caption", "report" or "vqa")."""
+        return self.card.endpoint
 
     @abstractmethod
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
@@ -54,20 +94,19 @@ class Recipe(ABC):
         """The model with the spec's freezing policy / adapters applied."""
 
     @abstractmethod
-    def load_for_inference(self, model_dir: str) -> torch.nn.Module:
-        """A saved model (as written by :meth:`save`) ready for :meth:`generate`."""
+    def load_for_inference(self, model_dir: str) -> LoadedModel:
+        """A saved model (as written by :meth:`save`), in eval mode, with its tokenizer."""
 
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss and any extra scalars worth logging."""
 
     @abstractmethod
-    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
-        """Decoded texts for a preprocessed batch, with the spec's eval settings (beams, length), and the mean
-        probability of each text's generated tokens."""
+    def generate_scored(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> Generated:
+        """Decoded texts for a preprocessed batch and the mean probability of each text's generated tokens."""
 
-    def generate(self, model: torch.nn.Module, batch: TensorBatch) -> list[str]:
-        return self.generate_scored(model, batch).texts
+    def generate(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> list[str]:
+        return self.generate_scored(loaded, batch, settings).texts
 
     @abstractmethod
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
@@ -90,7 +129,7 @@ class Recipe(ABC):
         """Scalars averaged over eval batches into metrics.json (e.g. attention share of a visual prefix)."""
         return {}
 
-    def attention_maps(self, model: torch.nn.Module, batch: TensorBatch, texts: list[str]) -> np.ndarray | None:
+    def attention_maps(self, loaded: LoadedModel, batch: TensorBatch, texts: list[str]) -> np.ndarray | None:
         """Where the text looked: (B, rows, cols) attention of the decoder on the image patches while reading
         ``texts``, averaged over heads, layers and tokens, each map summing to 1. None if the recipe has none."""
         return None

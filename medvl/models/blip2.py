@@ -48,8 +48,8 @@ from transformers import (
     BlipImageProcessor,
 )
 
-from medvl.models.base import Batch, Recipe, TensorBatch
-from medvl.models.blip_caption import ImageTextPreprocessor
+from medvl.data.preprocessing import ImageTextPreprocessor, pad_sequences
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
 from medvl.models.lora import (
     ADAPTER_WEIGHTS,
     base_model_source,
@@ -171,30 +171,22 @@ def save_random_blip2(spec: JobSpec, work_dir: Path, texts: Iterable[str]) -> st
 class Blip2Preprocessor(ImageTextPreprocessor):
     """Shard rows → ``pixel_values`` and ``[image]×Q [bos] text [eos]`` ids (see the module docstring).
 
-    Reuses the BLIP preprocessor's decoding and skip counting; only the ids layout differs. ``model_source`` may
-    be a checkpoint or an adapter folder (which carries its own tokenizer and image processor).
+    ``model_source`` may be a checkpoint or an adapter folder (which carries its own tokenizer and image processor).
     """
 
     def __init__(self, model_source: str, image_size: int, max_text_length: int):
-        # Not super().__init__: it reads BLIP (v1) text-config ids, which a BLIP-2 config does not have.
-        self.tokenizer = AutoTokenizer.from_pretrained(model_source)
-        self.image_processor = AutoImageProcessor.from_pretrained(model_source)
-        self.size = {"height": image_size, "width": image_size}
         config = Blip2Config.from_pretrained(base_model_source(model_source))
+        tokenizer = AutoTokenizer.from_pretrained(model_source)
         self.image_prefix = [config.image_token_index] * config.num_query_tokens
-        self.bos, self.eos, self.pad = language_ids(config, self.tokenizer)
-        self.max_text_length = len(self.image_prefix) + max_text_length  # whole sequence, as `encode` gets it
+        self.bos, self.eos, self.pad = language_ids(config, tokenizer)
+        # max_text_length is the whole sequence, as `encode` gets it
+        super().__init__(tokenizer, AutoImageProcessor.from_pretrained(model_source), image_size,
+                         len(self.image_prefix) + max_text_length)
 
     def encode(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
         room = length - len(self.image_prefix) - 2
         pieces = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
-        ids = np.full((len(texts), length), self.pad, dtype=np.int64)
-        mask = np.zeros((len(texts), length), dtype=np.int64)
-        for row, tokens in enumerate(pieces):
-            sequence = [*self.image_prefix, self.bos, *tokens, self.eos]
-            ids[row, : len(sequence)] = sequence
-            mask[row, : len(sequence)] = 1
-        return ids, mask
+        return pad_sequences([[*self.image_prefix, self.bos, *tokens, self.eos] for tokens in pieces], length, self.pad)
 
 
 def language_ids(config: Blip2Config, tokenizer) -> tuple[int, int, int]:
@@ -265,9 +257,6 @@ def _config(model: torch.nn.Module) -> Blip2Config:
 
 
 class Blip2Recipe(Recipe):
-    task = "caption"
-    endpoint = "report"  # chest X-ray findings
-
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
             return save_tiny_blip2(work_dir, train_texts(), self.spec.data.image_size)
@@ -294,12 +283,11 @@ class Blip2Recipe(Recipe):
         return with_adapter(base, model_source, lora_config(settings, scoped_targets("language_model", targets)),
                             trainable=True)
 
-    def load_for_inference(self, model_dir: str) -> torch.nn.Module:
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    def load_for_inference(self, model_dir: str) -> LoadedModel:
         model = load_blip2(base_model_source(model_dir), self.spec.model.load_in_8bit, weight_dtype(self.spec))
         if is_adapter_folder(model_dir):  # else a plain folder: fully fine-tuned, or an untrained base
             model = PeftModel.from_pretrained(model, model_dir)
-        return model.eval()
+        return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(model_dir))
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         device = _model_device(model)
@@ -312,11 +300,11 @@ class Blip2Recipe(Recipe):
         )
         return output.loss, {}
 
-    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
-        settings = self.spec.eval
+    def generate_scored(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> Generated:
+        model = loaded.module
         blip2 = model.get_base_model() if isinstance(model, PeftModel) else model
         return generate_scored(
-            model.generate, blip2.language_model, self.tokenizer, _config(model).text_config.eos_token_id,
+            model.generate, blip2.language_model, loaded.tokenizer, _config(model).text_config.eos_token_id,
             pixel_values=batch["pixel_values"].to(_model_device(model)), num_beams=settings.num_beams,
             max_new_tokens=settings.max_new_tokens,
         )

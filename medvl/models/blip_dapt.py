@@ -50,19 +50,16 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from transformers import AutoTokenizer, BlipForQuestionAnswering
 
-from medvl.models.base import Batch, Recipe, TensorBatch
-from medvl.models.blip_caption import (
-    ImageTextPreprocessor,
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
+from medvl.models.blip_common import (
+    BlipPreprocessor,
+    apply_frozen_vision_policy,
     blip_attention_maps,
+    encode_texts,
     lm_labels,
+    save_blip_folder,
     save_random_blip,
     save_tiny_blip,
-)
-from medvl.models.blip_vqa import (
-    apply_vqa_finetune_policy,
-    cls_token_id,
-    encode_texts,
-    save_blip_folder,
 )
 from medvl.models.checkpointing import enable_hf_checkpointing, run_checkpointed
 from medvl.models.distill import (
@@ -286,7 +283,7 @@ def group_index(group_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(str(group_id).encode(), digest_size=8).digest(), "big") >> 1
 
 
-class DaptPreprocessor(ImageTextPreprocessor):
+class DaptPreprocessor(BlipPreprocessor):
     """Caption as decoder input (``input_ids``: ``[bos] … [sep]``) and as encoder input (``text_input_ids``:
     ``[cls] … [sep]``), plus ``group_index`` to tell in-batch positives from negatives."""
 
@@ -296,7 +293,7 @@ class DaptPreprocessor(ImageTextPreprocessor):
         out = super().__call__({**batch, "text": np.asarray(captions, dtype=object)})
         out["text_input_ids"], out["text_attention_mask"] = encode_texts(
             self.tokenizer, [str(t) for t in out["text"]], self.max_text_length,
-            cls_token_id(self.tokenizer, self.bos), self.sep, self.pad,
+            self.cls, self.sep, self.pad,
         )
         out["group_index"] = np.asarray([groups[str(i)] for i in out["id"]], dtype=np.int64)
         return out
@@ -306,7 +303,6 @@ class DaptPreprocessor(ImageTextPreprocessor):
 
 
 class BlipDaptRecipe(Recipe):
-    task = "caption"
     tensor_columns = DAPT_COLUMNS
 
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
@@ -322,12 +318,12 @@ class BlipDaptRecipe(Recipe):
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
         model = load_dapt_model(model_source, distill=self.spec.model.distill, dtype=weight_dtype(self.spec))
-        apply_vqa_finetune_policy(model.student, self.spec.train.finetune, vision_prefix="blip.vision_model.")
+        apply_frozen_vision_policy(model.student, self.spec.train.finetune, vision_prefix="blip.vision_model.")
         return model
 
-    def load_for_inference(self, model_dir: str) -> torch.nn.Module:
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return load_dapt_model(model_dir, distill=False, dtype=weight_dtype(self.spec)).eval()
+    def load_for_inference(self, model_dir: str) -> LoadedModel:
+        return LoadedModel(load_dapt_model(model_dir, distill=False, dtype=weight_dtype(self.spec)).eval(),
+                           AutoTokenizer.from_pretrained(model_dir))
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(**{name: batch[name] for name in DAPT_COLUMNS})
@@ -340,22 +336,22 @@ class BlipDaptRecipe(Recipe):
             ema_update(model.teacher, model.student, tau)
 
     @torch.no_grad()
-    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
+    def generate_scored(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> Generated:
         """Captions from the decoder (as BlipForConditionalGeneration would write them)."""
-        blip = model.student.blip
+        blip = loaded.module.student.blip
         image_embeds = blip.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         text = blip.config.text_config
         bos = torch.full((image_embeds.shape[0], 1), text.bos_token_id, dtype=torch.long, device=image_embeds.device)
         return generate_scored(
-            blip.text_decoder.generate, blip.text_decoder, self.tokenizer, text.sep_token_id,
+            blip.text_decoder.generate, blip.text_decoder, loaded.tokenizer, text.sep_token_id,
             input_ids=bos, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
             encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-            num_beams=self.spec.eval.num_beams, max_new_tokens=self.spec.eval.max_new_tokens,
+            num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
         )
 
-    def attention_maps(self, model: torch.nn.Module, batch: TensorBatch, texts: list[str]) -> np.ndarray:
-        return blip_attention_maps(model.student.blip, self.tokenizer, batch["pixel_values"], texts,
+    def attention_maps(self, loaded: LoadedModel, batch: TensorBatch, texts: list[str]) -> np.ndarray:
+        return blip_attention_maps(loaded.module.student.blip, loaded.tokenizer, batch["pixel_values"], texts,
                                    self.spec.data.max_text_length)
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:

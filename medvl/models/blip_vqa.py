@@ -25,14 +25,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, BlipForQuestionAnswering
+from transformers import AutoTokenizer, BlipForQuestionAnswering
 
-from medvl.models.base import Batch, Recipe, TensorBatch
-from medvl.models.blip_caption import (
-    ImageTextPreprocessor,
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
+from medvl.models.blip_common import (
+    BlipPreprocessor,
+    apply_frozen_vision_policy,
+    encode_texts,
     lm_labels,
+    save_blip_folder,
     save_random_blip,
     save_tiny_blip,
 )
@@ -43,45 +45,18 @@ VQA_COLUMNS = ("pixel_values", "question_input_ids", "question_attention_mask",
                "answer_input_ids", "answer_attention_mask")
 
 
-def encode_texts(tokenizer, texts: list[str], length: int, start: int, end: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[start] tokens [end]`` padded with ``pad`` to ``length`` (truncating the tokens), and its mask."""
-    ids = np.full((len(texts), length), pad, dtype=np.int64)
-    mask = np.zeros((len(texts), length), dtype=np.int64)
-    if not texts:
-        return ids, mask
-    pieces = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=length - 2)["input_ids"]
-    for row, tokens in enumerate(pieces):
-        sequence = [start, *tokens, end]
-        ids[row, : len(sequence)] = sequence
-        mask[row, : len(sequence)] = 1
-    return ids, mask
-
-
-def cls_token_id(tokenizer, fallback: int) -> int:
-    return tokenizer.cls_token_id if tokenizer.cls_token_id is not None else fallback
-
-
-class VqaPreprocessor(ImageTextPreprocessor):
+class VqaPreprocessor(BlipPreprocessor):
     """Adds ``question_*`` (encoder input) and ``answer_*`` (decoder input and target) to the image batch."""
 
     def __call__(self, batch: Batch) -> Batch:
         out = super().__call__(batch)
-        cls = cls_token_id(self.tokenizer, self.bos)
         out["question_input_ids"], out["question_attention_mask"] = encode_texts(
-            self.tokenizer, [str(q) for q in out["question"]], self.max_question_length, cls, self.sep, self.pad
+            self.tokenizer, [str(q) for q in out["question"]], self.max_question_length, self.cls, self.sep, self.pad
         )
         out["answer_input_ids"], out["answer_attention_mask"] = encode_texts(
             self.tokenizer, [str(a) for a in out["answer"]], self.max_text_length, self.bos, self.sep, self.pad
         )
         return out
-
-
-def apply_vqa_finetune_policy(model: torch.nn.Module, policy: str, vision_prefix: str = "vision_model.") -> None:
-    """``frozen_vision``: everything but the vision encoder trains; ``full``: everything trains."""
-    if policy not in ("full", "frozen_vision"):
-        raise ValueError(f"train.finetune: expected full or frozen_vision for BLIP VQA/DAPT, got {policy!r}")
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad = policy == "full" or not name.startswith(vision_prefix)
 
 
 def vqa_loss(model: torch.nn.Module, batch: TensorBatch) -> torch.Tensor:
@@ -120,16 +95,7 @@ def generate_answers(model: BlipForQuestionAnswering, batch: TensorBatch, **gene
     )
 
 
-def save_blip_folder(model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
-    """The model plus the tokenizer and image processor it was trained with, in HF layout."""
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_source).save_pretrained(out_dir)
-    AutoImageProcessor.from_pretrained(model_source).save_pretrained(out_dir)
-
-
 class BlipVqaRecipe(Recipe):
-    task = "vqa"
-    endpoint = "vqa"
     tensor_columns = VQA_COLUMNS
 
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
@@ -146,20 +112,20 @@ class BlipVqaRecipe(Recipe):
     def load_for_training(self, model_source: str) -> torch.nn.Module:
         """From a hub id, a tiny-init folder, a saved VQA model or a DAPT stage's export (same layout)."""
         model = BlipForQuestionAnswering.from_pretrained(model_source, dtype=weight_dtype(self.spec))
-        apply_vqa_finetune_policy(model, self.spec.train.finetune)
+        apply_frozen_vision_policy(model, self.spec.train.finetune)
         return model
 
-    def load_for_inference(self, model_dir: str) -> torch.nn.Module:
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return BlipForQuestionAnswering.from_pretrained(model_dir, dtype=weight_dtype(self.spec)).eval()
+    def load_for_inference(self, model_dir: str) -> LoadedModel:
+        return LoadedModel(BlipForQuestionAnswering.from_pretrained(model_dir, dtype=weight_dtype(self.spec)).eval(),
+                           AutoTokenizer.from_pretrained(model_dir))
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         return vqa_loss(model, batch), {}
 
-    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
-        settings = self.spec.eval
+    def generate_scored(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> Generated:
+        model = loaded.module
         return generate_scored(
-            lambda **kwargs: generate_answers(model, batch, **kwargs), model.text_decoder, self.tokenizer,
+            lambda **kwargs: generate_answers(model, batch, **kwargs), model.text_decoder, loaded.tokenizer,
             model.config.text_config.sep_token_id, num_beams=settings.num_beams,
             max_new_tokens=settings.max_new_tokens,
         )

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
 from PIL import Image
@@ -70,8 +71,8 @@ from transformers import (
     ResNetModel,
 )
 
-from medvl.models.base import Batch, Recipe, TensorBatch
-from medvl.models.blip_caption import ImageTextPreprocessor
+from medvl.data.preprocessing import ImageTextPreprocessor, pad_sequences
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
 from medvl.models.checkpointing import enable_hf_checkpointing, run_checkpointed
 from medvl.models.lora import (
     load_adapter_weights,
@@ -263,24 +264,23 @@ class SquareImages:
 
 
 class SoftPromptPreprocessor(ImageTextPreprocessor):
-    """Shard rows → ``pixel_values`` and ``[bos] text [eos]`` ids for the LM (decoding/skips from BLIP's)."""
+    """Shard rows → ``pixel_values`` and ``[bos] text [eos]`` ids for the LM (ids from the causal LM's config)."""
 
     def __init__(self, sources: Sources, image_size: int, max_text_length: int):
-        # Not super().__init__: it reads a BLIP text config; the ids here come from the causal LM's config.
-        self.tokenizer = AutoTokenizer.from_pretrained(sources.tokenizer)
-        self.image_processor = SquareImages(AutoImageProcessor.from_pretrained(sources.vision), image_size)
-        self.size = {"height": image_size, "width": image_size}
-        self.max_text_length = max_text_length
-        self.bos, self.sep, self.pad = special_ids(AutoConfig.from_pretrained(sources.base_lm))
+        super().__init__(AutoTokenizer.from_pretrained(sources.tokenizer),
+                         SquareImages(AutoImageProcessor.from_pretrained(sources.vision), image_size),
+                         image_size, max_text_length)
+        self.bos, self.eos, self.pad = special_ids(AutoConfig.from_pretrained(sources.base_lm))
+
+    def encode(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+        pieces = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=length - 2)["input_ids"]
+        return pad_sequences([[self.bos, *tokens, self.eos] for tokens in pieces], length, self.pad)
 
 
 # --------------------------------------------------------------------------------------------- recipe
 
 
 class SoftPromptRecipe(Recipe):
-    task = "caption"
-    endpoint = "report"  # chest X-ray findings
-
     def initial_model(self, work_dir: Path, train_texts: Callable[[], Iterable[str]]) -> str:
         if self.spec.model.preset == "tiny":
             return save_tiny_softprompt(self, work_dir, train_texts())
@@ -320,11 +320,12 @@ class SoftPromptRecipe(Recipe):
         apply_softprompt_policy(model, self.spec.train.finetune)
         return model
 
-    def load_for_inference(self, model_dir: str) -> torch.nn.Module:
+    def load_for_inference(self, model_dir: str) -> LoadedModel:
         sources = resolve_sources(model_dir, self.spec)
-        self.tokenizer = AutoTokenizer.from_pretrained(sources.tokenizer)
         # As saved: through its adapter if it has one, else the plain LM (a fresh adapter would change nothing).
-        return self.build(sources, trainable=False, lm_lora=sources.adapter is not None, eager_attention=True).eval()
+        return LoadedModel(self.build(sources, trainable=False, lm_lora=sources.adapter is not None,
+                                      eager_attention=True).eval(),
+                           AutoTokenizer.from_pretrained(sources.tokenizer))
 
     def loss(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
         output = model(
@@ -335,9 +336,9 @@ class SoftPromptRecipe(Recipe):
         )
         return output.loss, {}
 
-    def generate_scored(self, model: torch.nn.Module, batch: TensorBatch) -> Generated:
-        settings = self.spec.eval
-        return generate_scored(model.generate, model.lm, self.tokenizer, model.eos,
+    def generate_scored(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> Generated:
+        model = loaded.module
+        return generate_scored(model.generate, model.lm, loaded.tokenizer, model.eos,
                                pixel_values=batch["pixel_values"], num_beams=settings.num_beams,
                                max_new_tokens=settings.max_new_tokens)
 

@@ -4,21 +4,21 @@ Routes (all answers are JSON; errors are ``{"error": {"code", "message", ...}}``
 
 * ``POST /v1/<endpoint>``: the recipe's endpoint (``caption``, ``report`` or ``vqa``; see ``Recipe.endpoint``).
   Another endpoint answers 404 naming the one this model serves.
-* ``GET /v1/model``: what is loaded. ``GET /healthz``: liveness, never behind the API key.
+* ``GET /v1/model``: what is loaded, named without the server's paths (see :func:`model_identity`).
+  ``GET /healthz``: liveness, never behind the API key.
 
 Requests are validated one by one (:mod:`medvl.serve.requests`) before they join a batch; the batch is decoded
-by the recipe's preprocessor and generated in one call, in a worker thread so that the replica keeps accepting
-(and refusing) requests while the model runs.
+and generated in one call by :class:`medvl.serve.runner.ModelRunner`, in a worker thread so that the replica
+keeps accepting (and refusing) requests while the model runs.
 """
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the route methods' signatures in its own
 # module, where FastAPI could not resolve "Request" from a string annotation.
 import asyncio
-import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -26,16 +26,16 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from medvl.data.records import SHARD_COLUMNS
-from medvl.models.registry import build_recipe
+from medvl.models.lora import adapter_base, is_adapter_folder
+from medvl.runs import MODEL_DIR
 from medvl.serve.auth import authorized
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
 from medvl.serve.requests import Query, RequestError, read_query
+from medvl.serve.runner import ModelRunner
 from medvl.spec import JobSpec, parse_spec
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="medvl", docs_url=None, redoc_url=None)
-ATTENTION_DECIMALS = 5
 
 
 @api.exception_handler(RequestError)
@@ -59,29 +59,35 @@ async def failed(request: Request, error: Exception) -> JSONResponse:
                                    f"({type(error).__name__}); see the replica's log"}}, status_code=500)
 
 
-def serving_spec(raw: dict) -> JobSpec:
-    """The spec with ``serve.num_beams`` / ``serve.max_new_tokens`` in place of eval's (the recipes read eval's)."""
-    spec = parse_spec(raw)
-    settings = spec.serve
-    generation = dataclasses.replace(spec.eval, num_beams=settings.num_beams or spec.eval.num_beams,
-                                     max_new_tokens=settings.max_new_tokens or spec.eval.max_new_tokens)
-    return dataclasses.replace(spec, eval=generation)
+def public_model_name(location: str, output_dir: str) -> str:
+    """A model folder or hub id as clients see it: a hub id as is; a folder under the spec's ``output_dir`` by its
+    path there without the final ``model/`` (``train``, ``stage2``, ``tune/best``); any other folder by its own
+    name, or its parent's when it is called ``model``. Where the files lie on the server is nobody else's business.
+    """
+    path = Path(location)
+    if not path.exists() and location.count("/") <= 1 and not location.startswith((".", "/", "~")):
+        return location  # a hub id
+    path = path.absolute()
+    try:
+        parts = list(path.relative_to(Path(output_dir).absolute()).parts)
+    except ValueError:  # outside output_dir
+        parts = [path.parent.name] if path.name == MODEL_DIR else [path.name]
+    if len(parts) > 1 and parts[-1] == MODEL_DIR:
+        parts.pop()
+    return "/".join(parts) or path.name
 
 
-def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
-    """Queries as the shard rows every recipe's preprocessor takes; ``id`` is the position in the batch."""
-    n = len(queries)
-    values = {
-        "id": [str(i) for i in range(n)], "group_id": [str(i) for i in range(n)], "split": ["serve"] * n,
-        "image": [q.image for q in queries], "text": [""] * n, "question": [q.question for q in queries],
-        "answer": [""] * n, "answer_type": [""] * n, "meta": ["{}"] * n,
-    }
-    out = {}
-    for name in SHARD_COLUMNS:
-        column = np.empty(n, dtype=object)  # bytes of unequal length stay objects, as Ray Data hands them over
-        column[:] = values[name]
-        out[name] = column
-    return out
+def model_identity(spec: JobSpec, checkpoint: str) -> dict:
+    """``model``: the served folder (see :func:`public_model_name`); ``base_model``: what it was trained from (a
+    peft adapter's recorded base, else ``model.name_or_path``; null for a preset's random weights)."""
+    if is_adapter_folder(checkpoint):
+        base: str | None = public_model_name(adapter_base(checkpoint), spec.output_dir)
+    elif spec.model.preset:
+        base = None
+    else:
+        base = public_model_name(spec.model.name_or_path, spec.output_dir)
+    return {"model": public_model_name(checkpoint, spec.output_dir), "recipe": spec.model.recipe,
+            "base_model": base, "preset": spec.model.preset}
 
 
 # @serve.ingress copies the class by value while this module is still importing: the module-level names its
@@ -90,22 +96,18 @@ def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
 @serve.ingress(api)
 class MedvlServer:
     def __init__(self, args: dict):
-        spec = serving_spec(args["spec"])
+        spec = parse_spec(args["spec"])
         self.settings = spec.serve
         self.spec = spec
-        self.checkpoint = args["checkpoint"]
+        self.identity = model_identity(spec, args["checkpoint"])
         self.key_digest = args.get("api_key_sha256", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
-        self.recipe = build_recipe(spec)
-        self.model = self.recipe.load_for_inference(self.checkpoint)
-        self.device = torch.device("cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
-            self.model.to(self.device)
-        self.preprocess = self.recipe.preprocessor(self.checkpoint)
+        self.runner = ModelRunner(spec, args["checkpoint"])
+        self.recipe, self.generation = self.runner.recipe, self.runner.generation
         self.infer.set_max_batch_size(self.settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         logger.info("medvl: %s model from %s on %s, POST /v1/%s, batches of up to %d", spec.model.recipe,
-                    self.checkpoint, self.device, self.recipe.endpoint, self.settings.max_batch_size)
+                    self.runner.checkpoint, self.runner.device, self.recipe.endpoint, self.settings.max_batch_size)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -114,14 +116,13 @@ class MedvlServer:
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> dict:
         self.authorize(request)
-        settings, generation = self.settings, self.spec.eval
+        settings, generation = self.settings, self.generation
         return {
-            "recipe": self.spec.model.recipe,
+            **self.identity,
             "task": self.recipe.task,
             "endpoint": f"/v1/{self.recipe.endpoint}",
             "takes_question": self.takes_question,
-            "checkpoint": self.checkpoint,
-            "device": str(self.device),
+            "device": str(self.runner.device),
             "image_size": self.spec.data.image_size,
             "num_beams": generation.num_beams,
             "max_new_tokens": generation.max_new_tokens,
@@ -147,7 +148,7 @@ class MedvlServer:
 
     @property
     def takes_question(self) -> bool:
-        return self.recipe.task == "vqa"
+        return self.runner.takes_question
 
     def authorize(self, request: Request) -> None:
         if not authorized(request.headers, self.key_digest):
@@ -157,48 +158,7 @@ class MedvlServer:
     # The real limits are set in __init__ from the spec (set_max_batch_size / set_batch_wait_timeout_s).
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, queries: list[Query]) -> list[dict | RequestError]:
-        return await asyncio.to_thread(self.run_batch, queries)
-
-    def run_batch(self, queries: list[Query]) -> list[dict | RequestError]:
-        """Per query, its answer or the RequestError that refuses it (one bad image never fails the batch)."""
-        with torch.inference_mode():
-            batch = self.preprocess(shard_rows(queries))
-            kept = [int(i) for i in batch["id"]]  # the preprocessor drops rows whose image does not decode
-            results: list[dict | RequestError] = [
-                RequestError(400, "not_an_image", "the image could not be decoded (corrupt or truncated file)",
-                             field="image")
-            ] * len(queries)
-            if not kept:
-                return results
-            tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
-            generated = self.recipe.generate_scored(self.model, tensors)
-            maps = self.attention([queries[i].attention for i in kept], tensors, generated.texts)
-            for row, i in enumerate(kept):
-                results[i] = {"text": generated.texts[row], "mean_token_prob": generated.mean_token_probs[row],
-                              "batch_size": len(queries)}
-                if queries[i].attention:
-                    results[i] = maps[row] if isinstance(maps[row], RequestError) else {**results[i], **maps[row]}
-        return results
-
-    def attention(self, wanted: list[bool], tensors: dict, texts: list[str]) -> list:
-        """Per kept row: {"attention": ...} where asked for, a RequestError where the recipe has no map."""
-        rows = [row for row, want in enumerate(wanted) if want]
-        out: list = [None] * len(wanted)
-        if not rows:
-            return out
-        index = torch.as_tensor(rows)
-        maps = self.recipe.attention_maps(self.model, {k: v[index] for k, v in tensors.items()},
-                                          [texts[row] for row in rows])
-        for position, row in enumerate(rows):
-            if maps is None:
-                out[row] = RequestError(400, "attention_not_available", f"the {self.spec.model.recipe} recipe "
-                                        "gives no cross-attention map: send the request without \"attention\"",
-                                        field="attention")
-            else:
-                grid = np.asarray(maps[position], dtype=np.float64)
-                out[row] = {"attention": {"rows": grid.shape[0], "cols": grid.shape[1],
-                                          "map": np.round(grid, ATTENTION_DECIMALS).tolist()}}
-        return out
+        return await asyncio.to_thread(self.runner.run_batch, queries)
 
 
 def build_app(args: dict) -> Application:

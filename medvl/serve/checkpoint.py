@@ -1,19 +1,16 @@
 """Which model a serve stage loads: ``serve.checkpoint``, or the model of the spec's last train/tune stage.
 
 ``serve.checkpoint`` may name an HF model folder, a peft adapter folder (loaded on the base it records), a train
-or tune stage's folder (its ``train_summary.json`` names the model: for a search, the best trial's), a tune
-``best/`` folder, or a hub id.
+or tune stage's folder (its summary names the model: for a search, the best trial's), a tune ``best/`` folder,
+or a hub id. Where those live in a run folder is :mod:`medvl.runs`' business.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from medvl.models.registry import model_markers
+from medvl.runs import find_model_folder, stage_model
 from medvl.spec import JobSpec, SpecError
-from medvl.stages import train_summary
-
-SUMMARY = "train_summary.json"
-MODEL_FILES = ("config.json", "adapter_config.json", "medvl_softprompt.json")  # HF, peft, soft-prompt recipe
 
 
 def resolve_checkpoint(spec: JobSpec, last_train: str | None) -> str:
@@ -24,22 +21,10 @@ def resolve_checkpoint(spec: JobSpec, last_train: str | None) -> str:
         raise SpecError('serve.checkpoint: expected a model folder (the spec has no train or tune stage to take '
                         'the model from), got ""')
     try:
-        summary = train_summary(spec, last_train)
+        return str(Path(stage_model(spec.output_dir, last_train)).absolute())
     except FileNotFoundError as missing:
         raise SpecError(f'serve.checkpoint: expected a model folder, got "" and stage {last_train!r} has not '
                         f"written a model yet ({missing}): run it first") from None
-    return str(Path(summary["model_dir"]).absolute())
-
-
-def model_stage_before(spec: JobSpec, stage_name: str) -> str | None:
-    """The last train or tune stage listed before ``stage_name``: the one whose model that stage serves."""
-    last = None
-    for stage in spec.stages:
-        if stage.name == stage_name:
-            return last
-        if stage.kind in ("train", "tune"):
-            last = stage.name
-    raise ValueError(f"no stage named {stage_name!r}")
 
 
 def model_location(location: str) -> str:
@@ -48,13 +33,11 @@ def model_location(location: str) -> str:
         if _looks_like_hub_id(location):
             return location
         raise SpecError(f"serve.checkpoint: expected a model folder or hub id, got {location!r} (no such folder)")
-    if (path / SUMMARY).is_file():  # a train or tune stage's folder
-        return str(Path(json.loads((path / SUMMARY).read_text())["model_dir"]).absolute())
-    for candidate in (path, path / "model", path / "best" / "model"):
-        if any((candidate / name).is_file() for name in MODEL_FILES):
-            return str(candidate.absolute())
-    raise SpecError(f"serve.checkpoint: expected a model folder (config.json or adapter_config.json), a train or "
-                    f"tune stage's folder ({SUMMARY}), got {location!r}")
+    found = find_model_folder(path, model_markers())
+    if found is None:
+        raise SpecError(f"serve.checkpoint: expected a model folder ({', '.join(model_markers())}) or a train or "
+                        f"tune stage's folder, got {location!r}")
+    return str(found)
 
 
 def _looks_like_hub_id(location: str) -> bool:

@@ -39,15 +39,12 @@ def deployment_options(settings: ServeSpec) -> dict:
 def app_args(spec: JobSpec, checkpoint: str, api_key_digest: str) -> dict:
     """What :func:`medvl.serve.app.build_app` takes: plain data (it travels in the config file).
 
-    The spec keeps what the replica needs (recipe, data and generation settings, serve); fields that name files
-    on the submitting machine (search space, DeepSpeed JSON) are cleared: they are checked when a spec is
-    parsed, and a replica's working directory is not the submitter's.
+    The spec keeps what the replica needs (recipe, data and generation settings, serve). The replica only parses
+    it (pure: no file it names is opened there), so paths of the submitting machine do no harm.
     """
     raw = dataclasses.asdict(spec)
     raw["stages"] = [{"kind": "serve", "name": "serve"}]
     raw["output_dir"] = str(Path(spec.output_dir).absolute())
-    raw["tune"]["space"] = ""
-    raw["train"]["deepspeed"]["config_file"] = ""
     return {"spec": raw, "checkpoint": checkpoint, "api_key_sha256": api_key_digest}
 
 

@@ -1,10 +1,8 @@
 """Driver side of a train stage: build the Ray datasets, run ``TorchTrainer``, export the best model.
 
-Outputs of a train stage named ``NAME`` under ``output_dir``::
-
-    NAME/model/                the best checkpoint (lowest validation loss) as a plain HF folder
-    NAME/train_summary.json    steps, losses, best checkpoint, skipped rows
-    checkpoints/NAME/          Ray Train's run folder (all kept checkpoints); or train.storage_path
+A train stage writes its model folder (the best checkpoint, lowest validation loss, as a plain HF folder), its
+summary (steps, losses, best checkpoint, skipped rows) and Ray Train's run folder (all kept checkpoints) where
+:mod:`medvl.runs` says.
 """
 from __future__ import annotations
 
@@ -29,6 +27,7 @@ from medvl.data.shards import read_manifest, shard_paths
 from medvl.data.skips import skipped_counts, skipped_since
 from medvl.models.base import Recipe
 from medvl.models.registry import build_recipe
+from medvl.runs import RunLayout, write_summary
 from medvl.spec import JobSpec, StageSpec
 from medvl.train.engines import consolidate, is_deepspeed_checkpoint
 from medvl.train.loop import TRAINING_STATE, train_loop_per_worker
@@ -40,10 +39,6 @@ class TrainOutcome:
     summary: dict
 
 
-def stage_dir(spec: JobSpec, stage_name: str) -> Path:
-    return Path(spec.output_dir).absolute() / stage_name
-
-
 def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None, callbacks: list | None = None,
                     resources_per_worker: dict | None = None) -> TrainOutcome:
     """Train ``spec``'s model (from ``start_from``, a model folder, when given) and export the best checkpoint.
@@ -52,9 +47,10 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     ``resources_per_worker`` replaces ``{"CPU": train.cpus_per_worker}`` (a Tune trial's fractional GPUs).
     """
     recipe = build_recipe(spec)
-    out = stage_dir(spec, stage.name)
+    layout = RunLayout.of(spec.output_dir)
+    out = layout.stage(stage.name)
     out.mkdir(parents=True, exist_ok=True)
-    claim_run_folder(spec, stage.name, out)
+    claim_run_folder(spec, stage.name)
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     manifest = read_manifest(location, endpoint)
     model_source = start_from or recipe.initial_model(out, lambda: training_texts(spec))
@@ -98,7 +94,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     best = result.get_best_checkpoint(metric="val_loss", mode="min") if result.best_checkpoints else None
     if best is None:
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
-    model_dir = out / "model"
+    model_dir = layout.model(stage.name)
     export_checkpoint(best, model_dir, recipe)
     summary = {
         "stage": stage.name,
@@ -113,15 +109,11 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         "resumed_at_steps": result.metrics["resumed_at_steps"],
         "skipped": skipped_since(skipped_before),
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    write_summary(out, summary)
     return TrainOutcome(model_dir, summary)
 
 
-RUN_SPEC = "run_spec.json"
-SUMMARY = "train_summary.json"
-
-
-def claim_run_folder(spec: JobSpec, name: str, out: Path) -> None:
+def claim_run_folder(spec: JobSpec, name: str) -> None:
     """Decide between resuming and starting afresh before Ray Train sees the run folder.
 
     Ray Train resumes any run whose folder holds checkpoints. That is what a crashed run wants, and only that:
@@ -131,15 +123,17 @@ def claim_run_folder(spec: JobSpec, name: str, out: Path) -> None:
     fs, run_dir = storage.filesystem_for(storage.join(storage_location(spec), name), spec.data.endpoint_url)
     settings = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
     has_run = fs.get_file_info(run_dir).type == pafs.FileType.Directory
-    if has_run and (out / SUMMARY).exists():
+    layout = RunLayout.of(spec.output_dir)
+    summary, run_spec = layout.summary(name), layout.run_spec(name)
+    if has_run and summary.exists():
         fs.delete_dir(run_dir)  # a finished run: its best model is already exported under `out`
-    elif has_run and (out / RUN_SPEC).exists() and (out / RUN_SPEC).read_text() != settings:
+    elif has_run and run_spec.exists() and run_spec.read_text() != settings:
         raise ValueError(
             f"{storage.join(storage_location(spec), name)} holds an unfinished run of stage {name!r} with other "
             "settings: rerun with the same settings to resume it, or delete that folder to start afresh"
         )
-    (out / SUMMARY).unlink(missing_ok=True)  # present again only once this run finishes
-    (out / RUN_SPEC).write_text(settings)
+    summary.unlink(missing_ok=True)  # present again only once this run finishes
+    run_spec.write_text(settings)
 
 
 def check_cpu_budget(spec: JobSpec) -> None:
@@ -168,7 +162,7 @@ def planned_steps(train_rows: int, spec: JobSpec) -> int:
 
 def storage_location(spec: JobSpec) -> str:
     """Where Ray Train keeps this job's runs: ``train.storage_path`` or ``<output_dir>/checkpoints``."""
-    return spec.train.storage_path or str(Path(spec.output_dir).absolute() / "checkpoints")
+    return spec.train.storage_path or str(RunLayout.of(spec.output_dir).checkpoints)
 
 
 def position_file_location(spec: JobSpec, name: str) -> str:

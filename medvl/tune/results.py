@@ -1,19 +1,18 @@
-"""What a search leaves in ``<tune dir>/``: the trial table (CSV and Markdown), the curves, the best trial.
+"""What a search leaves in its folder (paths: :class:`medvl.runs.TuneLayout`): the table, the curves, the best trial.
 
-- ``trials.csv`` / ``trials.md``: one row per trial, best first: trial id, status, one column per searched key,
+- the trial table, as CSV and Markdown: one row per trial, best first: trial id, status, one column per searched key,
   ``steps`` (the last reported optimizer step), ``planned_steps``, the metric (its best value over the trial's
   validations), ``last_<metric>``, ``stopped_early`` and ``stopped_by`` (``asha``, or ``patience`` for the
   training loop's own early stopping).
-- ``val_loss_curves.png``: the metric against steps for every trial (stopped trials dashed, the best bold).
-- ``best/model/``: the best trial's best checkpoint as a model folder (for LoRA recipes a peft adapter folder),
+- the curves (PNG): the metric against steps for every trial (stopped trials dashed, the best bold).
+- the best model: the best trial's best checkpoint as a model folder (for LoRA recipes a peft adapter folder),
   which ``medvl eval --model`` and peft's ``PeftModel.from_pretrained`` take.
-- ``best/job.yaml``: the base spec with the best values, the tune stage replaced by a train stage: ready to run.
-- ``train_summary.json``: like a train stage's, so an eval stage after the tune stage scores the best model.
+- the best spec: the base spec with the best values, the tune stage replaced by a train stage: ready to run.
+- a summary like a train stage's, so an eval stage after the tune stage scores the best model.
 """
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from medvl.runs import TRIAL_STAGE, TuneLayout, write_summary as write_stage_summary
 from medvl.spec import JobSpec, StageSpec, set_dotted
 from medvl.tune.space import Dimension
 from medvl.tune.trial import plain
@@ -87,7 +87,7 @@ def write_tables(rows: list[TrialRow], space: list[Dimension], metric: str, tune
               "stopped_early", "stopped_by"]
     table = [[r.trial_id, r.status, *(r.config[d.field] for d in space), r.steps, r.planned_steps,
               _number(r.best), _number(r.last), r.stopped_early, r.stopped_by] for r in rows]
-    with open(tune_dir / "trials.csv", "w", newline="") as handle:
+    with open(TuneLayout(tune_dir).trials_csv, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(table)
@@ -95,7 +95,7 @@ def write_tables(rows: list[TrialRow], space: list[Dimension], metric: str, tune
     lines = [f"# Search: {len(rows)} trials, {stopped} stopped early, best first", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in table]
-    (tune_dir / "trials.md").write_text("\n".join(lines) + "\n")
+    TuneLayout(tune_dir).trials_md.write_text("\n".join(lines) + "\n")
 
 
 def _number(value: float) -> str:
@@ -131,17 +131,17 @@ def plot_curves(rows: list[TrialRow], metric: str, path: Path) -> None:
     plt.close(figure)
 
 
-def export_best(row: TrialRow, out_dir: Path, filesystem=None) -> Path:
-    """Copy the best trial's best checkpoint (HF/peft files, not the resume state) to ``out_dir/model``."""
+def export_best(row: TrialRow, model_dir: Path, recipe, filesystem=None) -> Path:
+    """Export the best trial's best checkpoint (HF/peft files, not the resume state; ZeRO shards consolidated with
+    ``recipe``) to ``model_dir``."""
     import ray.train
 
     from medvl.train.trainer import export_checkpoint
 
     if not row.best_checkpoint:
         raise RuntimeError(f"trial {row.trial_id} reported no checkpoint with its metric")
-    model_dir = out_dir / "model"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    export_checkpoint(ray.train.Checkpoint(row.best_checkpoint, filesystem=filesystem), model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    export_checkpoint(ray.train.Checkpoint(row.best_checkpoint, filesystem=filesystem), model_dir, recipe)
     return model_dir
 
 
@@ -151,7 +151,7 @@ def best_job_spec(spec: JobSpec, tune_stage: StageSpec, row: TrialRow) -> dict:
     for key, value in row.config.items():
         set_dotted(raw, key, value, where="best")
     names = {s["name"] for s in raw["stages"]}
-    train_name = "train" if "train" not in names else f"{tune_stage.name}_best"
+    train_name = TRIAL_STAGE if TRIAL_STAGE not in names else f"{tune_stage.name}_best"
     stages = []
     for stage in raw["stages"]:
         if stage["name"] == tune_stage.name:
@@ -185,4 +185,4 @@ def write_summary(tune_dir: Path, stage: StageSpec, row: TrialRow, model_dir: Pa
         f"best_{metric}": row.best,
         "history": [{"step": s, metric: v} for s, v in row.curve],
     }
-    (tune_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    write_stage_summary(tune_dir, summary)

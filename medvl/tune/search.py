@@ -1,9 +1,9 @@
 """Build, run and resume the Ray Tune search: a ``Tuner`` over the trial function, ASHA on optimizer steps.
 
-Tune keeps its experiment in ``<tune dir>/search/``. When that folder holds an experiment, the search is
-restored (``Tuner.restore``) instead of started: finished trials keep their results and are not rerun,
-unfinished and errored ones run again. ``search_settings.json`` records what the search was started with; a
-changed spec or space is refused rather than silently mixed into the old experiment.
+Tune keeps its experiment in the tune stage's folder (:class:`medvl.runs.TuneLayout`). When that folder holds
+an experiment, the search is restored (``Tuner.restore``) instead of started: finished trials keep their results
+and are not rerun, unfinished and errored ones run again. A settings file records what the search was started
+with; a changed spec or space is refused rather than silently mixed into the old experiment.
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from medvl.runs import SEARCH_DIR, TuneLayout
 from medvl.spec import JobSpec, SpecError
 from medvl.tune.space import Dimension, grid_size, to_ray_tune
 from medvl.tune.cleanup import FreeEndedTrials
 from medvl.tune.trial import run_trial
 
-EXPERIMENT = "search"
-SETTINGS_FILE = "search_settings.json"
 TRIAL_DRIVER_CPUS = 0.01  # the trial actor only waits on its Train run; 0 is rejected by Tune
 
 
@@ -68,7 +67,9 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Path, base: dict
                max_t: int, callbacks: list | None = None) -> SearchOutcome:
     """Start the search, or resume the one in ``tune_dir``; returns when every trial is done or on interrupt.
 
-    ``callbacks``: extra Tune callbacks (the tests use one to interrupt the search).
+    ``callbacks``: extra Tune callbacks for a new search (the tests use one to interrupt it). A restored search
+    runs with the callbacks it was started with: Tune restores them with the experiment, and Ray (tested on
+    2.60) has no public API to replace them, so callbacks must survive pickling (see ``FreeEndedTrials``).
     """
     import ray
     from ray import tune
@@ -77,9 +78,10 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Path, base: dict
         tune.with_parameters(run_trial, base=base, tune_dir=str(tune_dir), model_source=model_source),
         {"cpu": TRIAL_DRIVER_CPUS},
     )
-    experiment = tune_dir / EXPERIMENT
+    layout = TuneLayout(tune_dir)
+    experiment = layout.experiment
     settings = json.loads(json.dumps(search_settings(spec, space), default=str))
-    settings_path = tune_dir / SETTINGS_FILE
+    settings_path = layout.settings
     restored = tune.Tuner.can_restore(str(experiment))
     if restored:
         previous = json.loads(settings_path.read_text()) if settings_path.exists() else None
@@ -88,8 +90,6 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Path, base: dict
                             "or choose another output_dir to start a new one")
         print(f"[medvl tune] resuming the search in {experiment}", flush=True)
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
-        # Tune restores the first run's RunConfig, callbacks included: this run's callbacks replace them.
-        tuner._local_tuner.get_run_config().callbacks = [FreeEndedTrials(), *(callbacks or [])]
     else:
         tune_dir.mkdir(parents=True, exist_ok=True)
         settings_path.write_text(json.dumps(settings, indent=2))
@@ -104,7 +104,7 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Path, base: dict
                 scheduler=scheduler(spec, max_t),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tune_dir),
+            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=str(tune_dir),
                                       callbacks=[FreeEndedTrials(), *(callbacks or [])], verbose=1),
         )
     results = tuner.fit()

@@ -79,14 +79,16 @@ def _check_field_exists(field: str, where: str) -> None:
         raise SpecError(f"{where}: {section} has no field {name!r}")
 
 
-SHIPPED_SPACES = Path(__file__).resolve().parents[2] / "tune_spaces"
+SHIPPED_SPACES = Path(__file__).parent / "spaces"  # package data; the repository's tune_spaces/ links here
 
 
 def resolve_space_path(text: str) -> Path:
-    """``tune.space`` as a file: a path (relative to the working directory), else one of the shipped spaces."""
+    """``tune.space`` as a file: a path (relative to the working directory), else a shipped space by name
+    (``blip2_lora``, ``blip2_lora.yaml`` or ``tune_spaces/blip2_lora.yaml``, wherever medvl is installed)."""
     path = Path(text).expanduser()
+    shipped = path.relative_to("tune_spaces") if path.parts[:1] == ("tune_spaces",) else path
     candidates = [path] if path.is_absolute() else [
-        path, SHIPPED_SPACES.parent / path, SHIPPED_SPACES / path, SHIPPED_SPACES / f"{text}.yaml"]
+        path, SHIPPED_SPACES / shipped, SHIPPED_SPACES / f"{text}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.absolute()

@@ -1,9 +1,9 @@
 """The tune stage (``medvl tune SPEC``): search the space, then write the table, the curves and the best trial.
 
-Outputs under ``<output_dir>/<stage name>/`` (the stage is named ``tune`` unless the spec says otherwise):
-``search/`` (Tune's experiment: rerunning the command resumes it), ``trials/<trial id>/`` (each trial's train
-stage), ``base/`` (the starting model when the recipe builds one, shared by every trial) and the files listed
-in ``medvl/tune/results.py``.
+Outputs go to the stage's folder (the stage is named ``tune`` unless the spec says otherwise), laid out as
+:class:`medvl.runs.TuneLayout` says: Tune's experiment (rerunning the command resumes it), each trial's train
+stage, the starting model when the recipe builds one (shared by every trial) and the files of
+``medvl/tune/results.py``.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from medvl.data import storage
 from medvl.data.shards import read_manifest
 from medvl.models.registry import build_recipe
+from medvl.runs import RunLayout, TuneLayout
 from medvl.spec import JobSpec, StageSpec
 from medvl.tune import results as tables
 from medvl.tune.search import expected_trials, run_search
@@ -28,13 +29,14 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
     """Run (or resume) the search; returns the summary (``complete`` False when it was interrupted)."""
     from medvl.train.trainer import check_cpu_budget, planned_steps, training_texts
 
-    tune_dir = Path(spec.output_dir).absolute() / stage.name
+    tune_dir = RunLayout.of(spec.output_dir).stage(stage.name)
+    layout = TuneLayout(tune_dir)
     tune_dir.mkdir(parents=True, exist_ok=True)
     space = check_space_for(spec.tune.space, spec.tune.search_alg)
     base = base_trial_spec(spec)
     model_source = start_from or starting_model(spec, tune_dir, lambda: training_texts(spec))
     train_rows = read_manifest(spec.shards_location, spec.data.endpoint_url)["counts"]["train"]
-    example = trial_spec(base, {}, tune_dir / "trials" / "example")
+    example = trial_spec(base, {}, layout.trial("example"))
     check_cpu_budget(example)  # fail here, not in every trial
     max_t = spec.tune.max_steps or planned_steps(train_rows, example)
     print(f"[medvl tune] {stage.name}: space {spec.tune.space} ({len(space)} keys), {spec.tune.search_alg} search, "
@@ -44,10 +46,10 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
     planned = {}
     for result in outcome.results:
         trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
-        planned[trial_id] = planned_steps(train_rows, trial_spec(base, result.config, tune_dir / "trials" / trial_id))
+        planned[trial_id] = planned_steps(train_rows, trial_spec(base, result.config, layout.trial(trial_id)))
     rows = tables.trial_rows(outcome.results, outcome.statuses, space, spec.tune.metric, spec.tune.mode, planned)
     tables.write_tables(rows, space, spec.tune.metric, tune_dir)
-    tables.plot_curves(rows, spec.tune.metric, tune_dir / "val_loss_curves.png")
+    tables.plot_curves(rows, spec.tune.metric, layout.curves)
     summary = {"complete": outcome.complete, "restored": outcome.restored, "trials": len(rows),
                "stopped_early": sum(r.stopped_early for r in rows), "tune_dir": str(tune_dir)}
     if not outcome.complete:
@@ -59,13 +61,12 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
         errors = [str(e).splitlines()[0] for e in outcome.results.errors][:1]
         raise RuntimeError(f"tune stage {stage.name!r}: no trial reported {spec.tune.metric} "
                            f"({len(outcome.results.errors)} failed{': ' + errors[0] if errors else ''}); "
-                           f"see {tune_dir / 'search'}")
+                           f"see {layout.experiment}")
     filesystem = None
     if storage.is_s3(spec.train.storage_path):
         filesystem, _ = storage.filesystem_for(spec.train.storage_path, spec.data.endpoint_url)
-    model_dir = tables.export_best(best, tune_dir / "best", filesystem)
-    tables.write_best_spec(tables.best_job_spec(spec, stage, best), best, spec.tune.metric,
-                           tune_dir / "best" / "job.yaml")
+    model_dir = tables.export_best(best, layout.best_model, build_recipe(spec), filesystem)
+    tables.write_best_spec(tables.best_job_spec(spec, stage, best), best, spec.tune.metric, layout.best_spec)
     tables.write_summary(tune_dir, stage, best, model_dir, model_source, spec.tune.metric)
     print(f"[medvl tune] {stage.name}: best trial {best.trial_id} ({best.config}) {spec.tune.metric} "
           f"{best.best:.4f} at step {best.steps}; {summary['stopped_early']} of {len(rows)} trials stopped early; "
@@ -88,9 +89,10 @@ def base_trial_spec(spec: JobSpec) -> dict:
 
 def starting_model(spec: JobSpec, tune_dir: Path, texts) -> str:
     """The model every trial starts from; built once (a tiny preset) and reused when the search resumes."""
-    record = tune_dir / "base_model.json"
+    layout = TuneLayout(tune_dir)
+    record = layout.base_record
     if record.exists():
         return json.loads(record.read_text())["model_source"]
-    source = build_recipe(spec).initial_model(tune_dir / "base", texts)
+    source = build_recipe(spec).initial_model(layout.base, texts)
     record.write_text(json.dumps({"model_source": source}))
     return source

@@ -5,9 +5,9 @@ dotted keys) and calls the ordinary train stage with ``TuneReportCallback``, so 
 reports (``step``, ``val_loss``…) reaches Tune and its scheduler. When ASHA stops a trial, Tune ends the trial
 actor and with it the Train controller and workers it owns (their memory goes with them).
 
-Each trial writes to ``<tune dir>/trials/<trial id>/``: ``train/`` (the stage's model and summary, when the
-trial ran to its end) and ``checkpoints/`` (its Ray Train run). ``<tune dir>/trial_starts.jsonl`` gets one line
-per start, so a resumed search shows which trials ran again.
+Each trial's spec has its own ``output_dir`` inside the tune stage's folder, holding one train stage (its model
+and summary, when the trial ran to its end) and its Ray Train run (see :mod:`medvl.runs`). The starts log gets
+one line per start, so a resumed search shows which trials ran again.
 """
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medvl.runs import TRIAL_STAGE, TuneLayout
 from medvl.spec import JobSpec, StageSpec, parse_spec, set_dotted
-
-STARTS_LOG = "trial_starts.jsonl"
-
 
 def plain(value: Any) -> Any:
     """Tune may hand numpy scalars (randint); the spec's type checks want Python ints and floats."""
@@ -41,7 +39,7 @@ def trial_spec(base: dict, config: dict[str, Any], trial_dir: Path) -> JobSpec:
     if train["storage_path"]:  # a shared (e.g. S3) location: one run folder per trial inside it
         train["storage_path"] = f"{train['storage_path'].rstrip('/')}/{trial_dir.parent.parent.name}/{trial_dir.name}"
     raw["output_dir"] = str(trial_dir)
-    raw["stages"] = [{"kind": "train", "name": "train"}]
+    raw["stages"] = [{"kind": "train", "name": TRIAL_STAGE}]
     return parse_spec(raw)
 
 
@@ -61,8 +59,9 @@ def run_trial(config: dict[str, Any], base: dict, tune_dir: str, model_source: s
     from medvl.train.trainer import run_train_stage
 
     trial_id = ray.tune.get_context().get_trial_id()
-    spec = trial_spec(base, config, Path(tune_dir) / "trials" / trial_id)
-    with open(Path(tune_dir) / STARTS_LOG, "a") as log:
+    layout = TuneLayout(Path(tune_dir))
+    spec = trial_spec(base, config, layout.trial(trial_id))
+    with open(layout.starts, "a") as log:
         log.write(json.dumps({"trial_id": trial_id, "started": time.time()}) + "\n")
-    run_train_stage(spec, StageSpec(kind="train", name="train"), start_from=model_source,
+    run_train_stage(spec, StageSpec(kind="train", name=TRIAL_STAGE), start_from=model_source,
                     callbacks=[TuneReportCallback()], resources_per_worker=worker_resources(spec))

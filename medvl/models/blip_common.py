@@ -1,0 +1,149 @@
+"""What the BLIP recipes share (captioning, VQA, DAPT): the tiny config, the token layout, the preprocessor,
+the decoder's cross-attention maps and the HF folder they save. No recipe imports another recipe; they all
+import this module.
+
+Text layout: ``[start] tokens… [end] [pad]…`` with the ids taken from the text config (``bos``/``sep``/``pad``;
+questions start with the tokenizer's ``[CLS]``), the layout ``generate`` starts from, so training and decoding
+agree for both the hub checkpoints and the tiny preset. Padding is masked out of the loss with -100 (the model
+shifts labels itself).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, BlipConfig, BlipImageProcessor
+
+from medvl.data.preprocessing import ImageTextPreprocessor, pad_sequences
+from medvl.models.blip_cross_attention import decoder_cross_attention
+from medvl.models.precision import storage_dtype
+from medvl.models.random_preset import build_random, random_tokenizer, real_config, release
+from medvl.models.tokenizer import train_tokenizer
+from medvl.spec import JobSpec
+
+TINY_VOCAB = 1000
+
+
+def tiny_blip_config(vocab_size: int, image_size: int, bos: int, sep: int, pad: int) -> BlipConfig:
+    """~1.5M parameters: trains on 2 CPUs in minutes and can still learn which side a finding is on."""
+    return BlipConfig(
+        vision_config={
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": 16,
+            "initializer_range": 0.02,  # the BLIP default (1e-10) starts patch embeddings at ~0
+        },
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "encoder_hidden_size": 128,
+            "max_position_embeddings": 256,
+            "bos_token_id": bos,
+            "eos_token_id": sep,
+            "sep_token_id": sep,
+            "pad_token_id": pad,
+        },
+        projection_dim=128,
+    )
+
+
+def save_tiny_blip(model_cls: type, work_dir: Path, texts: Iterable[str], image_size: int) -> str:
+    """Build a random-init tiny BLIP of ``model_cls`` with a tokenizer trained on ``texts``; save it; return the dir."""
+    out = work_dir / "tiny-init"
+    tokenizer = train_tokenizer(texts, vocab_size=TINY_VOCAB)
+    config = tiny_blip_config(
+        len(tokenizer), image_size, tokenizer.bos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    )
+    torch.manual_seed(0)
+    model = model_cls(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return str(out)
+
+
+def save_random_blip(model_cls: type, spec: JobSpec, work_dir: Path, texts: Iterable[str]) -> str:
+    """``model.preset: random``: ``model_cls`` in the published architecture of ``model.name_or_path`` with random
+    weights in ``model.dtype``, its ids pointed at a tokenizer trained on ``texts`` and its ViT at
+    ``data.image_size`` (see :mod:`medvl.models.random_preset`); returns the folder."""
+    out = work_dir / "random-init"
+    tokenizer = random_tokenizer(texts)
+    config = real_config(spec.model.name_or_path)
+    if not isinstance(config, BlipConfig):
+        raise ValueError(f"model.name_or_path: the {spec.model.recipe} recipe needs a BLIP architecture, "
+                         f"got {spec.model.name_or_path!r}")
+    text = config.text_config
+    text.bos_token_id, text.eos_token_id, text.sep_token_id, text.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.sep_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    image_size = spec.data.image_size
+    config.vision_config.image_size = image_size
+    model = build_random(model_cls, config, storage_dtype(spec), seed=spec.train.seed)
+    model.save_pretrained(out)
+    release(model)
+    tokenizer.save_pretrained(out)
+    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return str(out)
+
+
+class BlipPreprocessor(ImageTextPreprocessor):
+    """Images → ``pixel_values``; texts → ``[bos] tokens [sep]`` with the ids of the checkpoint's text config."""
+
+    def __init__(self, model_source: str, image_size: int, max_text_length: int, max_question_length: int = 32):
+        super().__init__(AutoTokenizer.from_pretrained(model_source), AutoImageProcessor.from_pretrained(model_source),
+                         image_size, max_text_length)
+        self.max_question_length = max_question_length
+        text = BlipConfig.from_pretrained(model_source).text_config
+        self.bos, self.sep, self.pad = text.bos_token_id, text.sep_token_id, text.pad_token_id
+
+    def encode(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+        return encode_texts(self.tokenizer, texts, length, self.bos, self.sep, self.pad)
+
+    @property
+    def cls(self) -> int:
+        """The question encoder's first token: BERT's ``[CLS]`` (the tiny tokenizer's ``[BOS]``)."""
+        return self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None else self.bos
+
+
+def encode_texts(tokenizer, texts: list[str], length: int, start: int, end: int, pad: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``[start] tokens [end]`` padded with ``pad`` to ``length`` (truncating the tokens), and its mask."""
+    if not texts:
+        return pad_sequences([], length, pad)
+    pieces = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=length - 2)["input_ids"]
+    return pad_sequences([[start, *tokens, end] for tokens in pieces], length, pad)
+
+
+def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return input_ids.masked_fill(attention_mask == 0, -100)
+
+
+def blip_attention_maps(blip: torch.nn.Module, tokenizer, pixel_values: torch.Tensor, texts: list[str],
+                        max_length: int) -> np.ndarray:
+    """The decoder's cross-attention on the image patches while reading ``texts`` (see blip_cross_attention)."""
+    text = blip.config.text_config
+    ids, mask = encode_texts(tokenizer, texts, max_length, text.bos_token_id, text.sep_token_id, text.pad_token_id)
+    return decoder_cross_attention(blip.vision_model, blip.text_decoder, pixel_values,
+                                   torch.as_tensor(ids), torch.as_tensor(mask))
+
+
+def apply_frozen_vision_policy(model: torch.nn.Module, policy: str, vision_prefix: str = "vision_model.") -> None:
+    """``frozen_vision``: everything but the vision encoder trains; ``full``: everything trains."""
+    if policy not in ("full", "frozen_vision"):
+        raise ValueError(f"train.finetune: expected full or frozen_vision, got {policy!r}")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = policy == "full" or not name.startswith(vision_prefix)
+
+
+def save_blip_folder(model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
+    """The model plus the tokenizer and image processor it was trained with, in HF layout."""
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_source).save_pretrained(out_dir)
+    AutoImageProcessor.from_pretrained(model_source).save_pretrained(out_dir)
