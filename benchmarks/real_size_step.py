@@ -4,7 +4,7 @@ Train loop, and its peak memory is set beside what ``medvl plan`` predicts for t
     python benchmarks/real_size_step.py              # the real architecture: ~8 GB of disk, ~10 GB of RAM
     python benchmarks/real_size_step.py --preset tiny  # the same path on the tiny BLIP-2, to check the plumbing
 
-What runs (``medvl.stages.run_stages`` of the spec :func:`job` writes): prepare (8 synthetic radiographs and
+What runs (``medvl.stages.run_stages`` of the spec :func:`job` writes): prepare (16 synthetic radiographs and
 their short reports) → train: the blip2 recipe's ``model.preset: random`` writes the published architecture of
 ``Salesforce/blip2-opt-2.7b`` (3.74 B weights) with random bf16 weights (7.5 GB of safetensors) and a tokenizer
 trained on the reports; one Train worker loads it in bf16 (``model.dtype: bfloat16``) at 224 px, adds LoRA r 16
@@ -39,8 +39,8 @@ def job(work: Path, preset: str) -> dict:
         "name": "real_size_step",
         "output_dir": str(work / "run"),
         "stages": ["prepare", "train"],
-        "data": {"format": "synthetic", "synthetic_images": 8, "synthetic_image_size": 256, "image_size": 224,
-                 "max_text_length": 32, "records_per_shard": 8, "split_fractions": [0.5, 0.25, 0.25],
+        "data": {"format": "synthetic", "synthetic_images": 16, "synthetic_image_size": 256, "image_size": 224,
+                 "max_text_length": 32, "records_per_shard": 16, "split_fractions": [0.5, 0.5, 0.0],
                  "shuffle_buffer": 0, "preprocess_workers": 1, "preprocess_cpus": 0.25},
         "model": {"recipe": "blip2", "preset": preset, "name_or_path": "Salesforce/blip2-opt-2.7b",
                   "dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32, "lora_target_modules": ["q_proj", "k_proj"]},
@@ -59,13 +59,13 @@ class PeakWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.mark, self.every_s = mark, every_s
         self.high_water_bytes, self.anon_bytes, self.pids = 0, 0, set()
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
-        while not self._stop.is_set():
+        while not self._done.is_set():
             for process in me.children(recursive=True):
                 try:
                     if self.mark in " ".join(process.cmdline()):
@@ -75,10 +75,10 @@ class PeakWatcher(threading.Thread):
                         self.pids.add(process.pid)
                 except (psutil.Error, OSError, KeyError):
                     continue  # it ended between listing and reading
-            self._stop.wait(self.every_s)
+            self._done.wait(self.every_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
