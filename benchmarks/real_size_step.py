@@ -92,17 +92,14 @@ def memory_status(pid: int) -> dict[str, int]:
     return out
 
 
-def planned_bytes(spec) -> tuple[float | None, str]:
-    """The plan's memory for one worker of ``spec`` (bytes) and what it counts, or None and why not."""
-    try:
-        from medvl.plan import plan_spec
-    except ImportError:
-        return None, "medvl.plan is not in this checkout yet (it lands with `medvl plan`)"
-    plan = plan_spec(spec, gpus=[spec.train.workers]).to_json()
-    for strategy in plan.get("strategies", {}).values() if isinstance(plan.get("strategies"), dict) else []:
-        if "per_gpu_bytes" in strategy:
-            return float(strategy["per_gpu_bytes"]), "per-worker memory of the spec's strategy"
-    return None, f"no per-worker figure found in the plan's JSON (keys: {', '.join(plan)})"
+def planned_bytes(spec) -> tuple[float, str]:
+    """What ``medvl plan`` predicts one worker of ``spec`` needs (bytes), and what that covers."""
+    from medvl.plan import plan_spec
+
+    strategy = "ddp" if spec.train.strategy == "ddp" else f"zero{spec.train.deepspeed.stage}"
+    plan = plan_spec(spec).memory_gib[strategy]
+    return plan.total * GIB, (f"{strategy}: weights {plan.weights:.2f} + gradients {plan.gradients:.2f} + optimizer "
+                              f"{plan.optimizer:.2f} + activations {plan.activations:.2f} GiB")
 
 
 def main(argv: list[str]) -> int:
@@ -150,10 +147,6 @@ def main(argv: list[str]) -> int:
         print("no Train worker process was seen: the measurement failed", file=sys.stderr)
         return 1
     planned, what = planned_bytes(spec)
-    if planned is None:
-        print(f"plan: {what}")
-        print("plan/measured ratio n/a (waiting for medvl plan)")
-        return 0
     print(f"plan ({what}): {planned / GIB:.2f} GiB")
     print(f"plan/measured ratio {planned / measured:.2f}")
     return 0

@@ -28,9 +28,9 @@ it would cost a full copy of the 2.7B base (~7.5 GB in bf16) each time. Under ``
 saved model is a plain BLIP-2 folder (``Blip2ForConditionalGeneration.from_pretrained``). A full fine-tune may
 start from an adapter folder (a LoRA stage's output): the adapter is merged into the base first.
 
-Weights load in ``model.dtype`` (see :mod:`medvl.models.precision`); HF keeps the Q-Former and the query tokens
-in fp32 whatever is asked (``_keep_in_fp32_modules``). ``model.preset: random`` builds the published
-architecture of ``model.name_or_path`` (e.g. ``Salesforce/blip2-opt-2.7b``) with random weights.
+Weights load in ``model.dtype`` (see :mod:`medvl.models.precision`); in float16 HF keeps the Q-Former and the
+query tokens in fp32 (``_keep_in_fp32_modules``; bfloat16 loads them in bf16). ``model.preset: random`` builds
+the published architecture of ``model.name_or_path`` (e.g. ``Salesforce/blip2-opt-2.7b``) with random weights.
 """
 from __future__ import annotations
 
