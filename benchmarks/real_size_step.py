@@ -11,11 +11,12 @@ trained on the reports; one Train worker loads it in bf16 (``model.dtype: bfloat
 on the OPT q/k projections (5,242,880 fp32 weights) and takes one optimizer step on one image (forward,
 backward through the frozen OPT, AdamW), then validates one batch and checkpoints the adapter.
 
-Measured: the Train worker process's peak anonymous resident memory (``RssAnon``: tensors and heap, what the
-model really needs; sampled every 0.2 s) and its high-water mark (``VmHWM``, never missed, but it also counts the
-pages of the memory-mapped checkpoint while weights are read from it), and this driver's peak (it built and
-saved the random model). Printed: those, the wall time, the plan's prediction and, as the last line,
-``plan/measured ratio X`` (the plan's memory for one worker over the worker's peak anonymous memory).
+Measured: the Train worker process's peak resident memory (``VmHWM``, the kernel's high-water mark, so no peak
+is missed), beside its peak anonymous memory (``RssAnon``, sampled every 0.2 s), and this driver's peak (it
+built and saved the random model). The high-water mark is the footprint: on CPU, transformers maps the
+safetensors file and uses the bf16 weights in place (no copy), so the 7 GB of weights are resident *file*
+pages, not anonymous ones. Printed: those, the wall time, the plan's prediction and, as the last line,
+``plan/measured ratio X`` (the plan's memory for one worker over the worker's high-water mark).
 """
 from __future__ import annotations
 
@@ -134,15 +135,15 @@ def main(argv: list[str]) -> int:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
-    measured = watcher.anon_bytes
+    measured = watcher.high_water_bytes
     print(f"model: Salesforce/blip2-opt-2.7b, preset {args.preset}, weights bf16, 224 px, batch 1, LoRA r 16 "
           f"(q_proj, k_proj), {summary['steps']} optimizer step, val loss {summary['best_val_loss']:.3f}")
     print(f"random-init checkpoint on disk: {checkpoint_bytes / GIB:.2f} GiB")
     print(f"wall time (prepare, build + save the model, load, step, validate, checkpoint): {wall:.0f} s")
     print(f"peak resident memory, driver (built and saved the model): {driver_peak / GIB:.2f} GiB")
     print(f"peak resident memory, Train worker ({len(watcher.pids)} process(es) seen): {measured / GIB:.2f} GiB "
-          f"anonymous (tensors, heap; sampled every 0.2 s), {watcher.high_water_bytes / GIB:.2f} GiB high-water mark "
-          "(file pages of the mapped checkpoint included)")
+          f"(high-water mark; the mapped bf16 weights are resident file pages), of which anonymous at most "
+          f"{watcher.anon_bytes / GIB:.2f} GiB (Python, torch, LoRA, gradients, AdamW, activations; sampled)")
     if not measured:
         print("no Train worker process was seen: the measurement failed", file=sys.stderr)
         return 1
