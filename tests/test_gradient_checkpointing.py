@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,6 +11,7 @@ from medvl.data.synthetic import synthetic_records
 from medvl.models.checkpointing import enable_gradient_checkpointing
 from medvl.models.registry import build_recipe
 from medvl.spec import parse_spec
+from tests.batches import shard_batch
 
 SIZE = 32
 
@@ -42,11 +42,6 @@ def spec_for(recipe: str, model: dict, finetune: str, **train):
 @pytest.fixture(scope="module")
 def records():
     return list(synthetic_records(3, image_size=48, task="vqa"))[:4]
-
-
-def shard_batch(records) -> dict[str, np.ndarray]:
-    rows = [r.to_row() for r in records]
-    return {key: np.asarray([row[key] for row in rows], dtype=object) for key in rows[0]}
 
 
 def tiny_model(recipe, records, folder: Path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,6 +12,7 @@ from medvl.data.synthetic import synthetic_records
 from medvl.models.precision import dtype_census, training_precision, weight_dtype
 from medvl.models.registry import build_recipe
 from medvl.spec import SpecError, parse_spec
+from tests.batches import shard_batch
 
 SIZE = 32
 
@@ -34,11 +34,6 @@ def job(recipe: str = "blip2", finetune: str = "lora", **sections) -> dict:
 @pytest.fixture(scope="module")
 def records():
     return list(synthetic_records(8, image_size=48))
-
-
-def shard_batch(records) -> dict[str, np.ndarray]:
-    rows = [r.to_row() for r in records]
-    return {key: np.asarray([row[key] for row in rows], dtype=object) for key in rows[0]}
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from medvl.models.blip2 import (
     save_tiny_blip2,
 )
 from medvl.spec import parse_spec
+from tests.batches import shard_batch
 
 IMAGE_SIZE = 32
 R = 4
@@ -39,11 +40,6 @@ def job(model_dir: str, tmp_path: Path, **model) -> dict:
         "train": {"finetune": "lora", "lr": 1e-2, "weight_decay": 0.0},
         "eval": {"num_beams": 2, "max_new_tokens": 6},
     }
-
-
-def shard_batch(records) -> dict[str, np.ndarray]:
-    rows = [r.to_row() for r in records]
-    return {key: np.asarray([row[key] for row in rows], dtype=object) for key in rows[0]}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -22,6 +21,7 @@ from medvl.models.softprompt_llm import (
     text_labels,
 )
 from medvl.spec import parse_spec
+from tests.batches import shard_batch
 
 IMAGE_SIZE = 32
 R = 4
@@ -40,11 +40,6 @@ def job(tmp_path: Path, lm_dir: str, vision_dir: str, finetune: str = "frozen_vi
         "train": {"finetune": finetune, "lr": 1e-2, "weight_decay": 0.0},
         "eval": {"num_beams": 2, "max_new_tokens": 5},
     }
-
-
-def shard_batch(records) -> dict[str, np.ndarray]:
-    rows = [r.to_row() for r in records]
-    return {key: np.asarray([row[key] for row in rows], dtype=object) for key in rows[0]}
 
 
 @pytest.fixture(scope="module")
