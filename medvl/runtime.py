@@ -118,13 +118,16 @@ def _join(target: RayTarget, timeout_s: float) -> None:
 
     deadline = time.monotonic() + timeout_s
     host, port, shown = _endpoint(target)
+    # Ray resolves "auto" again inside ray.init, and then prefers a lone running GCS over ray start's record:
+    # hand it the address checked here instead.
+    address = target.address if "://" in target.address else f"{host}:{port}"
     print(f"[medvl] ray: joining {shown} from {target.origin}, waiting up to {timeout_s:g} s", flush=True)
     named = f"{target.origin}: {shown}"
     silent = RayConnectError(f"{named} did not answer within {timeout_s:g} s (ray.connect_timeout_s)")
     if not _answers(host, port, deadline):
         raise silent
     try:  # num_cpus is not passed: Ray refuses it when joining
-        _init_in_thread(deadline, silent, address=target.address, log_to_driver=True)
+        _init_in_thread(deadline, silent, address=address, log_to_driver=True)
     except Exception as exc:  # Ray's own refusal (auth, version mismatch, its retries spent): its first line
         if isinstance(exc, RayConnectError):
             raise
@@ -145,18 +148,21 @@ def _endpoint(target: RayTarget) -> tuple[str, int, str]:
     if "://" in address:  # Ray Client (ray://host:port): Ray resolves nothing, neither do we
         bootstrap, shown = address.split("://", 1)[1].rstrip("/"), address
     else:
-        # Without a record, Ray's "auto" falls back to any GCS process it sees: on a shared machine, someone else's.
-        names_one = os.environ.get("RAY_ADDRESS", "") not in ("", "auto")  # Ray reads it for "auto" first
-        if address == "auto" and not names_one and services.find_bootstrap_address(None) is None:
-            raise nothing_recorded
+        # Ray's own "auto" takes a lone running GCS process over ray start's record, and any GCS without a record:
+        # on a shared machine, someone else's. Here "auto" is RAY_ADDRESS when it names one, else the record.
+        names_one = os.environ.get("RAY_ADDRESS", "") not in ("", "auto")
+        if address == "auto" and not names_one:
+            address = services.find_bootstrap_address(None)
+            if address is None:
+                raise nothing_recorded
         try:
-            bootstrap = services.canonicalize_bootstrap_address(address)  # "auto": RAY_ADDRESS, else the record
+            bootstrap = services.canonicalize_bootstrap_address(address)
         except ConnectionError:
             raise nothing_recorded from None
         except ValueError:
             raise RayConnectError(f'{target.origin}: expected host:port, auto or ray://host:port, got "{address}"'
                                   ) from None
-        shown = f"auto → {bootstrap}" if address == "auto" else address
+        shown = f"auto → {bootstrap}" if target.address == "auto" else address
     host, _, port = bootstrap.rpartition(":")
     if not host or not port.isdigit():
         raise RayConnectError(f'{target.origin}: expected host:port, auto or ray://host:port, got "{address}"')
