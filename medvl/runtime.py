@@ -21,11 +21,15 @@ def ray_session(spec: JobSpec) -> Iterator[None]:
     # Local Ray needs no token auth; a cluster's own settings (RAY_AUTH_MODE, tokens) are left alone.
     if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Train V2 tees each print of a worker into its logger too, so every line reached the driver twice. Off for a
+    # local Ray (its workers inherit this environment); medvl's workers report through a board anyway.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs: dict = {"address": address or None, "log_to_driver": True}
     if not address and spec.ray.num_cpus:
         kwargs["num_cpus"] = spec.ray.num_cpus
     ray.init(**kwargs)
-    # Ray Data's progress bars interleave badly with our own progress lines on a terminal.
+    # Ray Data's progress bars interleave badly with our own progress lines on a terminal, and redraw with
+    # carriage returns in medvl.log; medvl draws the counts that matter (rows read, steps, samples generated).
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
