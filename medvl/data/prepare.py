@@ -1,11 +1,13 @@
 """The prepare stage: a dataset in its published layout (or the synthetic generator) → shards + manifest."""
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 from medvl.data.records import ReaderItem
 from medvl.data.shards import write_shards
 from medvl.spec import JobSpec
+from medvl.tracking.progress import Progress
 
 
 def source_items(spec: JobSpec) -> Iterator[ReaderItem]:
@@ -29,6 +31,8 @@ def run_prepare_stage(spec: JobSpec) -> dict:
         return read_manifest(spec.shards_location, spec.data.endpoint_url)
     location = spec.shards_location
     print(f"[medvl prepare] {spec.data.format} → {location}", flush=True)
+    total = spec.data.synthetic_images if spec.data.format == "synthetic" else None  # readers do not know theirs
+    progress = Progress("prepare", total=total, unit="rows", every_s=spec.tracking.progress_every_s)
     manifest = write_shards(
         source_items(spec),
         location,
@@ -38,8 +42,12 @@ def run_prepare_stage(spec: JobSpec) -> dict:
         split_fractions=spec.data.split_fractions,
         records_per_shard=spec.data.records_per_shard,
         endpoint_url=spec.data.endpoint_url,
-        progress=lambda n: print(f"[medvl prepare] {n} source rows read", flush=True) if n % 5000 == 0 else None,
+        progress=lambda rows, skipped: progress.update(
+            rows, skipped=skipped, **{"rows/s": round(rows / max(1e-9, time.monotonic() - progress.started), 1)}),
     )
+    skipped = sum(manifest["skipped"].values())
+    progress.update(sum(manifest["counts"].values()) + skipped, skipped=skipped)
+    progress.close()
     print(f"[medvl prepare] counts {manifest['counts']}, skipped {manifest['skipped'] or 'none'}, "
           f"{len(manifest['shards'])} shards", flush=True)
     return manifest

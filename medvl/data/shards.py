@@ -124,9 +124,11 @@ def write_shards(
     split_fractions: list[float] | None = None,
     records_per_shard: int = 2048,
     endpoint_url: str = "",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Validate and write every record; return the manifest (also written to ``<location>/manifest.json``)."""
+    """Validate and write every record; return the manifest (also written to ``<location>/manifest.json``).
+
+    ``progress(rows read, rows skipped)`` is called every 100 source rows."""
     fractions = split_fractions or [0.8, 0.1, 0.1]
     fs, root = storage.filesystem_for(location, endpoint_url)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -139,8 +141,8 @@ def write_shards(
     seen = 0
     for item in items:
         seen += 1
-        if progress and seen % 500 == 0:
-            progress(seen)
+        if progress and seen % 100 == 0:
+            progress(seen, sum(skipped.values()))
         if isinstance(item, Skipped):
             skipped[item.reason] += 1
             continue
