@@ -58,7 +58,10 @@ def _run_tracked(spec: JobSpec, stage: StageSpec, last_train: str | None, model_
     try:
         outcome = _run_stage(spec, stage, last_train, model_dir, log)
         if log is not None:
-            _record(stage_spec, stage, outcome, log, tracker)
+            try:
+                _record(stage_spec, stage, outcome, log, tracker)
+            except Exception as exc:  # noqa: BLE001 - the stage's own outputs are written; tracking must not fail it
+                print(f"[medvl tracking] {stage.name}: could not log its outputs: {exc!r}", flush=True)
         status = "KILLED" if outcome is False else "FINISHED"
         return outcome
     except KeyboardInterrupt:

@@ -198,8 +198,8 @@ class TrainingView:
             elif kind == "validation":
                 metrics = post["metrics"]
                 self.log.log_metrics(metrics, post["step"])
-                self.progress.update(post["step"])
                 self.progress.note(f"validation at step {post['step']}: val_loss {metrics['val_loss']:.4f}"
                                    + (" (stopping early)" if metrics.get("stopped_early") else ""))
+                self.progress.update(post["step"])
             elif kind == "note":
                 self.progress.note(post["message"])

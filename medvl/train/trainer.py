@@ -104,8 +104,9 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         run_config=run_config(spec, stage.name, callbacks),
         datasets=datasets,
     )
-    print(f"[medvl train] {stage.name}: {manifest['counts']['train']} training rows, "
-          f"{total_steps} optimizer steps planned, {settings.workers} worker(s)", flush=True)
+    if show_progress:  # (a search's trials would print one such line each)
+        print(f"[medvl train] {stage.name}: {manifest['counts']['train']} training rows, "
+              f"{total_steps} optimizer steps planned, {settings.workers} worker(s)", flush=True)
     result = fit_showing_progress(trainer, board, spec, stage.name, total_steps, log)
     best = result.get_best_checkpoint(metric="val_loss", mode="min") if result.best_checkpoints else None
     if best is None:

@@ -61,6 +61,7 @@ class TrialRuns(MLflowLoggerCallback):
                          tags={PARENT_TAG: parent.run_id, KIND_TAG: "trial"})
         self.parent, self.base, self.tune_dir = parent, base, tune_dir
         self._runs: dict[str, MlflowRun] = {}
+        self._last_step: dict[str, int] = {}
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -83,10 +84,12 @@ class TrialRuns(MLflowLoggerCallback):
         mlflow_run.log_params(flatten(trial_spec(self.base, trial.config, folder)))
 
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
-        if trial not in self._trial_runs:
-            return
+        step = int(result.get("step", iteration))
+        if trial not in self._trial_runs or self._last_step.get(trial.trial_id) == step:
+            return  # an epoch that ended on a validation reports it twice (a new resume point), logged once
+        self._last_step[trial.trial_id] = step
         metrics = {k: v for k, v in numeric(result).items() if k not in TUNE_BOOKKEEPING}
-        self._run(trial).log_metrics(metrics, int(result.get("step", iteration)))
+        self._run(trial).log_metrics(metrics, step)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial not in self._trial_runs:
@@ -129,6 +132,9 @@ class SearchProgress(Callback):
         if self._progress is None:
             self._progress = Progress(self.label, total=self.trials, unit="trials", every_s=self.every_s)
         return self._progress
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        self._show()  # Tune's loop turns often: the plain line's interval is kept between trial events too
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.running.add(trial.trial_id)
