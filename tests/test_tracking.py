@@ -106,7 +106,8 @@ ROUTED = textwrap.dedent("""
         print("a library's line")
         logging.getLogger("ray.data").info("Execution plan of Dataset ...")
         os.write(2, b"[2026-12-01 E core_worker.cc:2465] written by C++ to descriptor 2\\n")
-        subprocess.run(["sh", "-c", "echo a child process >&2; echo '(RayTrainWorker pid=1) [medvl train] x' >&2"])
+        subprocess.run(["sh", "-c", "echo a child process >&2; printf '\\033[36m(RayTrainWorker pid=1)\\033[0m "
+                                    "[medvl train] x\\n' >&2"])
         print("warning: model.recipe: 'old' is deprecated", file=sys.stderr)
         sys.stdout.write("Loading 1/2\\rLoading 2/2\\n")
     print("[medvl] after")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Iterator, TextIO
 MEDVL_MARK = "[medvl"
 CLI_MESSAGE = ("warning: ", "error: ")  # medvl's own one-line messages (see medvl.cli)
 WORTH_SEEING = ("killed due to memory pressure",)  # Ray's raylet: workers lost to OOM (a run slows or fails)
+ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the "(Worker pid=…)" prefixes it forwards
 MAX_PENDING_CHARS = 65536  # a "line" that never ends (a redrawing bar) is flushed to the log at this size
 
 _active: "_Routing | None" = None
@@ -49,6 +51,7 @@ class _Router(io.TextIOBase):
     def __init__(self, terminal_stream: TextIO, routing: "_Routing"):
         super().__init__()
         self._terminal, self._routing, self._pending = terminal_stream, routing, ""
+        self._colours = _is_tty(terminal_stream)
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
@@ -86,9 +89,17 @@ class _Router(io.TextIOBase):
 
     def _route(self, line: str) -> None:
         line = line.rsplit("\r", 1)[-1]  # a redrawn line: keep what it last showed
-        self._routing.log(line)
-        if is_terminal_line(line):
-            _write_above_bars(self._terminal, line + "\n")
+        plain = ANSI_STYLE.sub("", line)
+        self._routing.log(plain)
+        if is_terminal_line(plain):
+            _write_above_bars(self._terminal, (line if self._colours else plain) + "\n")
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _write_above_bars(stream: TextIO, text: str) -> None:
