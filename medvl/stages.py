@@ -26,28 +26,31 @@ def run_stages(spec: JobSpec, kinds: tuple[str, ...] | None = None, model_dir: s
     with routed_output(layout.log_file):
         print(f"[medvl] {spec.name}: Ray's and the other libraries' output goes to {layout.log_file}", flush=True)
         tracked = any(stage.kind != "serve" for stage in spec.stages if stage.name in selected)  # serving: no run
-        tracker = Tracker(spec, enabled=tracked and spec.tracking.enabled)
-        if tracked:
-            print(f"[medvl] {tracker.where}", flush=True)
-        status = "FAILED"
+        tracker, status = None, "FAILED"
         try:
-            with ray_session(spec):
+            with ray_session(spec) as stop_signals:
+                tracker = Tracker(spec, enabled=tracked and spec.tracking.enabled)  # no run for a Ray never reached
+                if tracked:
+                    print(f"[medvl] {tracker.where}", flush=True)
                 last_train: str | None = None
                 for stage in spec.stages:
-                    if stage.name in selected and _run_tracked(spec, stage, last_train, model_dir, tracker) is False:
-                        status = "KILLED"
-                        return  # an interrupted search: the stages after it wait for the resumed run
+                    if stage.name in selected:
+                        stop_signals.rearm()  # Ray Train leaves its own SIGINT handler behind after a fit
+                        if _run_tracked(spec, stage, last_train, model_dir, tracker) is False:
+                            status = "KILLED"
+                            return  # an interrupted search: the stages after it wait for the resumed run
                     if stage.kind in ("train", "tune"):  # a tune stage's best trial is a trained model too
                         last_train = stage.name
             status = "FINISHED"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # Ctrl+C, or SIGINT / SIGTERM (runtime.Stopped)
             status = "KILLED"
             raise
         except BaseException:
             print(f"[medvl] {spec.name} failed; every process's output is in {layout.log_file}", flush=True)
             raise
         finally:
-            tracker.finish(status)
+            if tracker is not None:
+                tracker.finish(status)
 
 
 def _run_tracked(spec: JobSpec, stage: StageSpec, last_train: str | None, model_dir: str | None, tracker):
@@ -64,7 +67,7 @@ def _run_tracked(spec: JobSpec, stage: StageSpec, last_train: str | None, model_
                 print(f"[medvl tracking] {stage.name}: could not log its outputs: {exc!r}", flush=True)
         status = "KILLED" if outcome is False else "FINISHED"
         return outcome
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
     finally:

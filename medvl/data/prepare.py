@@ -4,10 +4,15 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
+from medvl.data.fingerprint import prepare_inputs
+from medvl.data.leakage import describe_overlap
 from medvl.data.records import ReaderItem
 from medvl.data.shards import write_shards
 from medvl.spec import JobSpec
 from medvl.tracking.progress import Progress
+
+# A skip reason taking more than this share of a dataset's rows is printed as a warning, not only counted.
+WARN_SKIPPED_SHARE = 0.05
 
 
 def source_items(spec: JobSpec) -> Iterator[ReaderItem]:
@@ -42,12 +47,28 @@ def run_prepare_stage(spec: JobSpec) -> dict:
         split_fractions=spec.data.split_fractions,
         records_per_shard=spec.data.records_per_shard,
         endpoint_url=spec.data.endpoint_url,
+        leakage_check=spec.data.leakage_check,
+        inputs=prepare_inputs(spec.data),
         progress=lambda rows, skipped: progress.update(
             rows, skipped=skipped, **{"rows/s": round(rows / max(1e-9, time.monotonic() - progress.started), 1)}),
+        log=lambda message: print(f"[medvl prepare] {message}", flush=True),
     )
     skipped = sum(manifest["skipped"].values())
-    progress.update(sum(manifest["counts"].values()) + skipped, skipped=skipped)
+    progress.update(sum(manifest["counts"].values()) + skipped + sum(manifest["filtered"].values()), skipped=skipped)
     progress.close()
     print(f"[medvl prepare] counts {manifest['counts']}, skipped {manifest['skipped'] or 'none'}, "
-          f"{len(manifest['shards'])} shards", flush=True)
+          f"filtered {manifest['filtered'] or 'none'}, repaired {manifest['repaired'] or 'none'}, "
+          f"{len(manifest['shards'])} shards ({manifest['_reused_shards']} kept from an interrupted run)", flush=True)
+    for line in warnings(manifest):
+        print(f"[medvl prepare] warning: {line}", flush=True)
+    if manifest["leakage"]["groups"]:
+        print(f"[medvl prepare] data.leakage_check: report: {describe_overlap(manifest['leakage'])} "
+              "(recorded in the manifest under \"leakage\")", flush=True)
     return manifest
+
+
+def warnings(manifest: dict) -> list[str]:
+    """A line per skip reason that took more than WARN_SKIPPED_SHARE of the rows read."""
+    rows = sum(manifest["counts"].values()) + sum(manifest["skipped"].values()) + sum(manifest["filtered"].values())
+    return [f"{n:,} of {rows:,} rows ({n / rows:.0%}) were skipped as {reason}"
+            for reason, n in manifest["skipped"].items() if rows and n > WARN_SKIPPED_SHARE * rows]

@@ -148,9 +148,13 @@ class TensorBoardLog:
         self.writer.close()
 
 
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
 def wandb_available() -> bool:
     """W&B is never a dependency: used only where its package is installed and a key is set."""
-    return importlib.util.find_spec("wandb") is not None and bool(os.environ.get("WANDB_API_KEY"))
+    return installed("wandb") and bool(os.environ.get("WANDB_API_KEY"))
 
 
 class WandbLog:

@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(config["torch_threads"])
 
     total_steps = config["total_steps"]
-    engine = build_engine(spec, recipe, config["model_source"], total_steps)
+    engine = build_engine(spec, recipe, config["model_source"], total_steps, config.get("deepspeed_file"))
     model = engine.model
     state, epoch_trained = TrainState(), []
     device = ray.train.torch.get_device()
@@ -232,7 +232,7 @@ def _save_checkpoint(folder: Path, run: WorkerRun, state: TrainState, rank: int)
 
 
 def _load_training_state(folder: Path, engine) -> tuple[TrainState, list[int]]:
-    saved = torch.load(folder / TRAINING_STATE, weights_only=False)
+    saved = torch.load(folder / TRAINING_STATE, weights_only=True)  # a pickle could run code on every worker
     engine.load(folder, saved)
     torch.set_rng_state(saved["rng"])
     return TrainState(**saved["state"]), saved.get("epoch_trained", [])
