@@ -163,7 +163,7 @@ class _Routing:
         self.stdout, self.stderr = sys.stdout, sys.stderr
         self.lock = threading.RLock()
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "a", encoding="utf-8", errors="replace")
+        self._log = open(log_path, "a", encoding="utf-8", errors="replace", buffering=1)  # a line is there at once
         self._log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
         self._fd2 = _start_fd2_capture()
         direct = self._fd2 is not None and _writes_to_fd2(self.stderr)
@@ -171,19 +171,14 @@ class _Routing:
         self.err_router = _Router(self._fd2.terminal if direct else self.stderr, self)
         if self._fd2 is not None:
             self._fd2.pump_into(self.err_router)
-        self._last_flush = time.monotonic()
 
     def log(self, line: str) -> None:
-        if self._log.closed:
-            return
-        self._log.write(line + "\n")
-        if time.monotonic() - self._last_flush > 1.0:
-            self.flush_log()
+        if not self._log.closed:
+            self._log.write(line + "\n")
 
     def flush_log(self) -> None:
         if not self._log.closed:
             self._log.flush()
-            self._last_flush = time.monotonic()
 
     def close(self) -> None:
         if self._fd2 is not None:
