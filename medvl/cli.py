@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medvl.runs import MLFLOW_DB
 from medvl.runtime import RayConnectError, Stopped
 from medvl.serve.auth import DASHBOARD_NOTE as SERVE_KEY_NOTE
 from medvl.spec import SpecError
@@ -58,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--write-config", metavar="PATH",
                        help="only write a Serve config file for `serve deploy PATH` (starts nothing)")
     serve.set_defaults(handler=cmd_serve)
+
+    compare = commands.add_parser("compare", help="runs side by side: recipe, finetune policy, parameters, wall "
+                                  "time, samples/s, steps, best val loss and eval metrics (no Ray)")
+    compare.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="an output_dir, or one stage's folder")
+    compare.add_argument("--metrics", default="", help="comma-separated eval metrics, e.g. cider,ce_micro_f1_14 "
+                         "(default: the headline metrics the runs have)")
+    compare.add_argument("--out", metavar="FILE.md", help="write the table there and a bar chart to FILE.png "
+                         "(default: print the table)")
+    compare.add_argument("--mlflow", metavar="URI", help="compare the runs of an MLflow experiment instead: "
+                         f"http://host:5000, or a run's own store sqlite:////abs/output_dir/{MLFLOW_DB}")
+    compare.add_argument("--experiment", help="the MLflow experiment to compare (with --mlflow)")
+    compare.set_defaults(handler=cmd_compare)
 
     plan = commands.add_parser("plan", help="parameters and per-GPU memory of the spec's training under DDP and "
                                "ZeRO-2/3, before renting a GPU (no Ray, nothing allocated)")
@@ -135,6 +148,33 @@ def with_stage(spec, kind: str):
     raw = dataclasses.asdict(spec)
     raw["stages"].append(dataclasses.asdict(StageSpec(kind=kind, name=kind)))
     return validate(parse_spec(raw))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from medvl.tracking.compare import rows_from_mlflow, write_comparison
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if bool(args.run_dirs) == bool(args.mlflow) or (args.mlflow and not args.experiment):
+        print("error: compare: give RUN_DIR… or --mlflow URI --experiment NAME", file=sys.stderr)
+        return 2
+    missing = [d for d in args.run_dirs if not Path(d).is_dir()]
+    if missing:
+        print(f"error: compare: {missing[0]}: no such folder", file=sys.stderr)
+        return 2
+    try:
+        rows = rows_from_mlflow(args.mlflow, args.experiment) if args.mlflow else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows = write_comparison([Path(d) for d in args.run_dirs], metrics, Path(args.out) if args.out else None, rows)
+    if not rows:
+        print("error: compare: no train or eval stage found", file=sys.stderr)
+        return 2
+    if args.out:
+        print(f"wrote {args.out} ({len(rows)} rows) and {Path(args.out).with_suffix('.png')}")
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -8,12 +8,17 @@ Every path and file name under ``output_dir`` is spelled here and nowhere else::
     <train stage>/train_summary.json steps, losses, where the model is (read by eval, serve, later train stages)
     <train stage>/run_spec.json      the settings of an unfinished run (a rerun resumes only with the same ones)
     <eval stage>/metrics.json, predictions.jsonl, report.md, attention/<id>.png
+    <eval stage>/eval_summary.json   which model was scored, wall time, samples/s
     <job name>.json                  trained vs baselines (eval.baselines)
     <tune stage>/search/             Tune's experiment (a rerun resumes it), search_settings.json beside it
     <tune stage>/trials/<trial id>/  each trial's own output_dir (a train stage named "train")
     <tune stage>/base/, base_model.json   the starting model every trial shares
     <tune stage>/trials.csv, trials.md, val_loss_curves.png, trial_starts.jsonl
     <tune stage>/best/model/, best/job.yaml, train_summary.json   the best trial, like a train stage's outputs
+    mlflow.db, mlartifacts/          the MLflow store (tracking.uri: ""): a run per command, stage and trial
+    tensorboard/<stage>/             TensorBoard event files (tracking.tensorboard)
+    medvl.log                        everything Ray and the other libraries printed (the terminal shows medvl's own)
+    comparison.md, comparison.png    a compare stage's table and chart of the job's train and eval stages
 
 A tune stage writes a ``train_summary.json`` too, so "the model of stage X" means the same for both kinds.
 """
@@ -47,6 +52,14 @@ TRIALS_MD = "trials.md"
 CURVES_PNG = "val_loss_curves.png"
 BEST_DIR = "best"
 BEST_SPEC_FILE = "job.yaml"
+
+EVAL_SUMMARY_FILE = "eval_summary.json"
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS_DIR = "mlartifacts"
+TENSORBOARD_DIR = "tensorboard"
+LOG_FILE = "medvl.log"
+COMPARISON_MD = "comparison.md"
+COMPARISON_PNG = "comparison.png"
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,33 @@ class RunLayout:
 
     def attention(self, stage: str) -> Path:
         return self.stage(stage) / ATTENTION_DIR
+
+    def eval_summary(self, stage: str) -> Path:
+        return self.stage(stage) / EVAL_SUMMARY_FILE
+
+    # ---- what a run records and shows
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / MLFLOW_DB
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / MLFLOW_ARTIFACTS_DIR
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.root / TENSORBOARD_DIR / stage
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / LOG_FILE
+
+    @property
+    def comparison_md(self) -> Path:
+        return self.root / COMPARISON_MD
+
+    @property
+    def comparison_png(self) -> Path:
+        return self.root / COMPARISON_PNG
 
 
 @dataclass(frozen=True)

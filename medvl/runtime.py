@@ -87,7 +87,8 @@ def ray_session(spec: JobSpec) -> Iterator[StopSignals]:
             else:
                 _join(target, spec.ray.connect_timeout_s)
             stop.rearm()  # ray.init replaced the SIGTERM handler
-            # Ray Data's progress bars interleave badly with our own progress lines on a terminal.
+            # Ray Data's progress bars interleave badly with our own progress lines on a terminal, and redraw with
+            # carriage returns in medvl.log; medvl draws the counts that matter (rows read, steps, generated).
             ray.data.DataContext.get_current().enable_progress_bars = False
             yield stop
         except BaseException as exc:
@@ -104,6 +105,9 @@ def _start_local(spec: JobSpec) -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a Ray of our own needs no token auth
+    # Train V2 tees each print of a worker into its logger too, so every line reached the driver twice. Off for our
+    # own Ray (its workers inherit this environment); medvl's workers report through a progress board anyway.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs: dict[str, Any] = {"address": "local", "log_to_driver": True}
     if spec.ray.num_cpus:
         kwargs["num_cpus"] = spec.ray.num_cpus

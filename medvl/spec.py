@@ -29,7 +29,7 @@ import yaml
 
 from medvl.runs import SHARDS_DIR
 
-STAGE_KINDS = ("prepare", "train", "eval", "tune", "serve")
+STAGE_KINDS = ("prepare", "train", "eval", "tune", "serve", "compare")
 
 
 class SpecError(ValueError):
@@ -250,9 +250,38 @@ class RaySpec:
     connect_timeout_s: float = checked(60.0, positive)  # joining only: fail (one line) when the address stays silent
 
 
+def tracking_uri(value: str) -> bool:
+    return value == "" or "://" in value or value.startswith("databricks")
+
+
+CHECK_TEXT[tracking_uri] = 'an MLflow tracking URI (http://…, sqlite:///…, file:///…) or "" for the run\'s own store'
+
+
+@dataclass
+class TrackingSpec:
+    """What a run records (MLflow, TensorBoard, W&B) and how it shows its progress."""
+
+    enabled: bool = True  # MLflow: a parent run per `medvl` command, a child run per stage and per Tune trial
+    # "" = a SQLite store <output_dir>/mlflow.db with artifacts in <output_dir>/mlartifacts (offline, no server);
+    # any MLflow tracking URI (http://host:5000 for a team's server)
+    uri: str = checked("", tracking_uri)
+    experiment: str = ""  # MLflow experiment; "" = the job's name
+    tensorboard: bool = False  # also TensorBoard event files in <output_dir>/tensorboard/<stage>/
+    wandb: bool = True  # also Weights & Biases, only where the wandb package and WANDB_API_KEY are present
+    log_every_steps: int = checked(10, positive)  # training metrics (loss, lr, grad norm, throughput) every N steps
+    progress_every_s: float = checked(30.0, positive)  # when stdout is not a terminal: one progress line this often
+
+
+@dataclass
+class CompareSpec:
+    """A ``compare`` stage: the job's train and eval stages side by side in <output_dir>/comparison.md (+ .png)."""
+
+    metrics: list[str] = field(default_factory=list)  # eval metrics to show; [] = the task's headline metrics
+
+
 @dataclass
 class StageSpec:
-    kind: Literal["prepare", "train", "eval", "tune", "serve"]
+    kind: Literal["prepare", "train", "eval", "tune", "serve", "compare"]
     name: str = ""  # defaults to kind; outputs go to <output_dir>/<name>
     start_from: str = ""  # name of an earlier train stage whose final model this stage starts from
     set: dict[str, Any] = field(default_factory=dict)  # dotted overrides for this stage only
@@ -270,6 +299,8 @@ class JobSpec:
     ray: RaySpec = field(default_factory=RaySpec)
     tune: TuneSpec = field(default_factory=TuneSpec)
     serve: ServeSpec = field(default_factory=ServeSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    compare: CompareSpec = field(default_factory=CompareSpec)
 
     @property
     def shards_location(self) -> str:

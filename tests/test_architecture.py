@@ -17,7 +17,8 @@ LAYOUT_MODULE = "medvl.runs"
 # File names of the run folder: spelled in medvl/runs.py only (docstrings may mention them).
 LAYOUT_NAMES = ("train_summary.json", "run_spec.json", "metrics.json", "predictions.jsonl", "report.md",
                 "search_settings.json", "base_model.json", "trial_starts.jsonl", "trials.csv", "trials.md",
-                "val_loss_curves.png", "job.yaml")
+                "val_loss_curves.png", "job.yaml", "eval_summary.json", "mlflow.db", "mlartifacts", "medvl.log",
+                "comparison.md", "comparison.png")
 
 
 def module_name(path: Path) -> str:
@@ -85,8 +86,8 @@ def test_no_import_cycles_among_medvl_modules():
 
 
 # ARCHITECTURE.md's layers, bottom first: a module may import its own layer and the ones before it.
-LAYERS = (("runs",), ("spec",), ("data",), ("models",), ("train",), ("eval",), ("tune",), ("validation", "plan"),
-          ("serve",), ("runtime", "submit", "stages", "cli"))
+LAYERS = (("runs",), ("spec",), ("tracking",), ("data",), ("models",), ("train",), ("eval",), ("tune",),
+          ("validation", "plan"), ("serve",), ("runtime", "submit", "stages", "cli"))
 
 
 def layer_of(module: str) -> int:

@@ -70,6 +70,10 @@ SKIPPED = {
     r"^export RAY_API_SERVER_ADDRESS=": "sets the address of a cluster for the commands after it",
     r"^medvl (submit|status|logs|stop) ": "needs a Ray cluster: tests/test_submit.py submits to a real head on "
     "loopback",
+    r"^mlflow ui ": "starts MLflow's web UI until Ctrl+C: tests/test_tracking.py reads the same store with "
+    "mlflow.search_runs",
+    r"^medvl compare runs/": "compares finished runs: tests/test_tracking.py compares the ablation job's tiny run "
+    "and synthetic run folders",
 }
 # Patterns of the commands that run; those holding README_PORT are requests to the served models.
 RUN = [r"^medvl validate ", r"^medvl chexpert ", r"^medvl serve SPEC --write-config ", re.escape(README_PORT)]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -264,6 +265,14 @@ def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
         pytest.fail(f"still running after {timeout:g} s:\n{output[-3000:]}")
 
 
+def wait_for_text(path: Path, text: str, timeout: float) -> None:
+    """Until ``path`` (a log another process writes) holds ``text``; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and text in path.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"no {text!r} in {path}"
+        time.sleep(0.2)
+
+
 class Lines:
     """Reads a process's output in a thread, so that a test can wait for one line without blocking forever."""
 
@@ -364,11 +373,13 @@ def test_a_running_ray_start_is_joined_only_when_named():
 def test_a_signal_stops_a_run_stuck_joining(peer, signum, code):
     with own_tmpdir() as root, listening(node_ip()) as silent, nothing_listening() as port:
         address = silent if peer == "a silent listener" else f"127.0.0.1:{port}"
-        lines = Lines(medvl_run(["ray.connect_timeout_s=600", f"ray.address={address}"], root))
+        lines = Lines(medvl_run(["ray.connect_timeout_s=600", f"ray.address={address}", f"output_dir={root / 'run'}"],
+                                root))
         lines.wait_for("[medvl] ray: joining", timeout=120)
         if peer == "a silent listener":
             # Not a timing assertion: gives ray.init time to be inside Ray's GCS client, which ignores signals.
-            lines.wait_for("Connecting to existing Ray cluster", timeout=60)
+            # Ray's own lines go to the run's log, not the terminal (medvl.tracking.console).
+            wait_for_text(root / "run" / "medvl.log", "Connecting to existing Ray cluster", timeout=60)
         os.kill(lines.process.pid, signum)
         exit_code, output = lines.rest(timeout=30)
         assert exit_code == code, output[-3000:]

@@ -193,8 +193,11 @@ def test_submit_runs_the_quickstart_on_a_cluster_to_success(ray_head, tmp_path, 
     assert main(["logs", job_id, "--address", ray_head]) == 0
     logs = capsys.readouterr().out
     assert all(line in logs for line in STAGE_LINES)
-    # The driver joined this head (RAY_ADDRESS) rather than starting a Ray of its own.
-    assert "Connecting to existing Ray cluster" in logs and "Started a local Ray instance" not in logs
+    # The driver joined this head (RAY_ADDRESS) rather than starting a Ray of its own (Ray's own lines say so in
+    # the run's medvl.log; the job's log holds medvl's).
+    assert "[medvl] ray: joined " in logs and "[medvl] ray: started a local Ray" not in logs
+    ray_lines = (out_dir / "medvl.log").read_text()
+    assert "Connecting to existing Ray cluster" in ray_lines and "Started a local Ray instance" not in ray_lines
 
     metrics = json.loads((out_dir / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 8

@@ -1,6 +1,7 @@
 """The prepare stage: a dataset in its published layout (or the synthetic generator) → shards + manifest."""
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 from medvl.data.fingerprint import prepare_inputs
@@ -8,6 +9,7 @@ from medvl.data.leakage import describe_overlap
 from medvl.data.records import ReaderItem
 from medvl.data.shards import write_shards
 from medvl.spec import JobSpec
+from medvl.tracking.progress import Progress
 
 # A skip reason taking more than this share of a dataset's rows is printed as a warning, not only counted.
 WARN_SKIPPED_SHARE = 0.05
@@ -34,6 +36,8 @@ def run_prepare_stage(spec: JobSpec) -> dict:
         return read_manifest(spec.shards_location, spec.data.endpoint_url)
     location = spec.shards_location
     print(f"[medvl prepare] {spec.data.format} → {location}", flush=True)
+    total = spec.data.synthetic_images if spec.data.format == "synthetic" else None  # readers do not know theirs
+    progress = Progress("prepare", total=total, unit="rows", every_s=spec.tracking.progress_every_s)
     manifest = write_shards(
         source_items(spec),
         location,
@@ -45,9 +49,13 @@ def run_prepare_stage(spec: JobSpec) -> dict:
         endpoint_url=spec.data.endpoint_url,
         leakage_check=spec.data.leakage_check,
         inputs=prepare_inputs(spec.data),
-        progress=lambda n: print(f"[medvl prepare] {n} source rows read", flush=True) if n % 5000 == 0 else None,
+        progress=lambda rows, skipped: progress.update(
+            rows, skipped=skipped, **{"rows/s": round(rows / max(1e-9, time.monotonic() - progress.started), 1)}),
         log=lambda message: print(f"[medvl prepare] {message}", flush=True),
     )
+    skipped = sum(manifest["skipped"].values())
+    progress.update(sum(manifest["counts"].values()) + skipped + sum(manifest["filtered"].values()), skipped=skipped)
+    progress.close()
     print(f"[medvl prepare] counts {manifest['counts']}, skipped {manifest['skipped'] or 'none'}, "
           f"filtered {manifest['filtered'] or 'none'}, repaired {manifest['repaired'] or 'none'}, "
           f"{len(manifest['shards'])} shards ({manifest['_reused_shards']} kept from an interrupted run)", flush=True)

@@ -159,13 +159,14 @@ def write_shards(
     endpoint_url: str = "",
     leakage_check: str = "refuse",
     inputs: dict | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Validate and write every record; return the manifest (also written to ``<location>/manifest.json``).
 
     ``inputs`` (:func:`medvl.data.fingerprint.prepare_inputs`): shards already at ``location`` are kept only if
     they were made from the same inputs; otherwise they are deleted first. ``log`` hears which it was.
+    ``progress(rows read, rows skipped)`` is called every 100 source rows.
     """
     fractions = split_fractions or [0.8, 0.1, 0.1]
     fs, root = storage.filesystem_for(location, endpoint_url)
@@ -182,8 +183,8 @@ def write_shards(
     seen = 0
     for item in items:
         seen += 1
-        if progress and seen % 500 == 0:
-            progress(seen)
+        if progress and seen % 100 == 0:
+            progress(seen, sum(skipped.values()))
         if isinstance(item, Repaired):
             repaired[item.reason] += 1
             seen -= 1  # a note about the record that follows, not a row

@@ -2,15 +2,17 @@
 
 Writes to the stage's folder (paths: :class:`medvl.runs.RunLayout`): the metrics (flat keys), the predictions
 (id, reference, prediction, answer type, mean token probability), a report (headline metrics and the worst
-examples), attention overlays for the first ``eval.attention_maps`` samples and, when ``eval.baselines`` asks
-for them, a comparison of the trained model with the untrained one and with images shuffled across references
-(a model that ignores the image scores the same either way).
+examples), attention overlays for the first ``eval.attention_maps`` samples, what the evaluation cost (wall
+time, samples generated per second, which model) and, when ``eval.baselines`` asks for them, a comparison of the
+trained model with the untrained one and with images shuffled across references (a model that ignores the image
+scores the same either way).
 """
 from __future__ import annotations
 
 import functools
 import json
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +20,12 @@ import numpy as np
 import torch
 
 from medvl.data.pipeline import preprocessed, read_split
+from medvl.data.shards import read_manifest
 from medvl.models.base import GenerationSettings, LoadedModel, Recipe
 from medvl.models.registry import build_recipe
 from medvl.runs import RunLayout
 from medvl.spec import JobSpec, StageSpec
+from medvl.tracking.progress import Progress, stage_label
 
 
 @dataclass
@@ -45,9 +49,10 @@ class Grounding:
     prediction: str
 
 
-def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attention_maps: int = 0) -> Predictions:
+def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attention_maps: int = 0,
+                         label: str = "eval") -> Predictions:
     """Stream the eval split through Ray Data and generate on the driver; attention maps of the first
-    ``attention_maps`` samples."""
+    ``attention_maps`` samples. ``label`` names the progress line."""
     settings = spec.eval
     generation = GenerationSettings.from_eval(settings)
     loaded = recipe.load_for_inference(model_dir)
@@ -58,6 +63,9 @@ def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attentio
     dataset = preprocessed(dataset, factory, num_cpus=spec.data.preprocess_cpus)
     out = Predictions([], [], [], [])
     extras: dict[str, list[float]] = {}
+    total = read_manifest(spec.shards_location, spec.data.endpoint_url)["counts"][settings.split]
+    progress = Progress(label, total=min(total, settings.max_samples or total), unit="generated",
+                        every_s=spec.tracking.progress_every_s)
     for batch in dataset.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
         tensors = {name: torch.as_tensor(batch[name]) for name in recipe.tensor_columns}
         with torch.inference_mode():
@@ -72,7 +80,8 @@ def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attentio
         out.ids += [str(i) for i in batch["id"]]
         out.references += [recipe.target_text({k: batch[k][i] for k in ("text", "answer")}) for i in range(len(batch["id"]))]
         out.answer_types += [str(t) for t in batch["answer_type"]]
-        print(f"[medvl eval] {len(out.predictions)} generated", flush=True)
+        progress.update(len(out.predictions))
+    progress.close()
     out.extra_metrics = {key: sum(values) / len(values) for key, values in extras.items()}
     return out
 
@@ -137,7 +146,9 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     recipe = build_recipe(spec)
     layout = RunLayout.of(spec.output_dir)
     layout.stage(stage.name).mkdir(parents=True, exist_ok=True)
-    preds = generate_predictions(spec, recipe, model_dir, spec.eval.attention_maps)
+    started = time.perf_counter()
+    preds = generate_predictions(spec, recipe, model_dir, spec.eval.attention_maps, label=stage_label("eval", stage.name))
+    generating_s = time.perf_counter() - started
     metrics = score(spec, recipe, preds) | preds.extra_metrics
     metrics["mean_token_prob"] = float(np.mean(preds.confidences)) if preds.confidences else 0.0
     metrics["n"] = len(preds.predictions)
@@ -148,13 +159,18 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
 
     comparison = {"trained": metrics}
     if "untrained" in spec.eval.baselines and untrained_dir:
-        comparison["untrained"] = score(spec, recipe, generate_predictions(spec, recipe, untrained_dir))
+        untrained = generate_predictions(spec, recipe, untrained_dir, label=stage_label("eval", stage.name) + " (untrained)")
+        comparison["untrained"] = score(spec, recipe, untrained)
     if "shuffled_images" in spec.eval.baselines:
         comparison["shuffled_images"] = score(spec, recipe, shuffled_references(preds, spec.data.seed))
     if len(comparison) > 1:
         layout.comparison(spec.name).write_text(json.dumps(comparison, indent=2))
         for name, values in comparison.items():
             print(f"[medvl eval] {name:>16}: {_headline(values)}", flush=True)
+    cost = {"stage": stage.name, "model_dir": model_dir, "recipe": spec.model.recipe, "split": spec.eval.split,
+            "samples": len(preds.predictions), "wall_time_s": time.perf_counter() - started,
+            "generate_time_s": generating_s, "samples_per_s": len(preds.predictions) / max(generating_s, 1e-9)}
+    layout.eval_summary(stage.name).write_text(json.dumps(cost, indent=2))
     return metrics
 
 

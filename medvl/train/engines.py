@@ -89,7 +89,7 @@ class DdpEngine:
             return False
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.spec.train.max_grad_norm)
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.spec.train.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

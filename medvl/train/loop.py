@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,9 @@ from medvl.models.base import Recipe
 from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec
 from medvl.train.engines import DdpEngine, ZeroEngine, build_engine
+from medvl.train.reporting import StepMeter, parameter_counts
 
 TRAINING_STATE = "training_state.pt"
-LOG_EVERY_STEPS = 50
 
 
 @dataclass
@@ -46,6 +45,7 @@ class WorkerRun:
     engine: DdpEngine | ZeroEngine
     device: torch.device
     val_shard: Any
+    meter: StepMeter
     position_file: tuple[Any, str] | None = None  # (pyarrow filesystem, path) read by the train pipeline's actors
     epoch_trained: list[int] = field(default_factory=list)  # row keys trained this epoch, as of the checkpoint
     consumed: list[int] = field(default_factory=list)  # row keys this worker trained since then
@@ -76,24 +76,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(spec, recipe, config["model_source"], total_steps, config.get("deepspeed_file"))
     model = engine.model
     state, epoch_trained = TrainState(), []
+    device = ray.train.torch.get_device()
+    meter = StepMeter(config.get("progress_board"), spec.tracking.log_every_steps, rank, device,
+                      parameter_counts(engine.unwrapped))
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state, epoch_trained = _load_training_state(Path(folder), engine)
         state.resumed_at_steps.append(state.step)
-        _log(rank, f"resumed from checkpoint at epoch {state.epoch + 1}, step {state.step} "
+        meter.note(f"resumed from checkpoint at epoch {state.epoch + 1}, step {state.step} "
                    f"({len(epoch_trained)} samples of the epoch already trained)")
 
     train_shard = ray.train.get_dataset_shard("train")
-    device = ray.train.torch.get_device()
-    run = WorkerRun(spec, recipe, engine, device, ray.train.get_dataset_shard("val"), config.get("position_file"),
-                    epoch_trained)
+    run = WorkerRun(spec, recipe, engine, device, ray.train.get_dataset_shard("val"), meter,
+                    config.get("position_file"), epoch_trained)
 
     while state.epoch < settings.epochs and not state.stopped_early and state.step < total_steps:
         model.train()
         _publish_position(run)
-        started, steps_at_start, running = time.perf_counter(), state.step, []
+        running = []
         batches = train_shard.iter_torch_batches(
             batch_size=settings.batch_size,
             local_shuffle_buffer_size=spec.data.shuffle_buffer or None,
@@ -104,6 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             keys = batch.pop(ROW_KEY, None)
             if keys is not None:
                 run.consumed.extend(keys.tolist())
+            meter.count(batch)
             with engine.autocast():
                 loss, _ = recipe.loss(model, engine.prepare_batch(batch))
             running.append(loss.item())
@@ -111,10 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             state.step += 1
             recipe.after_optimizer_step(engine.unwrapped, state.step, total_steps)
-            if state.step % LOG_EVERY_STEPS == 0:
-                rate = (state.step - steps_at_start) / (time.perf_counter() - started)
-                _log(rank, f"epoch {state.epoch + 1} step {state.step}/{total_steps} "
-                           f"loss {sum(running[-20:]) / len(running[-20:]):.3f} ({rate:.1f} steps/s)")
+            meter.after_step(state.step, state.epoch, running, engine)
             if settings.eval_every_steps and state.step % settings.eval_every_steps == 0:
                 _validate_and_report(run, state, running)
                 model.train()
@@ -158,6 +158,7 @@ def _barrier() -> None:
 
 def _validate_and_report(run: WorkerRun, state: TrainState, running: list[float]) -> None:
     spec = run.spec
+    run.meter.pause()  # validation and checkpointing are not training time
     run.epoch_trained, run.consumed = _gather_trained(run), []
     validated = bool(state.history) and state.history[-1]["step"] == state.step  # the epoch ended on a validation
     if validated:
@@ -172,6 +173,7 @@ def _validate_and_report(run: WorkerRun, state: TrainState, running: list[float]
         "val_loss": val_loss,
         "lr": run.engine.lr(),
         "stopped_early": state.stopped_early,
+        **run.meter.report_metrics(),
     }
     if not validated:
         state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})
@@ -179,10 +181,12 @@ def _validate_and_report(run: WorkerRun, state: TrainState, running: list[float]
     metrics["epochs"] = list(state.epochs)
     metrics["resumed_at_steps"] = list(state.resumed_at_steps)
     rank = ray.train.get_context().get_world_rank()
-    _log(rank, f"validation at step {state.step}: val_loss {val_loss:.4f}" + (" (stopping early)" if state.stopped_early else ""))
+    if not validated:
+        run.meter.validation(state.step, {k: metrics[k] for k in ("val_loss", "stopped_early")})
     with tempfile.TemporaryDirectory() as folder:
         writes = _save_checkpoint(Path(folder), run, state, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if writes else None)
+    run.meter.resume()
 
 
 def _update_early_stopping(state: TrainState, val_loss: float, patience: int) -> None:
@@ -233,7 +237,3 @@ def _load_training_state(folder: Path, engine) -> tuple[TrainState, list[int]]:
     torch.set_rng_state(saved["rng"])
     return TrainState(**saved["state"]), saved.get("epoch_trained", [])
 
-
-def _log(rank: int, message: str) -> None:
-    if rank == 0:
-        print(f"[medvl train] {message}", flush=True)

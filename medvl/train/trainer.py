@@ -1,8 +1,10 @@
 """Driver side of a train stage: build the Ray datasets, run ``TorchTrainer``, export the best model.
 
 A train stage writes its model folder (the best checkpoint, lowest validation loss, as a plain HF folder), its
-summary (steps, losses, best checkpoint, skipped rows) and Ray Train's run folder (all kept checkpoints) where
-:mod:`medvl.runs` says.
+summary (steps, losses, best checkpoint, skipped rows, and what the run cost: wall time, samples/s, tokens/s,
+trainable / total parameters, peak memory) and Ray Train's run folder (all kept checkpoints) where
+:mod:`medvl.runs` says. While it trains, the driver shows the workers' progress and logs their step metrics
+(:mod:`medvl.train.reporting`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +33,16 @@ from medvl.models.base import Recipe
 from medvl.models.registry import build_recipe
 from medvl.runs import RUN_SPEC_FILE, RunLayout, write_summary
 from medvl.spec import JobSpec, StageSpec
+from medvl.tracking.mlflow_store import StageLog
+from medvl.tracking.progress import BoardWatcher, Progress, stage_label, start_board
 from medvl.train.deepspeed_file import config_file_digest, read_config_file
 from medvl.train.engines import consolidate, is_deepspeed_checkpoint
 from medvl.train.loop import TRAINING_STATE, train_loop_per_worker
+from medvl.train.reporting import TrainingView
+
+# What the last report of the workers says the run cost (see medvl.train.reporting), copied into the summary.
+COST_FIELDS = ("train_time_s", "samples_trained", "samples_per_s", "tokens_per_s", "step_time_s",
+               "trainable_params", "total_params", "peak_memory_mb", "peak_gpu_memory_mb")
 
 
 @dataclass
@@ -42,12 +52,16 @@ class TrainOutcome:
 
 
 def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None, callbacks: list | None = None,
-                    resources_per_worker: dict | None = None) -> TrainOutcome:
+                    resources_per_worker: dict | None = None, log: StageLog | None = None,
+                    show_progress: bool = True) -> TrainOutcome:
     """Train ``spec``'s model (from ``start_from``, a model folder, when given) and export the best checkpoint.
 
     ``callbacks`` go to Ray Train's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``);
-    ``resources_per_worker`` replaces ``{"CPU": train.cpus_per_worker}`` (a Tune trial's fractional GPUs).
+    ``resources_per_worker`` replaces ``{"CPU": train.cpus_per_worker}`` (a Tune trial's fractional GPUs);
+    ``log`` gets the step metrics; ``show_progress`` False (a Tune trial: the search shows its own) draws nothing
+    and leaves the workers without a progress board.
     """
+    started = time.perf_counter()
     recipe = build_recipe(spec)
     layout = RunLayout.of(spec.output_dir)
     out = layout.stage(stage.name)
@@ -73,6 +87,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     settings = spec.train
     check_cpu_budget(spec)
     total_steps = planned_steps(manifest["counts"]["train"], spec)
+    board = start_board() if show_progress else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -81,6 +96,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
             "total_steps": total_steps,
             "position_file": position,
             "torch_threads": settings.torch_threads or max(1, math.ceil(settings.cpus_per_worker)),
+            "progress_board": board,
             # The contents, read here: a worker never opens the path (its node may not have the file).
             "deepspeed_file": read_config_file(settings.deepspeed.config_file) if settings.deepspeed.config_file
             else None,
@@ -93,9 +109,10 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         run_config=run_config(spec, stage.name, callbacks),
         datasets=datasets,
     )
-    print(f"[medvl train] {stage.name}: {manifest['counts']['train']} training rows, "
-          f"{total_steps} optimizer steps planned, {settings.workers} worker(s)", flush=True)
-    result = trainer.fit()
+    if show_progress:  # (a search's trials would print one such line each)
+        print(f"[medvl train] {stage.name}: {manifest['counts']['train']} training rows, "
+              f"{total_steps} optimizer steps planned, {settings.workers} worker(s)", flush=True)
+    result = fit_showing_progress(trainer, board, spec, stage.name, total_steps, log)
     best = result.get_best_checkpoint(metric="val_loss", mode="min") if result.best_checkpoints else None
     if best is None:
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
@@ -113,9 +130,28 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         "epochs": result.metrics["epochs"],
         "resumed_at_steps": result.metrics["resumed_at_steps"],
         "skipped": skipped_since(skipped_before),
+        "recipe": spec.model.recipe,
+        "finetune": spec.train.finetune,
+        "workers": settings.workers,
+        "wall_time_s": time.perf_counter() - started,
+        **{key: result.metrics[key] for key in COST_FIELDS if key in result.metrics},
     }
     write_summary(out, summary)
     return TrainOutcome(model_dir, summary)
+
+
+def fit_showing_progress(trainer: TorchTrainer, board, spec: JobSpec, name: str, total_steps: int,
+                         log: StageLog | None):
+    """``trainer.fit()``, with the workers' posts drawn and logged while it runs (nothing without a board)."""
+    if board is None:
+        return trainer.fit()
+    progress = Progress(stage_label("train", name), total=total_steps, unit="steps",
+                        every_s=spec.tracking.progress_every_s)
+    try:
+        with BoardWatcher(board, TrainingView(progress, log or StageLog(name))):
+            return trainer.fit()
+    finally:
+        progress.close()
 
 
 def claim_run_folder(spec: JobSpec, name: str) -> None:
@@ -160,8 +196,11 @@ def run_identity(spec: JobSpec) -> dict:
         manifest = hashlib.sha256(storage.read_bytes(fs, storage.join(root, MANIFEST))).hexdigest()
     except (FileNotFoundError, OSError):
         manifest = ""  # nothing prepared yet: the stage fails on it next
+    settings = dataclasses.asdict(spec)
+    for section in ("tracking", "compare"):  # where a run is logged and compared is not what it trains
+        settings.pop(section)
     return {
-        "spec": json.loads(json.dumps(dataclasses.asdict(spec), default=str)),
+        "spec": json.loads(json.dumps(settings, default=str)),
         "data_manifest_sha256": manifest,
         "deepspeed_config_file_sha256": config_file_digest(spec.train.deepspeed.config_file),
     }

@@ -55,9 +55,10 @@ def concurrency(spec: JobSpec, cluster: dict[str, float]) -> int:
 
 
 def search_settings(spec: JobSpec, space: list[Dimension]) -> dict:
-    """What defines a search: the trial spec's sections and the space (not Ray's address or the stage list)."""
+    """What defines a search: the trial spec's sections and the space (not Ray's address, the stage list or where
+    the search is tracked)."""
     raw = asdict(spec)
-    for key in ("stages", "ray", "output_dir"):
+    for key in ("stages", "ray", "output_dir", "tracking"):
         raw.pop(key)
     raw["tune"].pop("max_concurrent_trials")
     return {"spec": raw, "space": [asdict(d) for d in space]}

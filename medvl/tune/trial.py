@@ -64,4 +64,5 @@ def run_trial(config: dict[str, Any], base: dict, tune_dir: str, model_source: s
     with open(layout.starts, "a") as log:
         log.write(json.dumps({"trial_id": trial_id, "started": time.time()}) + "\n")
     run_train_stage(spec, StageSpec(kind="train", name=TRIAL_STAGE), start_from=model_source,
-                    callbacks=[TuneReportCallback()], resources_per_worker=worker_resources(spec))
+                    callbacks=[TuneReportCallback()], resources_per_worker=worker_resources(spec),
+                    show_progress=False)  # the search draws its own progress; trials report through Tune
