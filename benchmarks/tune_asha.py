@@ -4,14 +4,19 @@
     python benchmarks/tune_asha.py --concurrency 1
 
 Prints the total optimizer steps trained over all trials and the wall time of each search, their ratios
-(ASHA / full), and whether both searches found the same best config. Shards are prepared once and shared, and
+(ASHA / full), whether both searches found the same best config, and each trial's start-up: the time from the
+trial's train stage starting to its first optimizer step (median and max over all trials of both searches), split
+as the Train worker records it (``medvl.train.reporting.StartupClock``: driver side, worker group, model, Ray
+Data's first batch, first step). Shards are prepared once and shared, and
 each search builds the same seeded tiny base model, so the two differ only in the scheduler.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import statistics
 import shutil
 import sys
 import tempfile
@@ -44,6 +49,29 @@ def read_rows(tune_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def trial_startups(tune_dir: Path) -> list[dict[str, float]]:
+    """Each trial's start-up split, from the first result it reported to Tune (its ``result.json``)."""
+    startups = []
+    for result_file in sorted((tune_dir / "search").glob("*/result.json")):
+        for line in result_file.read_text().splitlines():
+            startup = json.loads(line).get("startup_s")
+            if startup:
+                startups.append(startup)
+                break
+    return startups
+
+
+def print_startups(startups: list[dict[str, float]]) -> None:
+    if not startups:
+        print("trial start-up          (no trial reported one)")
+        return
+    totals = [s["total"] for s in startups]
+    parts = [k for k in startups[0] if k != "total"]
+    split = ", ".join(f"{k} {statistics.median(s.get(k, 0.0) for s in startups):.1f}" for k in parts)
+    print(f"trial start-up          median {statistics.median(totals):.1f} s, max {max(totals):.1f} s over "
+          f"{len(totals)} trials (medians, s: {split})")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once (2 fit a 2-CPU machine)")
@@ -61,7 +89,7 @@ def main(argv: list[str]) -> int:
     (work / "space.yaml").write_text(yaml.safe_dump(SPACE))
     ray.init(num_cpus=2, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    figures = {}
+    figures, startups = {}, []
     try:
         prepare = parse_spec(job(work, "asha", args.concurrency) | {"stages": ["prepare"]})
         run_prepare_stage(prepare)
@@ -71,6 +99,7 @@ def main(argv: list[str]) -> int:
             summary = run_tune_stage(spec, spec.stages[0])
             wall = time.perf_counter() - started
             rows = read_rows(work / scheduler / "tune")
+            startups += trial_startups(work / scheduler / "tune")
             figures[scheduler] = {
                 "wall_s": wall,
                 "trials": len(rows),
@@ -92,6 +121,8 @@ def main(argv: list[str]) -> int:
     print(f"trial-steps ASHA/full  {asha['steps'] / full['steps']:.2f}")
     print(f"wall time   ASHA/full  {asha['wall_s'] / full['wall_s']:.2f}")
     print(f"same best config       {asha['best'] == full['best']}")
+    print_startups(startups)
+    print(f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min) at the end")
     if args.keep:
         print(f"outputs in {work}")
     return 0

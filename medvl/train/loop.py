@@ -31,7 +31,7 @@ from medvl.models.base import Recipe
 from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec
 from medvl.train.engines import DdpEngine, ZeroEngine, build_engine
-from medvl.train.reporting import StepMeter, parameter_counts
+from medvl.train.reporting import StartupClock, StepMeter, parameter_counts
 
 TRAINING_STATE = "training_state.pt"
 
@@ -67,6 +67,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec: JobSpec = config["spec"]
     recipe = build_recipe(spec)
     settings = spec.train
+    startup = StartupClock(config.get("startup_stamps"))
+    startup.mark("worker_group")
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(settings.seed + rank)
     if config.get("torch_threads"):
@@ -77,8 +79,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = engine.model
     state, epoch_trained = TrainState(), []
     device = ray.train.torch.get_device()
+    startup.mark("model")
     meter = StepMeter(config.get("progress_board"), spec.tracking.log_every_steps, rank, device,
-                      parameter_counts(engine.unwrapped))
+                      parameter_counts(engine.unwrapped), startup)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -103,6 +106,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             device=device,
         )
         for micro_step, batch in enumerate(batches):
+            if startup.mark("data"):
+                meter.resume()  # training time starts with the first batch; start-up is reported apart
             keys = batch.pop(ROW_KEY, None)
             if keys is not None:
                 run.consumed.extend(keys.tolist())
@@ -113,6 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not engine.backward_and_step(loss, boundary=(micro_step + 1) % settings.grad_accum == 0):
                 continue
             state.step += 1
+            startup.mark("first_step")
             recipe.after_optimizer_step(engine.unwrapped, state.step, total_steps)
             meter.after_step(state.step, state.epoch, running, engine)
             if settings.eval_every_steps and state.step % settings.eval_every_steps == 0:

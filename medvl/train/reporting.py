@@ -25,6 +25,33 @@ from medvl.tracking.mlflow_store import StageLog
 from medvl.tracking.progress import Progress
 
 
+class StartupClock:
+    """Where the time from a train stage's start to its first optimizer step went, in wall-clock seconds.
+
+    The driver stamps the stage's start and the ``fit()`` call (``time.time()``: the stamps cross processes on
+    one machine; across nodes, clock skew adds to the worker group's share); the worker stamps the loop's entry,
+    the model being ready, the first batch and the first step. Each duration is named by the stamp that ends it:
+    ``driver`` (initial model, datasets), ``worker_group`` (Train's controller and workers, process group),
+    ``model`` (build / load and wrap), ``data`` (Ray Data's pipeline up to the first batch), ``first_step``.
+    """
+
+    def __init__(self, driver_stamps: dict[str, float] | None = None):
+        self.stamps: list[tuple[str, float]] = list((driver_stamps or {}).items())
+
+    def mark(self, name: str) -> bool:
+        """Stamp ``name`` now, the first time only; True when this call stamped it."""
+        if any(name == stamped for stamped, _ in self.stamps):
+            return False
+        self.stamps.append((name, time.time()))
+        return True
+
+    def durations(self) -> dict[str, float]:
+        if len(self.stamps) < 2:
+            return {}
+        spans = {name: end - start for (_, start), (name, end) in zip(self.stamps, self.stamps[1:])}
+        return spans | {"total": self.stamps[-1][1] - self.stamps[0][1]}
+
+
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     """Trainable and total parameters (a ZeRO-3 partitioned parameter counts with its full size)."""
     trainable = total = 0
@@ -85,6 +112,7 @@ class StepMeter:
     rank: int
     device: torch.device
     parameters: dict[str, int] = field(default_factory=dict)
+    startup: StartupClock = field(default_factory=StartupClock)
     interval: _Counts = field(default_factory=_Counts)
     total: _Counts = field(default_factory=_Counts)
     _clock: float = field(default_factory=time.perf_counter)
@@ -143,6 +171,7 @@ class StepMeter:
             **({"peak_gpu_memory_mb": max(t["peak_gpu_memory_mb"] for t in totals)}
                if "peak_gpu_memory_mb" in totals[0] else {}),
             **self.parameters,
+            "startup_s": self.startup.durations(),
         }
 
     def note(self, message: str) -> None:

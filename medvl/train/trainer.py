@@ -42,7 +42,7 @@ from medvl.train.reporting import TrainingView
 
 # What the last report of the workers says the run cost (see medvl.train.reporting), copied into the summary.
 COST_FIELDS = ("train_time_s", "samples_trained", "samples_per_s", "tokens_per_s", "step_time_s",
-               "trainable_params", "total_params", "peak_memory_mb", "peak_gpu_memory_mb")
+               "trainable_params", "total_params", "peak_memory_mb", "peak_gpu_memory_mb", "startup_s")
 
 
 @dataclass
@@ -61,7 +61,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     ``log`` gets the step metrics; ``show_progress`` False (a Tune trial: the search shows its own) draws nothing
     and leaves the workers without a progress board.
     """
-    started = time.perf_counter()
+    started, stage_stamp = time.perf_counter(), time.time()
     recipe = build_recipe(spec)
     layout = RunLayout.of(spec.output_dir)
     out = layout.stage(stage.name)
@@ -88,6 +88,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     check_cpu_budget(spec)
     total_steps = planned_steps(manifest["counts"]["train"], spec)
     board = start_board() if show_progress else None
+    startup_stamps = {"stage": stage_stamp, "driver": time.time()}  # see reporting.StartupClock
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -97,6 +98,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
             "position_file": position,
             "torch_threads": settings.torch_threads or max(1, math.ceil(settings.cpus_per_worker)),
             "progress_board": board,
+            "startup_stamps": startup_stamps,
             # The contents, read here: a worker never opens the path (its node may not have the file).
             "deepspeed_file": read_config_file(settings.deepspeed.config_file) if settings.deepspeed.config_file
             else None,
