@@ -53,13 +53,14 @@ class TrainOutcome:
 
 def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None, callbacks: list | None = None,
                     resources_per_worker: dict | None = None, log: StageLog | None = None,
-                    show_progress: bool = True) -> TrainOutcome:
+                    show_progress: bool = True, shared_datasets: dict | None = None) -> TrainOutcome:
     """Train ``spec``'s model (from ``start_from``, a model folder, when given) and export the best checkpoint.
 
     ``callbacks`` go to Ray Train's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``);
     ``resources_per_worker`` replaces ``{"CPU": train.cpus_per_worker}`` (a Tune trial's fractional GPUs);
     ``log`` gets the step metrics; ``show_progress`` False (a Tune trial: the search shows its own) draws nothing
-    and leaves the workers without a progress board.
+    and leaves the workers without a progress board. ``shared_datasets`` (a search's trials: see
+    :func:`shared_training_datasets`) replaces the stage's own pipelines.
     """
     started, stage_stamp = time.perf_counter(), time.time()
     recipe = build_recipe(spec)
@@ -72,18 +73,11 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     model_source = start_from or recipe.initial_model(out, lambda: training_texts(spec))
     skipped_before = skipped_counts()
 
-    factory = functools.partial(recipe.preprocessor, model_source)
-    preprocess = functools.partial(
-        preprocessed, preprocessor_factory=factory,
-        concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
-    )
-    columns = list(recipe.tensor_columns)  # ids and texts stay out of the training batches
-    position = storage.filesystem_for(position_file_location(spec, stage.name), endpoint)  # fs carries S3 keys
-    datasets = {
-        "train": preprocess(read_split(location, "train", endpoint, shuffle="files"), keep=[*columns, ROW_KEY],
-                            position_file=position),
-        "val": preprocess(read_split(location, "val", endpoint), keep=columns),
-    }
+    if shared_datasets is None:
+        position = storage.filesystem_for(position_file_location(spec, stage.name), endpoint)  # fs carries S3 keys
+        datasets = training_datasets(spec, recipe, model_source, position)
+    else:
+        position, datasets = None, shared_datasets
     settings = spec.train
     check_cpu_budget(spec)
     total_steps = planned_steps(manifest["counts"]["train"], spec)
@@ -140,6 +134,52 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     }
     write_summary(out, summary)
     return TrainOutcome(model_dir, summary)
+
+
+def training_datasets(spec: JobSpec, recipe: Recipe, model_source: str,
+                      position: tuple[pafs.FileSystem, str] | None = None) -> dict:
+    """The train and val pipelines: shard rows decoded and tokenised by a pool of Ray Data actors, streamed.
+
+    ``position`` (filesystem, path): the run's record of rows trained this epoch (see :mod:`medvl.data.position`).
+    """
+    location, endpoint = spec.shards_location, spec.data.endpoint_url
+    factory = functools.partial(recipe.preprocessor, model_source)
+    preprocess = functools.partial(
+        preprocessed, preprocessor_factory=factory,
+        concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
+    )
+    columns = list(recipe.tensor_columns)  # ids and texts stay out of the training batches
+    return {
+        "train": preprocess(read_split(location, "train", endpoint, shuffle="files"), keep=[*columns, ROW_KEY],
+                            position_file=position),
+        "val": preprocess(read_split(location, "val", endpoint), keep=columns),
+    }
+
+
+# A search shares its preprocessed splits only while they take at most this share of Ray's object store.
+SHARED_DATA_STORE_SHARE = 0.2
+
+
+def shared_training_datasets(spec: JobSpec, recipe: Recipe, model_source: str, rows: int) -> dict | None:
+    """The train and val splits preprocessed once and held in Ray's object store, for every trial of a search.
+
+    Preprocessing depends on the data and the base model, never on a trial's values, so a search can decode and
+    tokenise once instead of starting a pipeline (read tasks, a preprocessing actor that imports the model's
+    libraries) in every trial: on the 2-CPU machine that start was most of a tiny trial's time to its first step.
+    Only when the tensors of ``rows`` rows (pixels as float32, the estimate that matters) fit in
+    ``SHARED_DATA_STORE_SHARE`` of the object store; otherwise None and each trial streams its own. The shared
+    training split is shuffled by block order each epoch (and by the loop's buffer); a trial whose worker group
+    restarts resumes at its checkpoint's step but may see rows of the epoch again (no position filter).
+    """
+    import ray
+
+    data = spec.data
+    estimate = rows * (3 * data.image_size**2 * 4 + 16 * (data.max_text_length + data.max_question_length))
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    if estimate > SHARED_DATA_STORE_SHARE * store:
+        return None
+    streamed = training_datasets(spec, recipe, model_source)
+    return {"train": streamed["train"].materialize().randomize_block_order(), "val": streamed["val"].materialize()}
 
 
 def fit_showing_progress(trainer: TorchTrainer, board, spec: JobSpec, name: str, total_steps: int,
