@@ -85,8 +85,8 @@ def test_no_import_cycles_among_medvl_modules():
 
 
 # ARCHITECTURE.md's layers, bottom first: a module may import its own layer and the ones before it.
-LAYERS = (("runs",), ("spec",), ("data",), ("models",), ("train",), ("eval",), ("tune",), ("validation",),
-          ("serve",), ("runtime", "submit", "stages", "cli"))
+LAYERS = (("storage",), ("runs",), ("spec",), ("data",), ("models",), ("train",), ("eval",), ("tune",),
+          ("validation",), ("serve",), ("runtime", "submit", "stages", "cli", "resources"))
 
 
 def layer_of(module: str) -> int:

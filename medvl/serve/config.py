@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from medvl.spec import JobSpec, ServeSpec
+from medvl.storage import absolute
 
 APP_IMPORT_PATH = "medvl.serve.app:build_app"
 DEPLOYMENT_NAME = "MedvlServer"
@@ -44,7 +45,7 @@ def app_args(spec: JobSpec, checkpoint: str, api_key_digest: str) -> dict:
     """
     raw = dataclasses.asdict(spec)
     raw["stages"] = [{"kind": "serve", "name": "serve"}]
-    raw["output_dir"] = str(Path(spec.output_dir).absolute())
+    raw["output_dir"] = absolute(spec.output_dir)
     return {"spec": raw, "checkpoint": checkpoint, "api_key_sha256": api_key_digest}
 
 

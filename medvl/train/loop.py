@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from medvl.data.position import ROW_KEY, write_position
 from medvl.models.base import Recipe
+from medvl.models.cache import local_model
 from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec
 from medvl.train.engines import DdpEngine, ZeroEngine, build_engine
@@ -73,7 +74,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(config["torch_threads"])
 
     total_steps = config["total_steps"]
-    engine = build_engine(spec, recipe, config["model_source"], total_steps)
+    # A model on object storage is loaded from this node's cached copy (fetched once per node).
+    engine = build_engine(spec, recipe, local_model(config["model_source"], spec.data.endpoint_url), total_steps)
     model = engine.model
     state, epoch_trained = TrainState(), []
 

@@ -14,29 +14,31 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from medvl.data import storage
+from medvl import storage
 from medvl.data.pipeline import preprocessed, read_split
 from medvl.data.position import POSITION_FILE, ROW_KEY
 from medvl.data.shards import read_manifest, shard_paths
 from medvl.data.skips import skipped_counts, skipped_since
 from medvl.models.base import Recipe
+from medvl.models.cache import initial_model_in, preprocessor_for, publishing
 from medvl.models.registry import build_recipe
 from medvl.runs import RunLayout, write_summary
 from medvl.spec import JobSpec, StageSpec
+from medvl.storage import Location
 from medvl.train.engines import consolidate, is_deepspeed_checkpoint
 from medvl.train.loop import TRAINING_STATE, train_loop_per_worker
 
 
 @dataclass
 class TrainOutcome:
-    model_dir: Path
+    model_dir: Location
     summary: dict
+
 
 
 def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None, callbacks: list | None = None,
@@ -47,16 +49,16 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     ``resources_per_worker`` replaces ``{"CPU": train.cpus_per_worker}`` (a Tune trial's fractional GPUs).
     """
     recipe = build_recipe(spec)
-    layout = RunLayout.of(spec.output_dir)
+    layout = RunLayout.for_spec(spec)
     out = layout.stage(stage.name)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     claim_run_folder(spec, stage.name)
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     manifest = read_manifest(location, endpoint)
-    model_source = start_from or recipe.initial_model(out, lambda: training_texts(spec))
+    model_source = start_from or initial_model_in(recipe, out, lambda: training_texts(spec))
     skipped_before = skipped_counts()
 
-    factory = functools.partial(recipe.preprocessor, model_source)
+    factory = functools.partial(preprocessor_for, recipe, model_source)
     preprocess = functools.partial(
         preprocessed, preprocessor_factory=factory,
         concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
@@ -120,16 +122,16 @@ def claim_run_folder(spec: JobSpec, name: str) -> None:
     a stage that finished (its summary exists) starts afresh, and an unfinished one is resumed only with the
     same settings; with other settings it is an error rather than a silent mix of two configurations.
     """
-    fs, run_dir = storage.filesystem_for(storage.join(storage_location(spec), name), spec.data.endpoint_url)
+    run_dir = Location.of(storage.join(storage_location(spec), name), spec.data.endpoint_url)
     settings = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
-    has_run = fs.get_file_info(run_dir).type == pafs.FileType.Directory
-    layout = RunLayout.of(spec.output_dir)
+    has_run = run_dir.is_dir()
+    layout = RunLayout.for_spec(spec)
     summary, run_spec = layout.summary(name), layout.run_spec(name)
-    if has_run and summary.exists():
-        fs.delete_dir(run_dir)  # a finished run: its best model is already exported under `out`
-    elif has_run and run_spec.exists() and run_spec.read_text() != settings:
+    if has_run and summary.is_file():
+        run_dir.rmtree()  # a finished run: its best model is already exported under `out`
+    elif has_run and run_spec.is_file() and run_spec.read_text() != settings:
         raise ValueError(
-            f"{storage.join(storage_location(spec), name)} holds an unfinished run of stage {name!r} with other "
+            f"{run_dir} holds an unfinished run of stage {name!r} with other "
             "settings: rerun with the same settings to resume it, or delete that folder to start afresh"
         )
     summary.unlink(missing_ok=True)  # present again only once this run finishes
@@ -162,7 +164,7 @@ def planned_steps(train_rows: int, spec: JobSpec) -> int:
 
 def storage_location(spec: JobSpec) -> str:
     """Where Ray Train keeps this job's runs: ``train.storage_path`` or ``<output_dir>/checkpoints``."""
-    return spec.train.storage_path or str(RunLayout.of(spec.output_dir).checkpoints)
+    return spec.train.storage_path or str(RunLayout.for_spec(spec).checkpoints)
 
 
 def position_file_location(spec: JobSpec, name: str) -> str:
@@ -173,7 +175,7 @@ def position_file_location(spec: JobSpec, name: str) -> str:
 def run_config(spec: JobSpec, name: str, callbacks: list | None = None) -> RunConfig:
     storage_path = storage_location(spec)
     filesystem = None
-    if storage.is_s3(storage_path):
+    if storage.is_remote(storage_path):
         filesystem, storage_path = storage.filesystem_for(storage_path, spec.data.endpoint_url)
     return RunConfig(
         name=name,
@@ -189,23 +191,20 @@ def run_config(spec: JobSpec, name: str, callbacks: list | None = None) -> RunCo
     )
 
 
-def export_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: Path, recipe: Recipe | None = None) -> None:
-    """Write a checkpoint's model as a plain HF folder (ZeRO shards consolidated), replacing ``model_dir`` atomically.
+def export_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: Location, recipe: Recipe | None = None) -> None:
+    """Write a checkpoint's model as a plain HF folder (ZeRO shards consolidated), replacing ``model_dir`` (local:
+    atomically; on object storage: uploaded).
 
     The resume state (optimizer, counters) stays behind: the folder is what ``from_pretrained`` /
     ``PeftModel.from_pretrained`` and ``medvl eval`` load.
     """
-    staging = model_dir.with_name(model_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    with checkpoint.as_directory() as folder:
+    with publishing(model_dir) as staging, checkpoint.as_directory() as folder:
         if is_deepspeed_checkpoint(Path(folder)):
             if recipe is None:
                 raise ValueError(f"{folder} holds ZeRO shards: exporting it needs the recipe that trained it")
             consolidate(Path(folder), recipe, staging)
         else:
             shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(TRAINING_STATE))
-    shutil.rmtree(model_dir, ignore_errors=True)
-    staging.rename(model_dir)
 
 
 def training_texts(spec: JobSpec):
