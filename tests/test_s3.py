@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
@@ -42,30 +41,6 @@ def test_without_keys_in_the_environment_each_process_uses_its_own_chain(monkeyp
         monkeypatch.delenv(name, raising=False)
     options = pickled_options(filesystem_for("s3://bucket/x")[0])
     assert (options["access_key"], options["endpoint_override"]) == (None, "")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 def s3_keys(endpoint: str, prefix: str) -> list[str]:

@@ -28,7 +28,7 @@ from medvl import storage
 from medvl.data.pipeline import read_split
 from medvl.data.shards import read_manifest, shard_paths
 from medvl.models.base import GenerationSettings, Recipe
-from medvl.models.cache import local_model
+from medvl.models.cache import local_model, model_filesystem
 from medvl.models.registry import build_recipe
 from medvl.runs import RunLayout
 from medvl.spec import JobSpec, SpecError, StageSpec
@@ -60,7 +60,7 @@ def generate_predictions(spec: JobSpec, models: dict[str, str]) -> dict[str, Pre
         dataset = dataset.limit(settings.max_samples)
     generated = dataset.map_batches(
         Generator,
-        fn_constructor_args=(spec, models, first_ids(spec, settings.attention_maps)),
+        fn_constructor_args=(spec, models, first_ids(spec, settings.attention_maps), _filesystems(spec, models)),
         batch_size=settings.batch_size,
         batch_format="numpy",
         compute=_actor_pool(settings.workers),
@@ -73,6 +73,11 @@ def generate_predictions(spec: JobSpec, models: dict[str, str]) -> dict[str, Pre
             columns.setdefault(name, []).extend(values.tolist())
         print(f"[medvl eval] {len(columns.get('id', []))} generated", flush=True)
     return {name: _gathered(columns, name, first=i == 0) for i, name in enumerate(models)}
+
+
+def _filesystems(spec: JobSpec, models: dict[str, str]) -> dict[str, object]:
+    """Each remote model's filesystem, built here: it carries the driver's S3 endpoint and keys to the actors."""
+    return {name: model_filesystem(location, spec.data.endpoint_url) for name, location in models.items()}
 
 
 def _actor_pool(workers: int):
@@ -121,7 +126,8 @@ class Generator:
     ``<name>.extra.<key>`` (the recipe's extra metric of the row's batch).
     """
 
-    def __init__(self, spec: JobSpec, models: dict[str, str], attention_ids: frozenset[str]):
+    def __init__(self, spec: JobSpec, models: dict[str, str], attention_ids: frozenset[str],
+                 filesystems: dict[str, object] | None = None):
         torch.set_num_threads(max(1, math.ceil(spec.eval.num_cpus)))
         self.recipe = build_recipe(spec)
         self.settings = GenerationSettings.from_eval(spec.eval)
@@ -129,7 +135,7 @@ class Generator:
         self.attention_ids = attention_ids
         self.models = {}
         for name, location in models.items():
-            local = local_model(location, spec.data.endpoint_url)
+            local = local_model(location, spec.data.endpoint_url, (filesystems or {}).get(name))
             loaded = self.recipe.load_for_inference(local)  # in model.dtype
             if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
                 loaded.to(self.device)

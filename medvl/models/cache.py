@@ -44,16 +44,27 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "medvl" / "models")
 
 
-def local_model(location: str, endpoint_url: str = "") -> str:
+def local_model(location: str, endpoint_url: str = "", filesystem=None) -> str:
     """A local folder holding the model ``location`` names: itself when it is local (or a hub id), else the
-    cached copy of the URL's folder, fetched now if it is not cached yet."""
+    cached copy of the URL's folder, fetched now if it is not cached yet.
+
+    ``filesystem``: the one :func:`model_filesystem` built on the driver (it carries the driver's endpoint and
+    keys to workers whose environment lacks them); None builds one from this process's environment.
+    """
     if not is_remote(location):
         return location
     remote = Location.of(location, endpoint_url)
+    if filesystem is not None:
+        remote = Location(remote.url, filesystem, remote.path)
     entry = cache_root() / f"@{_fingerprint(remote)}" / _url_path(location)
     if not entry.is_dir():
-        _fill(entry, remote, endpoint_url)
+        _fill(entry, remote, endpoint_url, filesystem)
     return str(entry)
+
+
+def model_filesystem(location: str, endpoint_url: str = ""):
+    """The filesystem of a model URL, built here to travel to Ray workers (None for a local folder or hub id)."""
+    return Location.of(location, endpoint_url).fs if is_remote(location) else None
 
 
 def _url_path(url: str) -> str:
@@ -71,12 +82,12 @@ def _fingerprint(remote: Location) -> str:
     return hashlib.sha256(json.dumps([remote.url, listing]).encode()).hexdigest()[:16]
 
 
-def _fill(entry: Path, remote: Location, endpoint_url: str) -> None:
+def _fill(entry: Path, remote: Location, endpoint_url: str, filesystem) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         remote.download(staging)
-        _localize_references(staging, endpoint_url)
+        _localize_references(staging, endpoint_url, filesystem, remote.url.split("://")[0])
         try:
             staging.rename(entry)
         except OSError:  # another loader on this machine finished first: its copy is the same files
@@ -92,12 +103,13 @@ def _reference_files(folder: Path):
             yield path, key
 
 
-def _localize_references(folder: Path, endpoint_url: str) -> None:
+def _localize_references(folder: Path, endpoint_url: str, filesystem, scheme: str) -> None:
     """Point the copy's references to other model folders on object storage at their cached copies."""
     for path, key in _reference_files(folder):
         record = json.loads(path.read_text())
         if is_remote(str(record.get(key) or "")):
-            record[key] = local_model(record[key], endpoint_url)
+            same_store = record[key].split("://")[0] == scheme  # the filesystem that reached this folder
+            record[key] = local_model(record[key], endpoint_url, filesystem if same_store else None)
             path.write_text(json.dumps(record, indent=2))
 
 
@@ -166,6 +178,7 @@ def initial_model_in(recipe: Recipe, work_dir: Location, texts: Callable[[], Ite
         return str(target)
 
 
-def preprocessor_for(recipe: Recipe, model_source: str):
-    """``recipe.preprocessor`` of a model anywhere (picklable with functools.partial, called on Ray Data actors)."""
-    return recipe.preprocessor(local_model(model_source, recipe.spec.data.endpoint_url))
+def preprocessor_for(recipe: Recipe, model_source: str, filesystem=None):
+    """``recipe.preprocessor`` of a model anywhere (picklable with functools.partial, called on Ray Data actors);
+    ``filesystem``: see :func:`local_model`."""
+    return recipe.preprocessor(local_model(model_source, recipe.spec.data.endpoint_url, filesystem))

@@ -75,7 +75,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     total_steps = config["total_steps"]
     # A model on object storage is loaded from this node's cached copy (fetched once per node).
-    engine = build_engine(spec, recipe, local_model(config["model_source"], spec.data.endpoint_url), total_steps)
+    source = local_model(config["model_source"], spec.data.endpoint_url, config.get("model_filesystem"))
+    engine = build_engine(spec, recipe, source, total_steps)
     model = engine.model
     state, epoch_trained = TrainState(), []
 

@@ -25,7 +25,7 @@ from medvl.data.position import POSITION_FILE, ROW_KEY
 from medvl.data.shards import read_manifest, shard_paths
 from medvl.data.skips import skipped_counts, skipped_since
 from medvl.models.base import Recipe
-from medvl.models.cache import initial_model_in, preprocessor_for, publishing
+from medvl.models.cache import initial_model_in, model_filesystem, preprocessor_for, publishing
 from medvl.models.registry import build_recipe
 from medvl.runs import RunLayout, write_summary
 from medvl.spec import JobSpec, StageSpec
@@ -58,7 +58,8 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     model_source = start_from or initial_model_in(recipe, out, lambda: training_texts(spec))
     skipped_before = skipped_counts()
 
-    factory = functools.partial(preprocessor_for, recipe, model_source)
+    model_fs = model_filesystem(model_source, endpoint)  # carries the driver's S3 endpoint and keys to workers
+    factory = functools.partial(preprocessor_for, recipe, model_source, model_fs)
     preprocess = functools.partial(
         preprocessed, preprocessor_factory=factory,
         concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
@@ -78,6 +79,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         train_loop_config={
             "spec": spec,
             "model_source": model_source,
+            "model_filesystem": model_fs,
             "total_steps": total_steps,
             "position_file": position,
             "torch_threads": settings.torch_threads or max(1, math.ceil(settings.cpus_per_worker)),
