@@ -56,11 +56,14 @@ def generate_predictions(spec: JobSpec, models: dict[str, str]) -> dict[str, Pre
     actor pool; the first model's predictions also carry the attention overlays."""
     settings = spec.eval
     dataset = read_split(spec.shards_location, settings.split, spec.data.endpoint_url)
+    # Blocks in shard order (the actors still work in parallel): eval.max_samples takes the split's first rows.
+    dataset.context.execution_options.preserve_order = True
     if settings.max_samples:
         dataset = dataset.limit(settings.max_samples)
+    order = split_ids(spec, settings.max_samples)  # the split's ids in shard order
     generated = dataset.map_batches(
         Generator,
-        fn_constructor_args=(spec, models, first_ids(spec, settings.attention_maps), _filesystems(spec, models)),
+        fn_constructor_args=(spec, models, frozenset(order[: settings.attention_maps]), _filesystems(spec, models)),
         batch_size=settings.batch_size,
         batch_format="numpy",
         compute=_actor_pool(settings.workers),
@@ -72,7 +75,8 @@ def generate_predictions(spec: JobSpec, models: dict[str, str]) -> dict[str, Pre
         for name, values in batch.items():
             columns.setdefault(name, []).extend(values.tolist())
         print(f"[medvl eval] {len(columns.get('id', []))} generated", flush=True)
-    return {name: _gathered(columns, name, first=i == 0) for i, name in enumerate(models)}
+    rank = {sample_id: i for i, sample_id in enumerate(order)}
+    return {name: _gathered(columns, name, rank, first=i == 0) for i, name in enumerate(models)}
 
 
 def _filesystems(spec: JobSpec, models: dict[str, str]) -> dict[str, object]:
@@ -86,24 +90,24 @@ def _actor_pool(workers: int):
     return ray.data.ActorPoolStrategy(size=workers)
 
 
-def first_ids(spec: JobSpec, count: int) -> frozenset[str]:
-    """The ids of the split's first ``count`` rows in shard order (the samples that get attention overlays)."""
-    if not count:
-        return frozenset()
+def split_ids(spec: JobSpec, limit: int = 0) -> list[str]:
+    """The ids of the eval split in shard order (the first ``limit`` when given): read from the id column only.
+    The first ``eval.attention_maps`` get overlays, and predictions are written in this order."""
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     fs, _ = storage.filesystem_for(location, endpoint)
     ids: list[str] = []
     for path in shard_paths(read_manifest(location, endpoint), location, spec.eval.split, endpoint):
-        ids += pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist()[: count - len(ids)]
-        if len(ids) >= count:
-            break
-    return frozenset(ids)
+        ids += pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist()
+        if limit and len(ids) >= limit:
+            return ids[:limit]
+    return ids
 
 
-def _gathered(columns: dict[str, list], model: str, first: bool) -> Predictions:
-    """One model's predictions out of the pool's columns, in id order (rows arrive in whatever order the
-    actors finish; sorting makes the files and the shuffled baseline reproducible)."""
-    order = sorted(range(len(columns.get("id", []))), key=lambda i: columns["id"][i])
+def _gathered(columns: dict[str, list], model: str, rank: dict[str, int], first: bool) -> Predictions:
+    """One model's predictions out of the pool's columns, in the split's order (rows arrive in whatever order
+    the actors finish; sorting makes the files and the shuffled baseline reproducible)."""
+    ids_seen = columns.get("id", [])
+    order = sorted(range(len(ids_seen)), key=lambda i: (rank.get(ids_seen[i], len(rank)), ids_seen[i]))
 
     def column(name: str) -> list:
         return [columns[name][i] for i in order]
