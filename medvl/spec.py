@@ -220,7 +220,7 @@ class ServeSpec:
     """``medvl serve`` (or a ``serve`` stage): one Ray Serve deployment answering POST /v1/<the recipe's endpoint>."""
 
     # "" = the model of the spec's last train (or tune) stage; else an HF model folder, a peft adapter folder, or
-    # a train / tune stage's folder (its summary names the model)
+    # a train / tune stage's folder (its summary names the model); local or a URL (s3://…, fetched per replica)
     checkpoint: str = ""
     host: str = "127.0.0.1"
     port: int = checked(8000, port_number)

@@ -132,8 +132,9 @@ def job_spec(root: Path, endpoint: str) -> Path:
         "train": {"workers": 2, "cpus_per_worker": 1.25, "epochs": 1, "max_steps": 2, "batch_size": 8, "lr": 2e-3,
                   "max_val_batches": 1, "early_stopping_patience": 0},
         "tune": {"space": str(space), "scheduler": "none", "max_steps": 2},
-        "eval": {"max_samples": 8, "num_beams": 1, "max_new_tokens": 8, "batch_size": 8, "semantic": False,
-                 "clinical": False, "attention_maps": 1, "baselines": ["untrained"]},
+        # Two eval actors (one per node, as their CPUs fit), the untrained baseline generated beside the model.
+        "eval": {"max_samples": 8, "num_beams": 1, "max_new_tokens": 8, "batch_size": 2, "semantic": False,
+                 "clinical": False, "attention_maps": 1, "baselines": ["untrained"], "workers": 2, "num_cpus": 1},
     }
     path = root / "inputs" / "multinode.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -192,6 +193,12 @@ def test_a_spec_runs_on_two_nodes_with_every_output_in_the_bucket(cluster, s3_en
     trials = [key for key in keys if key.startswith(run + "tune/trials/") and key.endswith("train_summary.json")]
     assert len(trials) == 2, sorted(keys)
     assert any(key.startswith(run + "eval/attention/") for key in keys)
+    from ray import tune
+
+    from medvl.storage import filesystem_for
+
+    filesystem, experiment = filesystem_for(f"s3://{BUCKET}/{run}tune/search", s3_endpoint)
+    assert tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)  # a rerun would resume it from S3
     tune_summary = json.loads(boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").get_object(
         Bucket=BUCKET, Key=run + "tune/train_summary.json")["Body"].read())
     assert tune_summary["model_dir"] == f"s3://{BUCKET}/{run}tune/best/model"

@@ -70,6 +70,7 @@ def serve_config(spec: JobSpec, checkpoint: str, api_key_digest: str) -> dict:
 
 def write_serve_config(config: dict, path: Path) -> None:
     header = ("# Ray Serve config written by `medvl serve --write-config`; deploy with `serve deploy <this file>`.\n"
-              "# The cluster needs medvl installed and the checkpoint folder at the path below.\n")
+              "# The cluster needs medvl installed and the checkpoint below: a folder every replica's node has, or\n"
+              "# an s3:// URL the nodes can read (each replica fetches it into its node's cache).\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(config, sort_keys=False, width=100))
