@@ -5,7 +5,7 @@ data layer) can put a whole ``output_dir`` on object storage with them too.
 """
 from __future__ import annotations
 
-from medvl.storage import (  # noqa: F401  (re-exported)
+from medvl.storage import (
     Location,
     exists,
     filesystem_for,
@@ -15,3 +15,5 @@ from medvl.storage import (  # noqa: F401  (re-exported)
     read_bytes,
     write_bytes_atomic,
 )
+
+__all__ = ["Location", "exists", "filesystem_for", "is_remote", "is_s3", "join", "read_bytes", "write_bytes_atomic"]
