@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medvl.runtime import RayConnectError, Stopped
+from medvl.serve.auth import DASHBOARD_NOTE as SERVE_KEY_NOTE
 from medvl.spec import SpecError
 from medvl.submit import add_job_commands
 from medvl.validation import load_valid_spec, validate
@@ -17,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RayConnectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Stopped as exc:  # SIGINT / SIGTERM: Ray is already shut down
+        print(f"[medvl] stopped by {exc.signal_name}", file=sys.stderr)
+        return exc.code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=lambda a, kind=kind: cmd_stages(a, (kind,)))
 
     serve = commands.add_parser("serve", help="serve the trained model (or serve.checkpoint) with Ray Serve until "
-                                "SIGINT/SIGTERM (a stage named serve when the spec lists none)")
+                                "SIGINT/SIGTERM (a stage named serve when the spec lists none)",
+                                epilog=SERVE_KEY_NOTE)
     serve.add_argument("spec")
     _add_overrides(serve)
     serve.add_argument("--write-config", metavar="PATH",
                        help="only write a Serve config file for `serve deploy PATH` (starts nothing)")
     serve.set_defaults(handler=cmd_serve)
+
+    plan = commands.add_parser("plan", help="parameters and per-GPU memory of the spec's training under DDP and "
+                               "ZeRO-2/3, before renting a GPU (no Ray, nothing allocated)")
+    plan.add_argument("spec")
+    _add_overrides(plan)
+    plan.add_argument("--gpus", type=int, action="append", default=[], metavar="N",
+                      help="also plan for N GPUs (repeatable; default: train.workers)")
+    plan.add_argument("--stage", help="the train stage whose plan --json puts at the top (default: the first)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(handler=cmd_plan)
 
     add_job_commands(commands, _add_overrides)  # submit, status, logs, stop: a job on a Ray cluster
 
@@ -116,6 +135,25 @@ def with_stage(spec, kind: str):
     raw = dataclasses.asdict(spec)
     raw["stages"].append(dataclasses.asdict(StageSpec(kind=kind, name=kind)))
     return validate(parse_spec(raw))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_valid_spec(args.spec, args.overrides)
+    if any(n < 1 for n in args.gpus):
+        print(f"error: --gpus: expected a positive number of GPUs, got {min(args.gpus)}", file=sys.stderr)
+        return 2
+    import json
+
+    from medvl.plan import format_plan, job_json, plan_job, select_stage
+
+    try:
+        plans = plan_job(spec, args.gpus)
+        select_stage(plans, args.stage)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(job_json(plans, args.stage), indent=2) if args.json else "\n\n".join(map(format_plan, plans)))
+    return 0
 
 
 def cmd_chexpert(args: argparse.Namespace) -> int:

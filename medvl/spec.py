@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ STAGE_KINDS = ("prepare", "train", "eval", "tune", "serve")
 
 class SpecError(ValueError):
     """A spec problem, always phrased as ``<field path>: <what was expected>, got <value>``."""
+
+
+class NonFiniteNumber(SpecError):
+    """NaN or infinity where a number is expected: said as such, not as a failed range check (``inf`` > 0)."""
 
 
 def positive(value: float) -> bool:
@@ -70,7 +75,11 @@ class DataSpec:
     max_question_length: int = checked(32, positive)
     synthetic_images: int = checked(2000, positive)  # synthetic: number of images generated
     synthetic_image_size: int = checked(256, positive)
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # used when the data has no split
+    # Used when the data has no split (and train:val to carve validation from a train-only official split)
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    # A patient/image in two of the dataset's own splits: refuse (prepare fails), or report (keep the official
+    # split, record the overlap in the manifest; for benchmarks that share images, such as VQA-RAD's test set)
+    leakage_check: Literal["refuse", "report"] = "refuse"
     records_per_shard: int = checked(2048, positive)
     preprocess_workers: int = checked(1, positive)  # Ray Data actors decoding/tokenising for training
     preprocess_cpus: float = checked(0.25, positive)  # CPUs reserved per actor (one pool each for train and val)
@@ -112,7 +121,7 @@ class DeepSpeedSpec:
     offload_optimizer: bool = False  # optimizer state in CPU RAM (compiles DeepSpeedCPUAdam on first use)
     offload_params: bool = False  # stage 3 only: parameters in CPU RAM between uses
     activation_checkpointing: bool = False  # old name of train.gradient_checkpointing (either turns it on)
-    config_file: str = ""  # a DeepSpeed JSON merged over the derived config, for experts
+    config_file: str = ""  # a DeepSpeed JSON merged over the derived config (keys the spec sets are refused)
 
 
 @dataclass
@@ -220,7 +229,8 @@ class ServeSpec:
     """``medvl serve`` (or a ``serve`` stage): one Ray Serve deployment answering POST /v1/<the recipe's endpoint>."""
 
     # "" = the model of the spec's last train (or tune) stage; else an HF model folder, a peft adapter folder, or
-    # a train / tune stage's folder (its summary names the model); local or a URL (s3://…, fetched per replica)
+    # a train / tune stage's folder (its summary names the model), local or a URL (s3://…, fetched per replica);
+    # hf://<org>/<name> for a Hub model
     checkpoint: str = ""
     host: str = "127.0.0.1"
     port: int = checked(8000, port_number)
@@ -235,7 +245,7 @@ class ServeSpec:
     batch_wait_timeout_s: float = checked(0.01, non_negative)  # how long a batch waits to fill up
     max_ongoing_requests: int = checked(0, non_negative)  # per replica; 0 = 2 × max_batch_size
     max_image_bytes: int = checked(10_000_000, positive)  # encoded image; larger uploads get 413
-    max_image_pixels: int = checked(40_000_000, positive)  # width × height read from the header; larger get 413
+    max_image_pixels: int = checked(40_000_000, positive)  # W × H (× DICOM frames × samples) per header; more: 413
     max_question_chars: int = checked(1000, positive)
     num_beams: int = checked(0, non_negative)  # 0 = eval.num_beams
     max_new_tokens: int = checked(0, non_negative)  # 0 = eval.max_new_tokens
@@ -243,8 +253,11 @@ class ServeSpec:
 
 @dataclass
 class RaySpec:
-    address: str = ""  # "" = start a local Ray inside this process; "auto" or ray://… for a cluster
+    # "" = a fresh local Ray inside this process (even beside a running `ray start`); "auto" = the Ray that
+    # `ray start` left on this machine; host:port or ray://host:port for a cluster
+    address: str = ""
     num_cpus: int = checked(0, non_negative)  # local Ray only; 0 = all cores
+    connect_timeout_s: float = checked(60.0, positive)  # joining only: fail (one line) when the address stays silent
     # On a cluster whose autoscaler adds nodes: how long a stage waits for the GPUs/CPUs it asks for before
     # failing (a Ray without an autoscaler fails at once)
     resource_wait_s: float = checked(900.0, non_negative)
@@ -454,6 +467,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         check = f.metadata.get("check")
         try:
             value = _convert(hints[name], raw[name], where)
+        except NonFiniteNumber:
+            raise
         except SpecError:
             if check is None:
                 raise
@@ -477,6 +492,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         for option in get_args(hint):
             try:
                 return _convert(option, value, where)
+            except NonFiniteNumber:
+                raise
             except SpecError:
                 continue
         raise SpecError(f"{where}: expected {hint}, got {_show(value)}")
@@ -507,6 +524,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                 raise SpecError(f"{where}: expected a number, got {_show(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{where}: expected a number, got {_show(value)}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: NaN compares false with every bound
+            raise NonFiniteNumber(f"{where}: expected a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

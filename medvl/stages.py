@@ -11,13 +11,14 @@ def run_stages(spec: JobSpec, kinds: tuple[str, ...] | None = None, model_dir: s
     from medvl.runtime import ray_session
 
     selected = [stage for stage in spec.stages if kinds is None or stage.kind in kinds]
-    with ray_session(spec):
+    with ray_session(spec) as stop_signals:
         resources = ResourceCheck(spec)
         resources.before_all(selected)  # without an autoscaler a stage asking too much fails before any runs
         check_java(spec, selected)
         last_train: str | None = None
         for stage in spec.stages:
             if stage in selected:
+                stop_signals.rearm()  # Ray Train leaves its own SIGINT handler behind after a fit
                 resources.before(stage)
                 if _run_stage(spec, stage, last_train, model_dir) is False:
                     return  # an interrupted search: the stages after it wait for the resumed run

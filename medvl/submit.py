@@ -36,6 +36,11 @@ ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 # zip exceeds 512 MiB (the GCS's gRPC message limit): environments, caches and run outputs must stay out.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
                         ".benchmarks", "/runs"]
+# Secrets never travel, whatever .gitignore says: the uploaded package sits in the cluster's object store and
+# on every node of it. (gitignore patterns: each matches at any depth.)
+SECRET_EXCLUDES = [".env", ".env.*", ".envrc", "env/", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*",
+                   "id_ed25519*", ".ssh/", ".aws/", ".netrc", ".git-credentials", ".pypirc", ".npmrc",
+                   "credentials.json", "*.kubeconfig", "kubeconfig"]
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -48,7 +53,10 @@ class SubmitError(ValueError):
 
 def add_job_commands(commands: Any, add_overrides: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register ``submit``, ``status``, ``logs`` and ``stop`` on ``medvl``'s subcommand parsers."""
-    submit = commands.add_parser("submit", help="run a job spec on a Ray cluster (Ray Jobs API)")
+    submit = commands.add_parser(
+        "submit", help="run a job spec on a Ray cluster (Ray Jobs API)",
+        epilog="Never uploaded: " + ", ".join(WORKING_DIR_EXCLUDES + SECRET_EXCLUDES) + ", whatever .gitignore and "
+               ".rayignore list, and the spec's output folders inside the working dir.")
     submit.add_argument("spec")
     add_overrides(submit)
     _add_address(submit)
@@ -61,7 +69,9 @@ def add_job_commands(commands: Any, add_overrides: Callable[[argparse.ArgumentPa
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for the job (repeatable)")
     submit.add_argument("--env-from-driver", action="append", default=[], metavar="NAME",
-                        help="copy NAME's value from this shell, e.g. AWS_ACCESS_KEY_ID (repeatable; never printed)")
+                        help="copy NAME's value from this shell, e.g. AWS_ACCESS_KEY_ID (repeatable; never printed "
+                             "here, but the value is stored in the job's runtime_env, which anyone who can open "
+                             "the Ray dashboard can read)")
     submit.add_argument("--submission-id", help="the job id to use (default: Ray picks one)")
     submit.add_argument("--follow", action="store_true",
                         help="stream the job's logs until it ends; exit 1 unless it succeeded")
@@ -210,7 +220,7 @@ def working_dir_excludes(spec: JobSpec, working_dir: Path) -> list[str]:
                 continue
             if inside != ".":
                 extra.append(f"/{inside}")
-    return WORKING_DIR_EXCLUDES + extra
+    return WORKING_DIR_EXCLUDES + SECRET_EXCLUDES + extra
 
 
 def pip_requirements(packages: list[str], requirements_file: str | None) -> list[str]:

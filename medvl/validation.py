@@ -3,7 +3,7 @@
 Parsing (:mod:`medvl.spec`) is pure: types, ranges and cross-field rules, no file system and no other medvl
 module. This step adds what parsing cannot know: whether each stage's recipe supports the options it is given
 (:meth:`medvl.models.registry.RecipeCard.check`, torch-free), and whether ``tune.space`` and
-``train.deepspeed.config_file`` exist and parse. ``medvl validate`` and every command call
+``train.deepspeed.config_file`` exist and parse (and that the latter sets no key the spec derives). ``medvl validate`` and every command call
 :func:`load_valid_spec`; a replica or a Tune trial rebuilding a spec from an already validated one only parses.
 """
 from __future__ import annotations
@@ -57,6 +57,10 @@ def _check_environment(spec: JobSpec) -> None:
     if config_file and not Path(config_file).is_file():
         raise SpecError(f"train.deepspeed.config_file: expected a DeepSpeed JSON file, got {config_file!r} "
                         "(no such file)")
+    if config_file:
+        from medvl.train.deepspeed_file import read_config_file
+
+        read_config_file(config_file)  # refuses keys the spec derives (batch, accumulation, precision…)
     if spec.tune.space:
         from medvl.tune.space import check_space_for
 

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries to download fa
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)  # never a `ray start` Ray
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

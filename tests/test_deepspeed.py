@@ -74,6 +74,36 @@ def test_an_expert_json_is_merged_over_the_derived_config(tmp_path: Path):
     assert config["steps_per_print"] == 5
 
 
+@pytest.mark.parametrize("contents, named", [
+    ({"train_batch_size": 64}, "train_batch_size (set train.batch_size × train.grad_accum × workers)"),
+    ({"gradient_accumulation_steps": 4, "train_micro_batch_size_per_gpu": 2},
+     "train_micro_batch_size_per_gpu (set train.batch_size); gradient_accumulation_steps (set train.grad_accum)"),
+    ({"bf16": {"enabled": True}}, "bf16 (set train.precision)"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": 10}}, "zero_optimization.stage (set train.deepspeed.stage)"),
+    ({"optimizer": {"type": "Adam"}}, "optimizer (set train.lr and train.weight_decay"),
+])
+def test_a_config_file_cannot_override_what_the_spec_derives(tmp_path: Path, contents: dict, named: str):
+    expert = tmp_path / "ds.json"
+    expert.write_text(json.dumps(contents))
+    with pytest.raises(SpecError) as info:
+        validate(parse_spec(job(tmp_path, deepspeed={"stage": 2, "config_file": str(expert)})))
+    message = str(info.value)
+    assert message.startswith("train.deepspeed.config_file: expected only settings medvl does not derive"), message
+    assert named in message
+
+
+def test_workers_take_the_config_file_contents_the_driver_read(tmp_path: Path):
+    expert = tmp_path / "ds.json"
+    expert.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}}))
+    spec = parse_spec(job(tmp_path, deepspeed={"stage": 2, "config_file": str(expert)}))
+    from medvl.train.deepspeed_file import read_config_file
+
+    shipped = read_config_file(spec.train.deepspeed.config_file)  # what the trainer puts in train_loop_config
+    expert.unlink()  # a worker's node may not have the file at all
+    config = deepspeed_config(spec, world_size=2, file_settings=shipped)
+    assert config["zero_optimization"]["reduce_bucket_size"] == 1000 and config["train_batch_size"] == 16
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"deepspeed": {"stage": 1}}, "train.deepspeed.stage: expected one of 2, 3, got 1"),
     ({"deepspeed": {"stage": 2, "offload_params": True}}, "train.deepspeed.offload_params: expected false"),
@@ -90,13 +120,18 @@ def test_bad_deepspeed_settings_name_the_field(tmp_path: Path, bad: dict, messag
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trains_the_tiny_blip2_and_exports_a_consolidated_adapter(tmp_path: Path, ray_local, stage: int):
+def test_zero_trains_the_tiny_blip2_and_exports_a_consolidated_adapter(tmp_path: Path, ray_local, stage: int,
+                                                                       monkeypatch):
     from peft import PeftModel
 
     from medvl.models.blip2_lora import Blip2LoraRecipe
     from medvl.stages import run_stages
 
-    spec = parse_spec(job(tmp_path, stage=stage))
+    # An expert file by a path relative to the driver's folder, which the Train workers do not share: they get
+    # its contents with the job.
+    monkeypatch.chdir(tmp_path)
+    Path("ds.json").write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 50_000_000}}))
+    spec = parse_spec(job(tmp_path, stage=stage, deepspeed={"stage": stage, "config_file": "ds.json"}))
     run_stages(spec)
     summary = json.loads((Path(spec.output_dir) / "train" / "train_summary.json").read_text())
     history = summary["history"]

@@ -132,6 +132,7 @@ def job_spec(root: Path, endpoint: str) -> Path:
         "train": {"workers": 2, "cpus_per_worker": 1.25, "epochs": 1, "max_steps": 2, "batch_size": 8, "lr": 2e-3,
                   "max_val_batches": 1, "early_stopping_patience": 0},
         "tune": {"space": str(space), "scheduler": "none", "max_steps": 2},
+        "ray": {"connect_timeout_s": 300},  # joining a head on a loaded machine
         # Two eval actors (one per node, as their CPUs fit), the untrained baseline generated beside the model.
         "eval": {"max_samples": 8, "num_beams": 1, "max_new_tokens": 8, "batch_size": 2, "semantic": False,
                  "clinical": False, "attention_maps": 1, "baselines": ["untrained"], "workers": 2, "num_cpus": 1},

@@ -182,7 +182,7 @@ def test_mimic_cxr_one_record_per_image_grouped_by_subject():
 
 def test_mimic_cxr_frontal_only_keeps_pa_and_ap():
     items = read_dataset("mimic_cxr", str(MIMIC), ReaderOptions(frontal_only=True))
-    assert summary(items) == [row for row in MIMIC_ALL if row[0] not in (LAT1, LL6)]
+    assert summary(items) == [(row[0], "not_frontal") if row[0] in (LAT1, LL6) else row for row in MIMIC_ALL]
 
 
 def test_mimic_cxr_reads_gzipped_csvs_and_needs_metadata_for_frontal_only(tmp_path):
@@ -292,8 +292,9 @@ def test_iu_xray_openi_xml_reports():
 def test_vqa_rad_osf_layout_splits_on_phrase_type():
     items = list(read_dataset("vqa_rad", str(FIXTURES / "vqa_rad_osf")))
     assert summary(items) == [
-        ("1", "synpic900001.jpg", "train", "", "Is there a pneumothorax?", "No", "closed"),
-        ("2", "synpic900001.jpg", "train", "", "How many ribs are fractured?", "2", "open"),  # answer stored as 2
+        # training questions: prepare carves validation out of them (the release has no validation split)
+        ("1", "synpic900001.jpg", "train|val", "", "Is there a pneumothorax?", "No", "closed"),
+        ("2", "synpic900001.jpg", "train|val", "", "How many ribs are fractured?", "2", "open"),  # stored as 2
         ("3", "synpic900002.jpg", "test", "", "Is this an MRI?", "Yes", "closed"),  # "CLOSED ", test_freeform
         ("4", "malformed_row"),  # no question
         ("5", "empty_target"),
@@ -344,15 +345,16 @@ def test_vqa_rad_real_mevf_sample():
 
 
 def test_vqa_rad_mevf_with_testset_keeps_the_published_split(tmp_path):
-    """trainset.json alone carries no split (prepare carves one); with testset.json both files keep theirs."""
+    """trainset.json alone carries no split (prepare carves one); with testset.json the test split is kept and
+    the training questions are train|val (prepare carves validation out of them)."""
     root = tmp_path / "vqa_rad"
     shutil.copytree(FIXTURES / "vqa_rad", root)
     rows = json.loads((root / "trainset.json").read_text())
     (root / "testset.json").write_text(json.dumps(rows[:2]))
     (root / "trainset.json").write_text(json.dumps(rows[2:]))
     splits = {(i.id, i.split) for i in read_dataset("vqa_rad", str(root)) if isinstance(i, Record)}
-    assert splits == {("3371", "test"), ("3372", "test"), ("2392", "train"), ("2393", "train"),
-                      ("3504", "train"), ("3505", "train")}
+    assert splits == {("3371", "test"), ("3372", "test"), ("2392", "train|val"), ("2393", "train|val"),
+                      ("3504", "train|val"), ("3505", "train|val")}
 
 
 SLAKE_EN = [
@@ -369,7 +371,7 @@ SLAKE_EN = [
 
 def test_slake_keeps_english_by_default():
     items = list(read_dataset("slake", str(FIXTURES / "slake")))
-    assert summary(items) == SLAKE_EN
+    assert summary(items) == SLAKE_EN[:1] + [("1", "other_language")] + SLAKE_EN[1:]  # counted, not dropped
     records = by_id(items)
     assert records["3"].meta == {
         "img_id": 2,
@@ -385,7 +387,9 @@ def test_slake_keeps_english_by_default():
 
 def test_slake_language_option():
     chinese = ("1", "xmlab1/source.jpg", "train", "", "这张图片的成像方式是什么?", "CT", "open")
-    assert summary(read_dataset("slake", str(FIXTURES / "slake"), ReaderOptions(language="zh"))) == [chinese]
+    chinese_only = summary(read_dataset("slake", str(FIXTURES / "slake"), ReaderOptions(language="zh")))
+    assert [row for row in chinese_only if row[1:] != ("other_language",)] == [chinese]
+    assert [row[0] for row in chinese_only if row[1:] == ("other_language",)] == [row[0] for row in SLAKE_EN]
     every = summary(read_dataset("slake", str(FIXTURES / "slake"), ReaderOptions(language="all")))
     assert every == SLAKE_EN[:1] + [chinese] + SLAKE_EN[1:]
 
@@ -489,6 +493,39 @@ def test_dicom_multiframe_gives_the_middle_frame():
     frames = np.stack([np.full((2, 2), value, dtype=np.uint16) for value in (0, 500, 2000)])
     data = dicom_bytes(frames, WindowCenter=1000.5, WindowWidth=2001)  # window spans 0..2000
     assert grey(data).tolist() == [[64, 64], [64, 64]]  # 500 / 2000 * 255 = 63.75
+
+
+def test_dicom_multiframe_decodes_only_the_middle_frame():
+    import tracemalloc
+
+    frames = np.stack([np.full((128, 128), value, dtype=np.uint16) for value in range(64)])  # 2 MiB of pixels
+    data = dicom_bytes(frames, WindowCenter=32.5, WindowWidth=64)
+    tracemalloc.start()
+    try:
+        image = decode_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(image)[0, 0, 0] == 128  # frame 32 of 0..63, the window's middle
+    # Reading the file holds its bytes once; decoding every frame would hold them twice more (uint16, then
+    # float64 for the window); one frame adds 1/64 of that.
+    assert peak < 2 * len(data), (peak, len(data))
+
+
+@pytest.mark.parametrize("format", ["BMP", "GIF", "TIFF", "WEBP", "ICO", "PPM"])
+def test_only_png_jpeg_and_dicom_decode(format: str):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format=format)
+    with pytest.raises(UnreadableImage):
+        decode_image(buffer.getvalue())
+
+
+def test_eps_never_reaches_ghostscript():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n0 0 moveto showpage\n"
+    with pytest.raises(UnreadableImage, match="cannot identify"):
+        decode_image(eps)
 
 
 def test_dicom_rgb_passes_through():

@@ -241,3 +241,55 @@ def test_two_stages_on_ray_lower_the_loss_and_report_prefix_attention(tmp_path, 
     layers = [metrics[f"prefix_attention_share_layer_{i}"] for i in range(2)]
     assert all(0 < share < 1 for share in layers)
     assert metrics["prefix_attention_share"] == pytest.approx(sum(layers) / 2)
+
+
+def test_the_whole_lm_trains_without_lora_and_saves_as_a_plain_causal_lm(parts, records, tmp_path):
+    lm_dir, _ = parts
+    recipe = recipe_for(tmp_path, parts, lm_lora=False)
+    model = recipe.load_for_training(lm_dir)
+    assert not isinstance(model.lm, PeftModel) and all(p.requires_grad for p in model.lm.parameters())
+    before = snapshot(model.lm)
+    train_steps(recipe, model, tensors(recipe, lm_dir, records[:4]))
+    assert all(not torch.equal(before[n], v) for n, v in model.lm.named_parameters())  # every LM weight moved
+    folder = tmp_path / "full_lm"
+    recipe.save(model, lm_dir, folder)
+    assert (folder / "lm" / "model.safetensors").is_file() and not (folder / "lm_adapter").exists()
+    torch.testing.assert_close(snapshot(AutoModelForCausalLM.from_pretrained(folder / "lm")), snapshot(model.lm))
+
+    # A LoRA stage can start from it: the fully trained LM becomes the base of a fresh adapter.
+    lora = recipe_for(tmp_path, parts)
+    continued = lora.load_for_training(str(folder))
+    assert isinstance(continued.lm, PeftModel)
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+            for n, p in continued.lm.named_parameters() if ".lora_" not in n}
+    assert all(torch.equal(base[n], v) for n, v in model.lm.named_parameters())
+    resumed = recipe.load_for_training(lm_dir)  # restore(): a fresh whole-LM model takes the checkpoint's weights
+    recipe.restore(resumed, folder)
+    assert all(torch.equal(v, snapshot(resumed.lm)[n]) for n, v in snapshot(model.lm).items())
+
+
+def test_a_whole_lm_stage_merges_the_adapter_a_lora_stage_saved(parts, records, tmp_path):
+    lm_dir, _ = parts
+    stage1 = recipe_for(tmp_path, parts)
+    model = stage1.load_for_training(lm_dir)
+    batch = tensors(stage1, lm_dir, records[:3])
+    train_steps(stage1, model, batch)
+    folder = tmp_path / "lora_stage"
+    stage1.save(model, lm_dir, folder)
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits
+    whole = recipe_for(tmp_path, parts, lm_lora=False).load_for_training(str(folder))
+    assert not isinstance(whole.lm, PeftModel) and all(p.requires_grad for p in whole.lm.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(whole.eval()(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lm_lora_false_is_refused_for_other_recipes(tmp_path):
+    from medvl.spec import SpecError
+    from medvl.validation import validate
+
+    raw = job(tmp_path, "lm", "vision", lm_lora=False)
+    raw["model"] = {"recipe": "blip2", "name_or_path": "lm", "lm_lora": False}
+    raw["train"]["finetune"] = "lora"
+    with pytest.raises(SpecError, match="model.lm_lora: recipe blip2 does not read it"):
+        validate(parse_spec(raw))

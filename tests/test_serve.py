@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from medvl.cli import main
+from medvl.serve.auth import authorized
 from medvl.serve.checkpoint import model_location, resolve_checkpoint
 from medvl.serve.requests import RequestError, parse_json
 from medvl.spec import ServeSpec, SpecError, parse_spec
@@ -53,7 +54,7 @@ def job(recipe: str, model_dir: str, out: Path, **serve) -> dict:
         "data": {"task": "vqa" if recipe == "blip_vqa" else "caption", "image_size": SIZE, "max_text_length": 16,
                  "max_question_length": 12},
         "model": {"recipe": recipe, "preset": "", "name_or_path": model_dir},
-        "train": {"finetune": "lora" if recipe == "blip2_lora" else "full"},
+        "train": {"finetune": "lora" if recipe == "blip2" else "full"},
         "eval": {"num_beams": 1, "max_new_tokens": 5},
         "serve": {"checkpoint": model_dir, "num_cpus": 0, "max_batch_size": 4, "batch_wait_timeout_s": 0.005,
                   **LIMITS, **serve},
@@ -78,14 +79,100 @@ def job(recipe: str, model_dir: str, out: Path, **serve) -> dict:
     (json.dumps({"image": b64(png())}).encode(), True, 400, "missing_field"),
     (json.dumps({"image": b64(png()), "question": 7}).encode(), True, 400, "wrong_type"),
     (json.dumps({"image": b64(png()), "question": "  "}).encode(), True, 400, "empty_question"),
+    (b"[" * 100_000 + b"]" * 100_000, False, 400, "invalid_json"),
+    (b'{"image": "%s", "question": "\\ud800?"}' % b64(png()).encode(), True, 400, "invalid_text"),
+    (b'{"image": "%s", "question": "\xed\xa0\x80?"}' % b64(png()).encode(), True, 400, "invalid_text"),
 ], ids=["invalid-json", "not-an-object", "no-image", "image-not-string", "not-base64", "not-an-image", "too-many-bytes",
         "too-many-pixels", "question-to-caption-model", "attention-not-bool", "unknown-field", "vqa-without-question",
-        "question-not-string", "blank-question"])
+        "question-not-string", "blank-question", "nested-too-deep", "lone-surrogate-escape", "lone-surrogate-bytes"])
 def test_bad_request_bodies_are_refused_with_a_code(body: bytes, takes_question: bool, status: int, code: str):
     with pytest.raises(RequestError) as info:
         parse_json(body, ServeSpec(**LIMITS), takes_question)
     assert (info.value.status, info.value.code) == (status, code), info.value.message
     assert info.value.body()["error"]["message"]
+
+
+def test_every_refusal_encodes_as_json_utf8():
+    """A refusal that echoes what was sent must still serialise (a lone surrogate in a key would fail as a 500)."""
+    from medvl.serve.app import refused
+
+    with pytest.raises(RequestError) as info:
+        parse_json(b'{"image": "x", "\\udc80": 1}', ServeSpec(**LIMITS), False)
+    assert info.value.code == "unknown_field"
+    import asyncio
+
+    response = asyncio.run(refused(None, info.value))
+    assert response.status_code == 400 and json.loads(response.body)["error"]["field"] == "\\udc80"
+
+
+def other_format(format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE)).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data", [
+    other_format("BMP"), other_format("GIF"), other_format("TIFF"),
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n",
+], ids=["bmp", "gif", "tiff", "eps"])
+def test_only_png_jpeg_and_dicom_are_opened(data: bytes):
+    from medvl.serve.requests import check_image
+
+    with pytest.raises(RequestError) as info:
+        check_image(data, ServeSpec(**LIMITS))
+    assert (info.value.status, info.value.code) == (400, "not_an_image")
+
+
+def test_a_multiframe_dicom_counts_every_frame_against_the_pixel_limit():
+    import numpy as np
+    from test_readers import dicom_bytes
+
+    from medvl.serve.requests import check_image
+
+    settings = ServeSpec(max_image_bytes=1_000_000, max_image_pixels=100_000)
+    one = dicom_bytes(np.zeros((200, 200), dtype=np.uint16))
+    check_image(one, settings)  # 40,000 pixels
+    frames = dicom_bytes(np.zeros((3, 200, 200), dtype=np.uint8))  # 120,000 pixels in 120 kB
+    with pytest.raises(RequestError, match=r"3 frame\(s\) × 1 sample\(s\) × 200×200") as info:
+        check_image(frames, settings)
+    assert (info.value.status, info.value.code) == (413, "image_too_large")
+
+
+def streamed_request(body: bytes, content_type: str, chunk: int = 16 * 1024):
+    """A Starlette request without Content-Length (a chunked upload), counting the chunks the server reads."""
+    from starlette.requests import Request
+
+    chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+    read = []
+
+    async def receive() -> dict:
+        read.append(chunks[len(read)])
+        return {"type": "http.request", "body": read[-1], "more_body": len(read) < len(chunks)}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/caption", "query_string": b"",
+             "headers": [(b"content-type", content_type.encode())]}
+    return Request(scope, receive), read, len(chunks)
+
+
+@pytest.mark.parametrize("form", [True, False], ids=["multipart", "json"])
+def test_a_body_without_content_length_is_cut_off_at_the_limit(form: bool):
+    import asyncio
+
+    from medvl.serve.requests import max_body_bytes, read_query
+
+    settings = ServeSpec(**LIMITS)
+    image = secrets.token_bytes(1_000_000)
+    if form:
+        boundary = "medvl-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        request, read, total = streamed_request(body, f"multipart/form-data; boundary={boundary}")
+    else:
+        request, read, total = streamed_request(json.dumps({"image": b64(image)}).encode(), "application/json")
+    with pytest.raises(RequestError) as info:
+        asyncio.run(read_query(request, settings, takes_question=False))
+    assert (info.value.status, info.value.code) == (413, "body_too_large")
+    assert sum(map(len, read)) <= max_body_bytes(settings) + 16 * 1024 < total * 16 * 1024 // 4
 
 
 def test_good_request_bodies_parse():
@@ -126,6 +213,17 @@ def test_checkpoint_comes_from_the_last_train_stage_or_serve_checkpoint(tmp_path
         resolve_checkpoint(parse_spec(job("blip_caption", "org/model", tmp_path, checkpoint="")), None)
 
 
+def test_a_missing_local_checkpoint_fails_naming_it_instead_of_becoming_a_hub_download(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SpecError, match=r"^serve\.checkpoint: expected a model folder, got 'runs/model' \(no such"):
+        model_location("runs/model")  # shaped like org/name, but runs/ is a folder here: a mistyped path
+    assert model_location("Salesforce/blip-vqa-base") == "Salesforce/blip-vqa-base"  # no Salesforce/ here
+    assert model_location("hf://runs/model") == "runs/model"  # said explicitly
+    with pytest.raises(SpecError, match=r"^serve\.checkpoint: expected hf://<org>/<name>"):
+        model_location("hf://../etc")
+
+
 def test_model_is_named_without_server_paths(tmp_path: Path):
     from medvl.serve.app import model_identity, public_model_name
 
@@ -145,7 +243,7 @@ def test_model_is_named_without_server_paths(tmp_path: Path):
                                                       "preset": ""}
     adapter = fake_model_folder(out / "stage2" / "model", "adapter_config.json")
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(elsewhere)}))
-    identity = model_identity(parse_spec(job("blip2_lora", "org/unused", out)), str(adapter))
+    identity = model_identity(parse_spec(job("blip2", "org/unused", out)), str(adapter))
     assert (identity["model"], identity["base_model"]) == ("stage2", "cxr-blip")  # the base the adapter records
     tiny = parse_spec({**job("blip_caption", "org/unused", out), "model": {"recipe": "blip_caption", "preset": "tiny"}})
     assert model_identity(tiny, str(stage_model))["base_model"] is None  # random weights: no base model
@@ -174,13 +272,40 @@ def test_write_config_is_a_valid_serve_config_without_the_key(tmp_path: Path, mo
     (app,) = config["applications"]
     assert app["import_path"] == "medvl.serve.app:build_app" and app["route_prefix"] == "/"
     assert app["args"]["checkpoint"] == str(model)
-    assert app["args"]["api_key_sha256"] == hashlib.sha256(KEY.encode()).hexdigest()
+    assert hashlib.sha256(KEY.encode()).hexdigest() not in text  # no unsalted digest to look up either
+    digest = app["args"]["api_key_hmac"]
+    assert digest.startswith("hmac-sha256:") and authorized({"x-api-key": KEY}, digest)
+    assert not authorized({"x-api-key": KEY + "x"}, digest) and not authorized({}, digest)
     (deployment,) = app["deployments"]
     assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
     assert "num_replicas" not in deployment  # Serve refuses both
     assert deployment["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert deployment["max_ongoing_requests"] == 8  # room for two full batches of 4
     assert parse_spec(app["args"]["spec"]).serve.port == 8123  # what the replica rebuilds
+
+
+def test_the_key_digest_is_salted_and_an_old_unsalted_config_is_refused(tmp_path: Path, monkeypatch, capsys):
+    from medvl.serve.app import build_app
+    from medvl.serve.auth import api_key_digest
+    from medvl.serve.config import app_args
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    settings = ServeSpec(api_key_env=KEY_ENV)
+    first, second = api_key_digest(settings), api_key_digest(settings)
+    assert first != second and KEY not in first  # a fresh salt each time: equal keys do not look equal
+    assert authorized({"authorization": f"Bearer {KEY}"}, first) and authorized({"authorization": f"Bearer {KEY}"},
+                                                                                 second)
+    spec = parse_spec(job("blip_caption", "org/model", tmp_path, api_key_env=KEY_ENV))
+    old = {**app_args(spec, "org/model", ""), "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}
+    with pytest.raises(ValueError, match="--write-config"):
+        build_app(old)  # would otherwise serve without a key
+    assert "salted HMAC-SHA256" in main_help(["serve", "--help"], capsys)
+
+
+def main_help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(argv)
+    return " ".join(capsys.readouterr().out.split())
 
 
 def test_serve_without_a_trained_model_fails_before_ray(tmp_path: Path, capsys):
@@ -206,7 +331,7 @@ def models(tmp_path_factory) -> dict[str, str]:
     """Tiny random-init models as the recipes build them: BLIP caption, BLIP VQA, a BLIP-2 LoRA adapter."""
     from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
 
-    from medvl.models.blip2_lora import save_tiny_blip2
+    from medvl.models.blip2 import save_tiny_blip2
     from medvl.models.blip_caption import save_tiny_blip
     from medvl.models.registry import build_recipe
 
@@ -214,20 +339,62 @@ def models(tmp_path_factory) -> dict[str, str]:
     caption = save_tiny_blip(BlipForConditionalGeneration, root / "caption", TEXTS, SIZE)
     vqa = save_tiny_blip(BlipForQuestionAnswering, root / "vqa", TEXTS, SIZE)
     base = save_tiny_blip2(root / "blip2", TEXTS, SIZE)
-    recipe = build_recipe(parse_spec(job("blip2_lora", base, root)))
+    recipe = build_recipe(parse_spec(job("blip2", base, root)))
     adapter = root / "blip2-adapter"
     recipe.save(recipe.load_for_training(base), base, adapter)
-    return {"blip_caption": caption, "blip_vqa": vqa, "blip2_lora": str(adapter)}
+    return {"blip_caption": caption, "blip_vqa": vqa, "blip2": str(adapter)}
+
+
+def runner_for(recipe: str, models: dict[str, str], tmp_path: Path):
+    from medvl.serve.runner import ModelRunner
+
+    return ModelRunner(parse_spec(job(recipe, models[recipe], tmp_path)), models[recipe])
+
+
+def test_a_query_that_fails_alone_fails_only_itself_and_the_model_stays_healthy(models, tmp_path: Path):
+    from medvl.serve.requests import Query
+
+    runner = runner_for("blip_vqa", models, tmp_path)
+    # Validation refuses this question; here it reaches the model anyway (as an unforeseen bad input would):
+    # the tokenizer raises for the whole batch.
+    queries = [Query(png(), "is there an effusion?"), Query(png(), "\ud800?"), Query(png(), "where is the nodule?")]
+    first, bad, last = runner.answer(queries)
+    assert isinstance(first, dict) and isinstance(last, dict), (first, last)
+    assert isinstance(bad, RequestError) and (bad.status, bad.code) == (500, "generation_failed")
+    assert runner.suspect
+    runner.check_health()  # the probe (a blank image) generates: the failure was the query's
+    assert not runner.suspect and not runner.dead_reason
+
+
+def test_a_dead_model_fails_its_health_check_for_good(models, tmp_path: Path, monkeypatch):
+    from medvl.serve.requests import Query
+    from medvl.serve.runner import ModelDead
+
+    runner = runner_for("blip_caption", models, tmp_path)
+    runner.check_health()  # healthy, and not even probed
+    assert isinstance(runner.answer([Query(png())])[0], dict)
+
+    def device_lost(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner.recipe, "generate_scored", device_lost)
+    answers = runner.answer([Query(png()), Query(png(colour=(0, 0, 0)))])
+    assert [(a.status, a.code) for a in answers] == [(500, "generation_failed")] * 2
+    with pytest.raises(ModelDead, match="failed a generation from a blank image"):
+        runner.check_health()
+    monkeypatch.undo()  # even if it came back, a replica that lost its model once is replaced
+    with pytest.raises(ModelDead):
+        runner.check_health()
 
 
 @pytest.mark.slow
 def test_medvl_serve_answers_then_exits_0_on_sigterm(models, tmp_path: Path):
     """The model is the train stage's (its train_summary.json names the adapter), served on its base."""
     port = free_port()
-    raw = job("blip2_lora", "org/base", tmp_path / "run", port=port, num_cpus=0.5, checkpoint="")
+    raw = job("blip2", "org/base", tmp_path / "run", port=port, num_cpus=0.5, checkpoint="")
     raw["stages"] = ["train"]
     (tmp_path / "run" / "train").mkdir(parents=True)
-    (tmp_path / "run" / "train" / "train_summary.json").write_text(json.dumps({"model_dir": models["blip2_lora"]}))
+    (tmp_path / "run" / "train" / "train_summary.json").write_text(json.dumps({"model_dir": models["blip2"]}))
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -251,9 +418,9 @@ def test_medvl_serve_answers_then_exits_0_on_sigterm(models, tmp_path: Path):
         assert answer.status_code == 200, answer.text
         assert isinstance(answer.json()["text"], str) and 0 < answer.json()["mean_token_prob"] <= 1
         info = requests.get(f"{url}/v1/model", timeout=60)
-        assert (info.json()["recipe"], info.json()["endpoint"]) == ("blip2_lora", "/v1/report")
+        assert (info.json()["recipe"], info.json()["endpoint"]) == ("blip2", "/v1/report")
         assert (info.json()["model"], info.json()["base_model"]) == ("blip2-adapter", "tiny-init")  # folder names
-        assert str(Path(models["blip2_lora"]).parent) not in info.text
+        assert str(Path(models["blip2"]).parent) not in info.text
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
     finally:
@@ -411,6 +578,10 @@ BAD_INPUTS = [
     ("blip_vqa", "vqa", {"json": {"image": b64(png())}}, 400, "missing_field"),
     ("blip_vqa", "vqa", {"json": {"image": b64(png()), "question": ["a", "list"]}}, 400, "wrong_type"),
     ("blip_vqa", "caption", {"json": {"image": b64(png())}}, 404, "unsupported_endpoint"),
+    ("blip_vqa", "vqa", {"data": b'{"image": "%s", "question": "\\ud800?"}' % b64(png()).encode(),
+                         "headers": {"Content-Type": "application/json"}}, 400, "invalid_text"),
+    ("blip_caption", "caption", {"data": b"[" * 50_000, "headers": {"Content-Type": "application/json"}}, 400,
+     "invalid_json"),
 ]
 
 
@@ -437,6 +608,19 @@ def test_a_bad_image_in_a_batch_fails_only_its_own_request(live):
         responses = list(pool.map(lambda body: live.post("blip_caption", "caption", json=body), bodies))
     assert [r.status_code for r in responses] == [200, 200, 200, 400], [r.text for r in responses]
     assert max(r.json()["batch_size"] for r in responses[:3]) >= 2  # they did share a batch
+
+
+@pytest.mark.slow
+def test_a_lone_surrogate_question_fails_only_its_own_request(live):
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = {"image": b64(png()), "question": "is there an effusion?"}
+    bad = b'{"image": "%s", "question": "\\ud800?"}' % b64(png()).encode()
+    calls = [{"json": good}] * 3 + [{"data": bad, "headers": {"Content-Type": "application/json"}}]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        responses = list(pool.map(lambda kwargs: live.post("blip_vqa", "vqa", **kwargs), calls))
+    assert [r.status_code for r in responses] == [200, 200, 200, 400], [r.text for r in responses]
+    assert live.get("blip_vqa", "/healthz", key=None).json()["status"] == "ok"
 
 
 @pytest.mark.slow
@@ -467,3 +651,26 @@ def test_unknown_path_and_wrong_method_answer_json(live):
     wrong_method = live.get("blip_caption", "/v1/caption")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
     assert all(live.replica(recipe) == replica for recipe, replica in live.replicas.items())
+
+
+@pytest.mark.slow
+def test_a_schema_driven_fuzzer_gets_no_server_error_and_the_replicas_live_on(live, tmp_path: Path):
+    """Schemathesis against each live app's OpenAPI document: every operation, positive and negative bodies."""
+    schemathesis_cli = Path(sys.executable).with_name("st")
+    if not schemathesis_cli.exists():
+        pytest.skip("schemathesis is not installed (pip install -e .[test])")
+    endpoints = {"blip_caption": "caption", "blip_vqa": "vqa"}
+    for recipe in LIVE:
+        config = tmp_path / f"{recipe}.toml"  # the model's own endpoint: a random one only ever meets the 404
+        config.write_text(f'[parameters]\n"path.endpoint" = "{endpoints[recipe]}"\n')
+        command = [str(schemathesis_cli), "--config-file", str(config), "run", f"{live.url}/{recipe}/openapi.json",
+                   "--url", f"{live.url}/{recipe}", "--checks", "not_a_server_error", "--max-examples", "100",
+                   "--seed", "15", "--workers", "2", "--header", f"Authorization: Bearer {KEY}",
+                   "--generation-database", "none", "--phases", "examples,coverage,fuzzing", "--request-timeout", "60",
+                   "--no-color"]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        print(f"\n--- schemathesis, {recipe} ---\n{run.stdout[-2500:]}")
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+        assert live.replica(recipe) == live.replicas[recipe]  # the same replica, not a restarted one
+    good = live.post("blip_vqa", "vqa", json={"image": b64(png()), "question": "is there an effusion?"})
+    assert good.status_code == 200, good.text

@@ -88,7 +88,7 @@ def test_rerun_after_a_crash_gives_the_same_manifest(tmp_path: Path):
 def test_corrupt_image_in_a_shard_is_skipped_and_counted_while_streaming(tmp_path: Path, ray_local):
     from medvl.data.pipeline import preprocessed, read_split
     from medvl.data.skips import skipped_counts
-    from medvl.models.blip_caption import ImageTextPreprocessor, save_tiny_blip
+    from medvl.models.blip_common import BlipPreprocessor, save_tiny_blip
     from transformers import BlipForConditionalGeneration
 
     # Written with the low-level writer: prepare itself would have rejected the corrupt row.
@@ -104,7 +104,7 @@ def test_corrupt_image_in_a_shard_is_skipped_and_counted_while_streaming(tmp_pat
 
     model_dir = save_tiny_blip(BlipForConditionalGeneration, tmp_path, ["report one", "report two"], image_size=32)
     before = skipped_counts().get("unreadable_image", 0)
-    factory = lambda: ImageTextPreprocessor(model_dir, image_size=32, max_text_length=16)  # noqa: E731
+    factory = lambda: BlipPreprocessor(model_dir, image_size=32, max_text_length=16)  # noqa: E731
     rows = preprocessed(read_split(str(tmp_path / "shards"), "train"), factory).take_all()
     assert sorted(r["id"] for r in rows) == sorted(r.id for r in good)
     assert rows[0]["pixel_values"].shape == (3, 32, 32)

@@ -32,6 +32,11 @@ def minimal(**sections) -> dict:
     [
         (minimal(train={"lr": "fast"}), 'train.lr: expected a positive number, got "fast"'),
         (minimal(train={"lr": -1.0}), "train.lr: expected a positive number, got -1.0"),
+        (minimal(train={"lr": float("inf")}), "train.lr: expected a finite number, got inf"),
+        (minimal(train={"lr": "1e999"}), "train.lr: expected a finite number, got inf"),
+        (minimal(train={"warmup_ratio": float("nan")}), "train.warmup_ratio: expected a finite number, got nan"),
+        (minimal(data={"split_fractions": [float("nan"), 0.5, 0.5]}),
+         "data.split_fractions[0]: expected a finite number, got nan"),
         (minimal(train={"epochs": 2.5}), "train.epochs: expected a positive number, got 2.5"),
         (minimal(train={"lrr": 1}), "train.lrr: unknown field"),
         (minimal(data={"format": "dicomdir"}), "data.format: expected one of"),
@@ -99,3 +104,12 @@ def test_cli_validate_fails_with_one_line_and_no_ray(tmp_path: Path):
     assert done.returncode == 2
     assert done.stderr.strip() == 'error: train.lr: expected a positive number, got "fast"'
     assert "ray" not in done.stdout.lower()
+
+
+def test_yaml_nan_and_infinity_are_refused_with_the_field_named(tmp_path: Path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\noutput_dir: out\nstages: [prepare]\ndata:\n  split_fractions: [.nan, .5, .5]\n")
+    with pytest.raises(SpecError, match=r"^data\.split_fractions\[0\]: expected a finite number, got nan"):
+        load_spec(path)
+    with pytest.raises(SpecError, match=r"^serve\.batch_wait_timeout_s: expected a finite number, got inf"):
+        load_spec(path, ["data.split_fractions=[0.8, 0.1, 0.1]", "serve.batch_wait_timeout_s=.inf"])

@@ -4,12 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -19,6 +14,7 @@ import pytest
 from medvl.cli import build_parser, main
 from medvl.spec import load_spec
 from medvl.submit import input_paths, outside_paths
+from tests.ray_head import free_port, running_head
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,31 +198,6 @@ def test_an_unreachable_cluster_is_one_line_and_exit_1(capsys, monkeypatch):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_submitted_job_joins_the_cluster_in_ray_address(monkeypatch):
-    """Ray sets RAY_ADDRESS for a job's driver: ray_session joins that cluster instead of starting a local Ray."""
-    import ray
-
-    from medvl.runtime import ray_session
-
-    calls: list[dict] = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(ray, "shutdown", lambda: None)
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    spec = load_spec(REPO / "jobs/quickstart.yaml", ["ray.num_cpus=2"])
-
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
-    with ray_session(spec):
-        pass
-    assert calls == [{"address": "10.0.0.5:6379", "log_to_driver": True}]  # no num_cpus: refused when joining
-    assert "RAY_AUTH_MODE" not in os.environ  # the cluster's auth settings are left alone
-
-    monkeypatch.delenv("RAY_ADDRESS")
-    with ray_session(spec):
-        pass
-    assert calls[1] == {"address": None, "log_to_driver": True, "num_cpus": 2}
-
-
 # --------------------------------------------------------------------------------------------- a real head
 
 
@@ -238,73 +209,11 @@ TINY = ["data.synthetic_images=160", "data.synthetic_image_size=64", "data.image
 STAGE_LINES = [f"[medvl] stage {kind} ({kind})" for kind in ("prepare", "train", "eval")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ray_start_command(temp_dir: str, dashboard_port: int) -> list[str]:
-    ray = Path(sys.executable).with_name("ray")
-    ports = {name: free_port() for name in ("port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                            "metrics-export-port", "node-manager-port", "object-manager-port")}
-    # Every port chosen free: another Ray on this machine keeps its defaults (10001, 52365…).
-    return [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-            "--dashboard-host", "127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-            "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
-            *(f"--{name}={port}" for name, port in ports.items())]
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real head (`ray start --head --block`), this test's own: stopped by signalling it, never `ray stop`."""
-    import psutil
-    from ray.job_submission import JobSubmissionClient
-
-    temp_dir = tempfile.mkdtemp(prefix="medvl-rh-", dir="/tmp")  # short: Ray's socket paths live under it
-    dashboard_port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "240",  # 60 s by default: too short on a loaded 2-CPU machine
-           # The job's entrypoint says `python`: the one of this environment, as on a cluster node's PATH.
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    log_path = Path(temp_dir) / "ray-start.log"
-    with open(log_path, "w") as log:
-        head = subprocess.Popen(ray_start_command(temp_dir, dashboard_port), env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert head.poll() is None, f"ray start exited: {log_path.read_text()[-3000:]}"
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except (OSError, RuntimeError):  # ConnectionError until the dashboard and its job agent are up
-                assert time.monotonic() < deadline, f"no head after 300 s: {log_path.read_text()[-3000:]}"
-                time.sleep(1)
-        yield address
-    finally:
-        # Everything this head started descends from it; some actors (Ray Data's) leave its process group.
-        family = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started…
-        try:
-            head.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass  # …but waits ~30 s on a raylet that drains its workers: not worth CI's time
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for process in family:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        head.wait()
-        psutil.wait_procs(family, timeout=10)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """A real head of this module's own (tests/ray_head.py): its Jobs API address."""
+    with running_head() as head:
+        yield head.dashboard
 
 
 @pytest.mark.slow
@@ -365,3 +274,30 @@ def test_stop_stops_a_running_job(ray_head, tmp_path, monkeypatch, capsys):
             break
         assert time.monotonic() < deadline, "the job did not stop within 60 s"
         time.sleep(1)
+
+
+def test_secrets_are_never_uploaded_even_when_gitignore_omits_them(tmp_path, capsys):
+    """Ray's own matcher over the excludes medvl sends: what would go into the working-dir package."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    from medvl.spec import parse_spec
+    from medvl.submit import working_dir_excludes
+
+    secrets = [".env", ".env.production", "env/aws.txt", "deploy/server.pem", "tls.key", ".ssh/id_ed25519",
+               ".aws/credentials", "nested/.env", "id_rsa"]
+    kept = ["train.py", "jobs/job.yaml", "environment.md", "deploy/notes.txt"]
+    for name in secrets + kept:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".gitignore").write_text("*.log\n")  # lists none of them
+    spec = parse_spec({"name": "t", "output_dir": "/mnt/shared/t", "stages": ["prepare"]})
+    uploaded = []
+    _dir_travel(tmp_path, [_get_excludes(tmp_path, working_dir_excludes(spec, tmp_path))],
+                lambda p: p.is_file() and uploaded.append(p.relative_to(tmp_path).as_posix()), include_gitignore=True)
+    assert sorted(uploaded) == sorted(kept + [".gitignore"])
+
+    with pytest.raises(SystemExit):
+        main(["submit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "runtime_env, which anyone who can open the Ray dashboard can read" in help_text
+    assert "*.pem" in help_text and ".env" in help_text

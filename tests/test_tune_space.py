@@ -40,3 +40,15 @@ def test_malformed_space_names_the_field(raw, message):
     with pytest.raises(SpecError) as info:
         parse_space(raw)
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_shipped_spaces_are_found_inside_the_package_from_any_directory(tmp_path, monkeypatch):
+    """An installed medvl has no repository beside it: the shipped spaces are package data."""
+    import medvl
+    from medvl.tune.space import resolve_space_path
+
+    monkeypatch.chdir(tmp_path)
+    package = Path(medvl.__file__).parent
+    for name in ("blip2_lora", "blip2_lora.yaml", "tune_spaces/blip2_lora.yaml"):
+        found = resolve_space_path(name)
+        assert found.is_relative_to(package / "tune" / "spaces"), found

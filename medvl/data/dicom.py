@@ -8,7 +8,8 @@ neither, the image's own min-max. ``MONOCHROME1`` (low values white, common in C
 that every image comes out with bright bone. RGB images (pydicom converts YBR) are only scaled to 8 bits.
 
 Left out on purpose: the SIGMOID VOI function (treated as LINEAR), per-frame functional groups of
-enhanced multi-frame objects, palette colour. A multi-frame object gives its middle frame. Compressed
+enhanced multi-frame objects, palette colour. A multi-frame object gives its middle frame (only that frame is
+decoded). Compressed
 transfer syntaxes decode only where pydicom has a decoder installed (JPEG 2000 works through Pillow).
 
 pydicom is an optional dependency, imported on first use (``medvl.data.images`` imports this module only
@@ -28,9 +29,10 @@ def decode_dicom(data: bytes) -> Image.Image:
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data))
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:  # decode the middle frame alone: all of them could be hundreds of MiB from a few MB
+        ds.pixel_array_options(index=frames // 2)
     pixels = ds.pixel_array
-    if int(ds.get("NumberOfFrames") or 1) > 1:
-        pixels = pixels[len(pixels) // 2]
     photometric = ds.get("PhotometricInterpretation", "")
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         grey = _grey_to_uint8(ds, pixels)

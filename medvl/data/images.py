@@ -1,4 +1,9 @@
-"""Decode encoded image bytes (PNG, JPEG, DICOM) into 8-bit RGB ``PIL.Image``."""
+"""Decode encoded image bytes (PNG, JPEG, DICOM) into 8-bit RGB ``PIL.Image``.
+
+Only those formats: Pillow would otherwise identify some forty (EPS runs Ghostscript where it is installed,
+others bring their own parsers' bugs), and neither the datasets nor the server need more. Prepare, training and
+the server all decode through here; the server's header check uses :data:`PILLOW_FORMATS` too.
+"""
 from __future__ import annotations
 
 import io
@@ -6,6 +11,7 @@ import io
 from PIL import Image
 
 DICOM_MAGIC_OFFSET = 128
+PILLOW_FORMATS = ("PNG", "JPEG")  # DICOM goes through pydicom
 
 
 class UnreadableImage(ValueError):
@@ -26,7 +32,7 @@ def decode_image(data: bytes) -> Image.Image:
 
             image = decode_dicom(data)
         else:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
             image.load()  # force full decode: truncated files fail here, not later in training
         return image.convert("RGB")
     except UnreadableImage:

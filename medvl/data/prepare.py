@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from medvl.data.fingerprint import prepare_inputs
+from medvl.data.leakage import describe_overlap
 from medvl.data.records import ReaderItem
 from medvl.data.shards import write_shards
 from medvl.spec import JobSpec
+
+# A skip reason taking more than this share of a dataset's rows is printed as a warning, not only counted.
+WARN_SKIPPED_SHARE = 0.05
 
 
 def source_items(spec: JobSpec) -> Iterator[ReaderItem]:
@@ -38,8 +43,24 @@ def run_prepare_stage(spec: JobSpec) -> dict:
         split_fractions=spec.data.split_fractions,
         records_per_shard=spec.data.records_per_shard,
         endpoint_url=spec.data.endpoint_url,
+        leakage_check=spec.data.leakage_check,
+        inputs=prepare_inputs(spec.data),
         progress=lambda n: print(f"[medvl prepare] {n} source rows read", flush=True) if n % 5000 == 0 else None,
+        log=lambda message: print(f"[medvl prepare] {message}", flush=True),
     )
     print(f"[medvl prepare] counts {manifest['counts']}, skipped {manifest['skipped'] or 'none'}, "
-          f"{len(manifest['shards'])} shards", flush=True)
+          f"filtered {manifest['filtered'] or 'none'}, repaired {manifest['repaired'] or 'none'}, "
+          f"{len(manifest['shards'])} shards ({manifest['_reused_shards']} kept from an interrupted run)", flush=True)
+    for line in warnings(manifest):
+        print(f"[medvl prepare] warning: {line}", flush=True)
+    if manifest["leakage"]["groups"]:
+        print(f"[medvl prepare] data.leakage_check: report: {describe_overlap(manifest['leakage'])} "
+              "(recorded in the manifest under \"leakage\")", flush=True)
     return manifest
+
+
+def warnings(manifest: dict) -> list[str]:
+    """A line per skip reason that took more than WARN_SKIPPED_SHARE of the rows read."""
+    rows = sum(manifest["counts"].values()) + sum(manifest["skipped"].values()) + sum(manifest["filtered"].values())
+    return [f"{n:,} of {rows:,} rows ({n / rows:.0%}) were skipped as {reason}"
+            for reason, n in manifest["skipped"].items() if rows and n > WARN_SKIPPED_SHARE * rows]

@@ -28,9 +28,9 @@ it would cost a full copy of the 2.7B base (~7.5 GB in bf16) each time. Under ``
 saved model is a plain BLIP-2 folder (``Blip2ForConditionalGeneration.from_pretrained``). A full fine-tune may
 start from an adapter folder (a LoRA stage's output): the adapter is merged into the base first.
 
-Weights load in ``model.dtype`` (see :mod:`medvl.models.precision`); HF keeps the Q-Former and the query tokens
-in fp32 whatever is asked (``_keep_in_fp32_modules``). ``model.preset: random`` builds the published
-architecture of ``model.name_or_path`` (e.g. ``Salesforce/blip2-opt-2.7b``) with random weights.
+Weights load in ``model.dtype`` (see :mod:`medvl.models.precision`); in float16 HF keeps the Q-Former and the
+query tokens in fp32 (``_keep_in_fp32_modules``; bfloat16 loads them in bf16). ``model.preset: random`` builds
+the published architecture of ``model.name_or_path`` (e.g. ``Salesforce/blip2-opt-2.7b``) with random weights.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ from medvl.models.lora import (
     with_adapter,
 )
 from medvl.models.precision import storage_dtype, weight_dtype
-from medvl.models.random_preset import build_random, random_tokenizer, real_config
+from medvl.models.random_preset import build_random, random_tokenizer, real_config, release
 from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
 from medvl.models.weights import load_full_weights
@@ -161,7 +161,7 @@ def save_random_blip2(spec: JobSpec, work_dir: Path, texts: Iterable[str]) -> st
     config = random_blip2_config(spec.model.name_or_path, tokenizer, spec.data.image_size)
     model = build_random(Blip2ForConditionalGeneration, config, storage_dtype(spec), seed=spec.train.seed)
     model.save_pretrained(out)
-    del model  # the workers load it from disk; the driver need not hold gigabytes meanwhile
+    release(model)
     tokenizer.save_pretrained(out)
     image_size = spec.data.image_size
     BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)

@@ -19,7 +19,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BlipConfig, BlipImag
 from medvl.data.preprocessing import ImageTextPreprocessor, pad_sequences
 from medvl.models.blip_cross_attention import decoder_cross_attention
 from medvl.models.precision import storage_dtype
-from medvl.models.random_preset import build_random, random_tokenizer, real_config
+from medvl.models.random_preset import build_random, random_tokenizer, real_config, release
 from medvl.models.tokenizer import train_tokenizer
 from medvl.spec import JobSpec
 
@@ -87,7 +87,7 @@ def save_random_blip(model_cls: type, spec: JobSpec, work_dir: Path, texts: Iter
     config.vision_config.image_size = image_size
     model = build_random(model_cls, config, storage_dtype(spec), seed=spec.train.seed)
     model.save_pretrained(out)
-    del model
+    release(model)
     tokenizer.save_pretrained(out)
     BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
     return str(out)

@@ -12,8 +12,9 @@ Two settings, one rule that ties them:
 What stays in low precision: frozen weights (they never see an optimizer). Trainable ones keep fp32 optimizer
 state: under DDP they are cast back to fp32 after loading (:func:`keep_trainable_in_fp32`; autocast bridges
 the two dtypes in the forward), under DeepSpeed its optimizer keeps an fp32 master copy of the bf16/fp16
-weights. peft adapters are created in fp32 on a bf16 base already (``autocast_adapter_dtype``). HF may keep
-some modules in fp32 whatever is asked (BLIP-2's Q-Former and query tokens, ``_keep_in_fp32_modules``).
+weights. peft adapters are created in fp32 on a bf16 base already (``autocast_adapter_dtype``). In float16, HF
+keeps some modules in fp32 (``_keep_in_fp32_modules``: BLIP-2's Q-Former and query tokens); in bfloat16 it
+does not (only ``_keep_in_fp32_modules_strict`` would, which none of the recipes' models set).
 """
 from __future__ import annotations
 

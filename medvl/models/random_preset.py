@@ -9,6 +9,7 @@ it would a checkpoint. Memory figures measured on it are those of the real model
 """
 from __future__ import annotations
 
+import gc
 from typing import Iterable
 
 import torch
@@ -36,3 +37,11 @@ def build_random(model_cls: type, config: PretrainedConfig, dtype: torch.dtype, 
     torch.manual_seed(seed)
     build = getattr(model_cls, "_from_config", None) or model_cls.from_config  # Auto classes have only the latter
     return build(config, dtype=dtype)
+
+
+def release(model: torch.nn.Module) -> None:
+    """Free a saved model's storage now, even if something still refers to the module (the driver should not hold
+    gigabytes while the workers load the same weights from disk)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = torch.empty(0, dtype=tensor.dtype)
+    gc.collect()

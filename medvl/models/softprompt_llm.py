@@ -81,7 +81,7 @@ from medvl.models.lora import (
     widen_frozen_head,
 )
 from medvl.models.precision import storage_dtype, weight_dtype
-from medvl.models.random_preset import build_random, random_tokenizer, real_config
+from medvl.models.random_preset import build_random, random_tokenizer, real_config, release
 from medvl.models.scored_generation import Generated, generate_scored
 from medvl.models.tokenizer import train_tokenizer
 from medvl.models.weights import load_full_weights
@@ -484,4 +484,5 @@ def save_random_softprompt(recipe: SoftPromptRecipe, work_dir: Path, texts: Iter
     model = assemble_softprompt(vision, lm, spec.model, str(base_lm), spec.train.seed, fresh_lora=spec.model.lm_lora)
     model.mapper.to(dtype)
     write_softprompt(model, Sources(str(base_lm), str(vision_dir), str(base_lm), None), out)
+    release(model)
     return str(out)

@@ -5,11 +5,12 @@ Routes (all answers are JSON; errors are ``{"error": {"code", "message", ...}}``
 * ``POST /v1/<endpoint>``: the recipe's endpoint (``caption``, ``report`` or ``vqa``; see ``Recipe.endpoint``).
   Another endpoint answers 404 naming the one this model serves.
 * ``GET /v1/model``: what is loaded, named without the server's paths (see :func:`model_identity`).
-  ``GET /healthz``: liveness, never behind the API key.
+  ``GET /healthz``: 200 while the model works, 503 once it failed a probe (the deployment's ``check_health``,
+  which makes Serve replace the replica); never behind the API key.
 
 Requests are validated one by one (:mod:`medvl.serve.requests`) before they join a batch; the batch is decoded
-and generated in one call by :class:`medvl.serve.runner.ModelRunner`, in a worker thread so that the replica
-keeps accepting (and refusing) requests while the model runs.
+and generated in one call by :class:`medvl.serve.runner.ModelRunner` (one query's failure fails only that
+query), in a worker thread so that the replica keeps accepting (and refusing) requests while the model runs.
 """
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the route methods' signatures in its own
 # module, where FastAPI could not resolve "Request" from a string annotation.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi import Path as PathParameter
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
@@ -29,10 +31,10 @@ from starlette.exceptions import HTTPException
 from medvl.models.cache import remote_name
 from medvl.models.lora import adapter_base, is_adapter_folder
 from medvl.runs import MODEL_DIR
-from medvl.serve.auth import authorized
+from medvl.serve.auth import authorized, check_digest
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
-from medvl.serve.requests import Query, RequestError, read_query
-from medvl.serve.runner import ModelRunner
+from medvl.serve.requests import OPENAPI_EXTRA, OPENAPI_RESPONSES, Query, RequestError, read_query
+from medvl.serve.runner import ModelDead, ModelRunner
 from medvl.spec import JobSpec, parse_spec
 from medvl.storage import is_remote
 
@@ -121,7 +123,7 @@ class MedvlServer:
         spec = parse_spec(args["spec"])
         self.settings = spec.serve
         self.spec = spec
-        self.key_digest = args.get("api_key_sha256", "")
+        self.key_digest = args.get("api_key_hmac", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
         self.runner = ModelRunner(spec, args["checkpoint"])
         self.identity = model_identity(spec, args["checkpoint"], self.runner.local_checkpoint)
@@ -132,8 +134,17 @@ class MedvlServer:
                     self.runner.checkpoint, self.runner.device, self.recipe.endpoint, self.settings.max_batch_size)
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id}
+    async def healthz(self) -> JSONResponse:
+        replica = serve.get_replica_context().replica_id.unique_id
+        try:
+            await self.check_health()
+        except ModelDead as dead:
+            return JSONResponse({"status": "unhealthy", "reason": str(dead), "replica": replica}, status_code=503)
+        return JSONResponse({"status": "ok", "replica": replica})
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this every few seconds and replaces the replica when it raises (see ModelRunner)."""
+        await asyncio.to_thread(self.runner.check_health)
 
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> dict:
@@ -155,8 +166,9 @@ class MedvlServer:
             "api_key_required": bool(self.key_digest),
         }
 
-    @api.post("/v1/{endpoint}")
-    async def answer(self, endpoint: str, request: Request) -> dict:
+    @api.post("/v1/{endpoint}", openapi_extra=OPENAPI_EXTRA, responses=OPENAPI_RESPONSES)
+    async def answer(self, request: Request,
+                     endpoint: str = PathParameter(examples=["caption", "report", "vqa"])) -> dict:
         started = time.perf_counter()
         self.authorize(request)
         if endpoint != self.recipe.endpoint:
@@ -180,10 +192,12 @@ class MedvlServer:
     # The real limits are set in __init__ from the spec (set_max_batch_size / set_batch_wait_timeout_s).
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, queries: list[Query]) -> list[dict | RequestError]:
-        return await asyncio.to_thread(self.runner.run_batch, queries)
+        return await asyncio.to_thread(self.runner.answer, queries)
 
 
 def build_app(args: dict) -> Application:
     """The application builder named in the Serve config file (``import_path``); ``args``: see config.app_args."""
     settings = parse_spec(args["spec"]).serve
+    if "api_key_sha256" in args or args.get("api_key_hmac"):  # an older config's key must not be dropped silently
+        check_digest(args.get("api_key_hmac") or args["api_key_sha256"])
     return MedvlServer.options(**deployment_options(settings)).bind(args)

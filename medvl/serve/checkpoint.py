@@ -2,17 +2,23 @@
 
 ``serve.checkpoint`` may name an HF model folder, a peft adapter folder (loaded on the base it records), a train
 or tune stage's folder (its summary names the model: for a search, the best trial's), a tune ``best/`` folder,
-or a hub id. Folders may be local or on object storage (``s3://…``): each replica then loads a cached copy
-(:mod:`medvl.models.cache`). Where those live in a run folder is :mod:`medvl.runs`' business.
+or a Hugging Face Hub id. Where those live in a run folder is :mod:`medvl.runs`' business. A location that does not
+exist is taken for a Hub id only when it cannot be a local path (``org/name`` whose ``org`` is no folder here) or
+says so (``hf://org/name``): a mistyped local path fails naming itself instead of turning into a download.
+Folders may also be on object storage (``s3://…``): each replica then loads a cached copy (:mod:`medvl.models.cache`).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from medvl.models.registry import model_markers
 from medvl.runs import find_model_folder, stage_model
 from medvl.spec import JobSpec, SpecError
 from medvl.storage import Location, is_remote
+
+HUB_PREFIX = "hf://"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")  # huggingface_hub's repo id rule, in short
 
 
 def resolve_checkpoint(spec: JobSpec, last_train: str | None) -> str:
@@ -30,16 +36,27 @@ def resolve_checkpoint(spec: JobSpec, last_train: str | None) -> str:
 
 
 def model_location(location: str, endpoint_url: str = "") -> str:
-    if not is_remote(location) and not Path(location).exists():
-        if _looks_like_hub_id(location):
-            return location
-        raise SpecError(f"serve.checkpoint: expected a model folder or hub id, got {location!r} (no such folder)")
-    found = find_model_folder(Location.of(location, endpoint_url), model_markers())
+    if location.startswith(HUB_PREFIX):
+        repo = location[len(HUB_PREFIX):]
+        if not HUB_ID.fullmatch(repo):
+            raise SpecError(f"serve.checkpoint: expected hf://<org>/<name> (a Hugging Face Hub id), got {location!r}")
+        return repo
+    if is_remote(location):  # a folder on object storage: its listing says what it holds
+        found = find_model_folder(Location.of(location, endpoint_url), model_markers())
+    else:
+        path = Path(location).expanduser()
+        if not path.exists():
+            if _cannot_be_a_path(location):
+                return location
+            raise SpecError(f"serve.checkpoint: expected a model folder, got {location!r} (no such folder: "
+                            f"{path.absolute()}); write hf://<org>/<name> for a Hugging Face Hub model")
+        found = find_model_folder(Location.of(path), model_markers())
     if found is None:
         raise SpecError(f"serve.checkpoint: expected a model folder ({', '.join(model_markers())}) or a train or "
                         f"tune stage's folder, got {location!r}")
     return str(found)
 
 
-def _looks_like_hub_id(location: str) -> bool:
-    return location.count("/") == 1 and not location.startswith((".", "/", "~"))
+def _cannot_be_a_path(location: str) -> bool:
+    """``org/name`` shaped like a Hub id whose ``org`` is not a folder here (``runs/model`` is a missing path)."""
+    return bool(HUB_ID.fullmatch(location)) and not Path(location.split("/")[0]).exists()

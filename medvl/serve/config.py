@@ -1,9 +1,9 @@
 """The deployment's settings derived from ``serve``, and the Serve config file ``serve deploy`` takes.
 
 The file names the application builder (:func:`medvl.serve.app.build_app`) and its arguments: the spec (what
-the replica needs to rebuild the recipe), the resolved checkpoint and the API key's digest. Its
-``deployments`` section repeats the replica count, autoscaling and resources so that they can be edited in
-the file without touching the spec.
+the replica needs to rebuild the recipe), the resolved checkpoint and the API key's salted HMAC
+(:mod:`medvl.serve.auth`). Its ``deployments`` section repeats the replica count, autoscaling and resources so
+that they can be edited in the file without touching the spec.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def app_args(spec: JobSpec, checkpoint: str, api_key_digest: str) -> dict:
     raw = dataclasses.asdict(spec)
     raw["stages"] = [{"kind": "serve", "name": "serve"}]
     raw["output_dir"] = absolute(spec.output_dir)
-    return {"spec": raw, "checkpoint": checkpoint, "api_key_sha256": api_key_digest}
+    return {"spec": raw, "checkpoint": checkpoint, "api_key_hmac": api_key_digest}
 
 
 def serve_config(spec: JobSpec, checkpoint: str, api_key_digest: str) -> dict:

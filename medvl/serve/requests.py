@@ -21,12 +21,47 @@ from typing import Any
 
 from PIL import Image
 
-from medvl.data.images import is_dicom
+from medvl.data.images import PILLOW_FORMATS, is_dicom
 from medvl.spec import ServeSpec
 
 FIELDS = ("image", "question", "attention")
 # JSON carries the image as base64 (4 characters per 3 bytes), plus the other fields.
 BODY_SLACK_BYTES = 64 * 1024
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["code", "message"],
+    "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}}
+GREY_8PX_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR4nGNsYIAAJgaKGAAmCACQXTClHgAAAABJRU5ErkJggg=="
+# What POST /v1/<endpoint> takes and answers, for the OpenAPI document (the route reads the body itself).
+OPENAPI_EXTRA = {"requestBody": {"required": True, "content": {
+    "application/json": {"examples": {
+        "caption or report": {"value": {"image": GREY_8PX_PNG}},
+        "vqa": {"value": {"image": GREY_8PX_PNG, "question": "is there an effusion?"}},
+    }, "schema": {
+        "type": "object", "required": ["image"], "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "description": "the image file (PNG, JPEG or DICOM) in base64, or a data: URL"},
+            "question": {"type": "string", "description": "VQA models only"},
+            "attention": {"type": "boolean", "description": "add the cross-attention map (BLIP captioning)"},
+        }}},
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "question": {"type": "string"},
+            "attention": {"type": "string", "enum": ["true", "false", "1", "0"]},
+        }}},
+}}}
+REFUSALS = {  # every status a refused request can get (see the README's table)
+    400: "the body's fields, the image, the question or the multipart framing",
+    401: "the API key is missing or wrong",
+    404: "another model's endpoint",
+    413: "the body, the image or the question is over its limit",
+    415: "neither JSON nor multipart",
+}
+OPENAPI_RESPONSES = {status: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                     for status, text in REFUSALS.items()}
 
 
 class RequestError(Exception):
@@ -65,9 +100,11 @@ def check_content_length(header: str | None, settings: ServeSpec) -> None:
 
 
 async def read_query(request: Any, settings: ServeSpec, takes_question: bool) -> Query:
-    """A Starlette request → Query; the body is read with a size cap whatever Content-Length claims."""
+    """A Starlette request → Query; the body is counted as it arrives and refused at the cap, whatever
+    Content-Length claims or when there is none (chunked uploads): JSON and multipart alike."""
     check_content_length(request.headers.get("content-length"), settings)
     content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    request = capped(request, max_body_bytes(settings))
     if content_type == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=len(FIELDS))
         try:
@@ -75,19 +112,31 @@ async def read_query(request: Any, settings: ServeSpec, takes_question: bool) ->
         finally:
             await form.close()
     if content_type in ("application/json", ""):
-        return parse_json(await _read_capped(request, max_body_bytes(settings)), settings, takes_question)
+        return parse_json(await request.body(), settings, takes_question)
     raise RequestError(415, "unsupported_media_type", f"send application/json or multipart/form-data, "
                        f"got {content_type}")
 
 
-async def _read_capped(request: Any, limit: int) -> bytes:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, "body_too_large", f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def capped(request: Any, limit: int) -> Any:
+    """The same request, its body stream raising 413 as soon as more than ``limit`` bytes arrived.
+
+    The count sits in the ASGI ``receive`` channel, below Starlette: its form parser would otherwise spool a
+    whole multipart upload to disk before any size check ran.
+    """
+    from starlette.requests import Request
+
+    received = 0
+
+    async def receive() -> dict:
+        nonlocal received
+        message = await request.receive()
+        if message.get("type") == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise RequestError(413, "body_too_large", f"the request body is larger than {limit} bytes")
+        return message
+
+    return Request(request.scope, receive)
 
 
 def parse_json(body: bytes, settings: ServeSpec, takes_question: bool) -> Query:
@@ -95,6 +144,8 @@ def parse_json(body: bytes, settings: ServeSpec, takes_question: bool) -> Query:
         fields = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    except RecursionError:  # nesting deeper than the interpreter's recursion limit
+        raise RequestError(400, "invalid_json", "the body nests JSON arrays or objects too deeply") from None
     if not isinstance(fields, dict):
         raise RequestError(400, "invalid_json", f"expected a JSON object with {', '.join(FIELDS)}, "
                            f"got {type(fields).__name__}")
@@ -146,34 +197,40 @@ def check_image(data: bytes, settings: ServeSpec) -> None:
         raise _too_large(settings)
     if not data:
         raise RequestError(400, "not_an_image", "the image is empty", field="image")
-    width, height = _dicom_size(data) if is_dicom(data) else _image_size(data)
-    if width * height > settings.max_image_pixels:
-        raise RequestError(413, "image_too_large", f"the image is {width}×{height} pixels; at most "
+    size, pixels = _dicom_size(data) if is_dicom(data) else _image_size(data)
+    if pixels > settings.max_image_pixels:
+        raise RequestError(413, "image_too_large", f"the image is {size} pixels; at most "
                            f"{settings.max_image_pixels} pixels (width × height) are accepted", field="image")
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
+def _image_size(data: bytes) -> tuple[str, int]:
+    """("W×H", pixels) from the header."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
+            with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
+                width, height = image.size
+                return f"{width}×{height}", width * height
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RequestError(413, "image_too_large", "the image has too many pixels to decode safely",
                            field="image") from None
     except Exception:  # PIL raises many types for what it cannot identify
-        raise RequestError(400, "not_an_image", "the image is not a PNG, JPEG, DICOM or other format this "
-                           "server decodes", field="image") from None
+        raise RequestError(400, "not_an_image", "the image is not a PNG, JPEG or DICOM file", field="image") from None
 
 
-def _dicom_size(data: bytes) -> tuple[int, int]:
+def _dicom_size(data: bytes) -> tuple[str, int]:
+    """("F frames × S samples × W×H", pixels): every frame and colour sample counts, as it would when decoded."""
     try:
         import pydicom
 
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        return int(header.Columns), int(header.Rows)
+        width, height = int(header.Columns), int(header.Rows)
+        frames, samples = int(header.get("NumberOfFrames") or 1), int(header.get("SamplesPerPixel") or 1)
     except Exception:
         raise RequestError(400, "not_an_image", "the DICOM file has no readable image header", field="image") from None
+    if min(width, height, frames, samples) < 1:
+        raise RequestError(400, "not_an_image", "the DICOM header gives an empty image", field="image")
+    return f"{frames} frame(s) × {samples} sample(s) × {width}×{height}", frames * samples * width * height
 
 
 def _query(data: bytes, question: Any, attention: Any, settings: ServeSpec, takes_question: bool) -> Query:
@@ -185,6 +242,9 @@ def _query(data: bytes, question: Any, attention: Any, settings: ServeSpec, take
                                field="question")
         if not isinstance(question, str):
             raise _wrong_type("question", "a string", question)
+        if not is_utf8_text(question):
+            raise RequestError(400, "invalid_text", 'the field "question" is not valid UTF-8 text (it holds a lone '
+                               "surrogate, e.g. an unpaired \\ud800 escape)", field="question")
         if not question.strip():
             raise RequestError(400, "empty_question", 'the field "question" is empty', field="question")
         if len(question) > settings.max_question_chars:
@@ -197,11 +257,21 @@ def _query(data: bytes, question: Any, attention: Any, settings: ServeSpec, take
     return Query(data, question or "", attention)
 
 
+def is_utf8_text(text: str) -> bool:
+    """False for strings UTF-8 cannot encode: JSON's ``\\ud800`` escapes and ``surrogatepass`` bytes decode to them,
+    and the tokenizer would fail on them inside a batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_field_names(fields: Any) -> None:
     unknown = sorted(set(fields.keys()) - set(FIELDS))
     if unknown:
-        raise RequestError(400, "unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))}; expected "
-                           f"{', '.join(FIELDS)}", field=unknown[0])
+        raise RequestError(400, "unknown_field", f"unknown field(s) {', '.join(map(ascii, unknown))}; expected "
+                           f"{', '.join(FIELDS)}", field=ascii(unknown[0])[1:-1])  # the answer must encode as UTF-8
 
 
 def _wrong_type(name: str, expected: str, value: Any) -> RequestError:

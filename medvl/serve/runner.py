@@ -1,13 +1,30 @@
 """What a Serve replica does with a batch of validated requests, free of Serve: load the model once, then turn
-queries into answers (or into the RequestError that refuses just that query).
+queries into answers (or into the RequestError that refuses just that query), and say whether the model still
+works.
 
 :class:`medvl.serve.app.MedvlServer` holds one of these; tests and tools can drive it in-process.
+
+Isolation (:meth:`ModelRunner.answer`). A batch is preprocessed and generated in one call. Requests are validated
+before they join it (:mod:`medvl.serve.requests`), but should anything in the batch still raise (a tokenizer that
+chokes on some text, an image decoder bug), the batch is answered again one query at a time: only the query that
+fails alone gets a 500, every other query gets its answer. An image that does not decode is a 400 for its own
+request either way (the preprocessor drops its row).
+
+Health (:meth:`ModelRunner.check_health`). A query that fails alone may be the query's fault or the model's. It
+marks the model *suspect*; the next health check (Ray Serve calls the deployment's ``check_health`` every few
+seconds, ``/healthz`` calls it too) then generates from a blank image. If that fails as well the model is dead:
+the check raises from then on and Serve replaces the replica. A healthy model is never probed, so the check
+costs nothing while requests succeed.
 """
 from __future__ import annotations
+
+import logging
+import threading
 
 import numpy as np
 import torch
 
+from medvl.data.images import encode_png
 from medvl.data.records import SHARD_COLUMNS
 from medvl.models.base import GenerationSettings
 from medvl.models.cache import local_model
@@ -16,6 +33,12 @@ from medvl.serve.requests import Query, RequestError
 from medvl.spec import JobSpec
 
 ATTENTION_DECIMALS = 5
+PROBE_QUESTION = "is there an abnormality?"
+logger = logging.getLogger("ray.serve")
+
+
+class ModelDead(RuntimeError):
+    """The model failed a generation from a known-good input: the replica should be replaced."""
 
 
 def serving_generation(spec: JobSpec) -> GenerationSettings:
@@ -54,13 +77,56 @@ class ModelRunner:
         if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
             self.loaded.to(self.device)
         self.preprocess = self.recipe.preprocessor(self.local_checkpoint)
+        self.suspect = False  # a query failed alone since the last probe
+        self.dead_reason = ""  # set once a probe failed: the replica stays unhealthy
+        self._probe_lock = threading.Lock()
 
     @property
     def takes_question(self) -> bool:
         return self.recipe.task == "vqa"
 
+    def answer(self, queries: list[Query]) -> list[dict | RequestError]:
+        """Per query, its answer or the RequestError that refuses it; one query's failure is never another's."""
+        try:
+            return self.run_batch(queries)
+        except Exception as error:
+            if len(queries) > 1:
+                logger.warning("medvl: a batch of %d failed (%s: %s); answering its queries one by one",
+                               len(queries), type(error).__name__, error)
+                return [self.answer([query])[0] for query in queries]
+            logger.exception("medvl: a query failed on its own")
+            self.suspect = True
+            return [RequestError(500, "generation_failed", f"the model failed on this request "
+                                 f"({type(error).__name__}); see the replica's log")]
+
+    def check_health(self) -> None:
+        """Raise :class:`ModelDead` when the model no longer generates (probed only after a failed query)."""
+        with self._probe_lock:  # Serve's periodic check and /healthz may ask at once: one probe
+            if self.dead_reason:
+                raise ModelDead(self.dead_reason)
+            if not self.suspect:
+                return
+            try:
+                (result,) = self.run_batch([self.probe_query()])
+                if isinstance(result, RequestError):
+                    raise RuntimeError(f"the probe image was refused: {result.message}")
+            except Exception as error:
+                self.dead_reason = (f"the model failed a generation from a blank image "
+                                    f"({type(error).__name__}: {error})")
+                logger.error("medvl: %s; this replica reports itself unhealthy", self.dead_reason)
+                raise ModelDead(self.dead_reason) from error
+            self.suspect = False  # the failed query was the query's fault
+
+    def probe_query(self) -> Query:
+        from PIL import Image
+
+        size = self.spec.data.image_size
+        question = PROBE_QUESTION if self.takes_question else ""
+        return Query(encode_png(Image.new("RGB", (size, size), (128, 128, 128))), question)
+
     def run_batch(self, queries: list[Query]) -> list[dict | RequestError]:
-        """Per query, its answer or the RequestError that refuses it (one bad image never fails the batch)."""
+        """Per query, its answer or the RequestError that refuses it (a bad image fails alone); raises if the
+        batch fails as a whole (see :meth:`answer`)."""
         with torch.inference_mode():
             batch = self.preprocess(shard_rows(queries))
             kept = [int(i) for i in batch["id"]]  # the preprocessor drops rows whose image does not decode

@@ -1,5 +1,6 @@
 """The DeepSpeed config, derived from the job spec so that batch size, accumulation, clipping and precision
-have one source of truth (``train.*``); ``train.deepspeed.config_file`` is merged over it for experts.
+have one source of truth (``train.*``); ``train.deepspeed.config_file`` is merged over it for experts (the keys
+those fields set are refused there: :mod:`medvl.train.deepspeed_file`).
 
 The optimizer and scheduler are not in the config: the loop passes torch's AdamW and the same warm-up +
 cosine schedule as the DDP path, so a run means the same thing under either strategy (and nothing compiles:
@@ -7,17 +8,19 @@ DeepSpeed's FusedAdam and CPU Adam build C++ extensions on first use).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from medvl.models.precision import training_precision
 from medvl.spec import JobSpec
+from medvl.train.deepspeed_file import read_config_file
 
 
-def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
+def deepspeed_config(spec: JobSpec, world_size: int,
+                     file_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``file_settings``: ``train.deepspeed.config_file``'s contents as the driver read them (workers get them with
+    the job); None reads the file here."""
     train, settings = spec.train, spec.train.deepspeed
     zero: dict[str, Any] = {"stage": settings.stage, "overlap_comm": False, "contiguous_gradients": True}
     if settings.offload_optimizer:
@@ -41,8 +44,10 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
-    if settings.config_file:
-        config = merged(config, json.loads(Path(settings.config_file).read_text()))
+    if file_settings is None and settings.config_file:
+        file_settings = read_config_file(settings.config_file)
+    if file_settings:
+        config = merged(config, file_settings)
     return config
 
 

@@ -42,9 +42,11 @@ DEEPSPEED_TAG = "zero"  # DeepSpeed's sub-folder inside a checkpoint
 DEEPSPEED_MARKER = "medvl_deepspeed.json"  # says "consolidate me" to the export
 
 
-def build_engine(spec: JobSpec, recipe: Recipe, model_source: str, total_steps: int):
+def build_engine(spec: JobSpec, recipe: Recipe, model_source: str, total_steps: int,
+                 deepspeed_file: dict[str, Any] | None = None):
+    """``deepspeed_file``: the contents of ``train.deepspeed.config_file`` as the driver read it."""
     if spec.train.strategy == "deepspeed":
-        return ZeroEngine(spec, recipe, model_source, total_steps)
+        return ZeroEngine(spec, recipe, model_source, total_steps, deepspeed_file)
     return DdpEngine(spec, recipe, model_source, total_steps)
 
 
@@ -120,7 +122,8 @@ class DdpEngine:
 
 
 class ZeroEngine:
-    def __init__(self, spec: JobSpec, recipe: Recipe, model_source: str, total_steps: int):
+    def __init__(self, spec: JobSpec, recipe: Recipe, model_source: str, total_steps: int,
+                 deepspeed_file: dict[str, Any] | None = None):
         deepspeed = import_deepspeed()
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -130,7 +133,7 @@ class ZeroEngine:
         # Adopt the process group Ray Train set up (gloo on CPU, NCCL on GPUs) before anything asks its size.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         world_size = ray.train.get_context().get_world_size()
-        self.config = deepspeed_config(spec, world_size)
+        self.config = deepspeed_config(spec, world_size, deepspeed_file)
         precision = training_precision(spec)
         self.dtype = PRECISION_DTYPES[precision] if precision != "fp32" else None
         # Alive while from_pretrained runs: with ZeRO-3 it makes transformers load the weights partitioned.

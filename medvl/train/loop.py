@@ -76,7 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = config["total_steps"]
     # A model on object storage is loaded from this node's cached copy (fetched once per node).
     source = local_model(config["model_source"], spec.data.endpoint_url, config.get("model_filesystem"))
-    engine = build_engine(spec, recipe, source, total_steps)
+    engine = build_engine(spec, recipe, source, total_steps, config.get("deepspeed_file"))
     model = engine.model
     state, epoch_trained = TrainState(), []
 
@@ -231,7 +231,7 @@ def _save_checkpoint(folder: Path, run: WorkerRun, state: TrainState, rank: int)
 
 
 def _load_training_state(folder: Path, engine) -> tuple[TrainState, list[int]]:
-    saved = torch.load(folder / TRAINING_STATE, weights_only=False)
+    saved = torch.load(folder / TRAINING_STATE, weights_only=True)  # a pickle could run code on every worker
     engine.load(folder, saved)
     torch.set_rng_state(saved["rng"])
     return TrainState(**saved["state"]), saved.get("epoch_trained", [])

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -22,14 +24,15 @@ from ray.train.torch import TorchTrainer
 from medvl import storage
 from medvl.data.pipeline import preprocessed, read_split
 from medvl.data.position import POSITION_FILE, ROW_KEY
-from medvl.data.shards import read_manifest, shard_paths
+from medvl.data.shards import MANIFEST, read_manifest, shard_paths
 from medvl.data.skips import skipped_counts, skipped_since
 from medvl.models.base import Recipe
 from medvl.models.cache import initial_model_in, model_filesystem, preprocessor_for, publishing
 from medvl.models.registry import build_recipe
-from medvl.runs import RunLayout, write_summary
+from medvl.runs import RUN_SPEC_FILE, RunLayout, write_summary
 from medvl.spec import JobSpec, StageSpec
 from medvl.storage import Location
+from medvl.train.deepspeed_file import config_file_digest, read_config_file
 from medvl.train.engines import consolidate, is_deepspeed_checkpoint
 from medvl.train.loop import TRAINING_STATE, train_loop_per_worker
 
@@ -83,6 +86,9 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
             "total_steps": total_steps,
             "position_file": position,
             "torch_threads": settings.torch_threads or max(1, math.ceil(settings.cpus_per_worker)),
+            # The contents, read here: a worker never opens the path (its node may not have the file).
+            "deepspeed_file": read_config_file(settings.deepspeed.config_file) if settings.deepspeed.config_file
+            else None,
         },
         scaling_config=ScalingConfig(
             num_workers=settings.workers,
@@ -121,23 +127,72 @@ def claim_run_folder(spec: JobSpec, name: str) -> None:
     """Decide between resuming and starting afresh before Ray Train sees the run folder.
 
     Ray Train resumes any run whose folder holds checkpoints. That is what a crashed run wants, and only that:
-    a stage that finished (its summary exists) starts afresh, and an unfinished one is resumed only with the
-    same settings; with other settings it is an error rather than a silent mix of two configurations.
+    a stage that finished (its summary exists), or whose folder holds no checkpoint, starts afresh; an unfinished
+    one is resumed only when it is the same run. What a run is (the spec, a digest of the prepared data's
+    manifest, a digest of the DeepSpeed config file's contents) is written with its checkpoints,
+    ``<storage>/<name>/run_spec.json``, and copied to the stage folder's ``run_spec.json``. A run folder with checkpoints but
+    without that record, or with a different one, is refused naming what changed, rather than resumed as a silent
+    mix of two configurations or two datasets.
     """
-    run_dir = Location.of(storage.join(storage_location(spec), name), spec.data.endpoint_url)
-    settings = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
-    has_run = run_dir.is_dir()
+    location = storage.join(storage_location(spec), name)
+    fs, run_dir = storage.filesystem_for(location, spec.data.endpoint_url)
+    identity = run_identity(spec)
     layout = RunLayout.for_spec(spec)
     summary, run_spec = layout.summary(name), layout.run_spec(name)
-    if has_run and summary.is_file():
-        run_dir.rmtree()  # a finished run: its best model is already exported under `out`
-    elif has_run and run_spec.is_file() and run_spec.read_text() != settings:
-        raise ValueError(
-            f"{run_dir} holds an unfinished run of stage {name!r} with other "
-            "settings: rerun with the same settings to resume it, or delete that folder to start afresh"
-        )
+    record = storage.join(run_dir, RUN_SPEC_FILE)
+    entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    has_checkpoints = any(entry.base_name.startswith("checkpoint") for entry in entries)
+    if entries and (summary.exists() or not has_checkpoints):
+        fs.delete_dir(run_dir)  # finished (its best model is exported under `out`), or nothing to resume
+    elif has_checkpoints:
+        before = json.loads(storage.read_bytes(fs, record)) if storage.exists(fs, record) else None
+        changes = identity_changes(before, identity)
+        if changes:
+            raise ValueError(
+                f"{location} holds an unfinished run of stage {name!r} {changes}: rerun with the same settings and "
+                "data to resume it, or delete that folder to start afresh"
+            )
     summary.unlink(missing_ok=True)  # present again only once this run finishes
-    run_spec.write_text(settings)
+    text = json.dumps(identity, sort_keys=True, indent=1)
+    storage.write_bytes_atomic(fs, record, text.encode())
+    run_spec.write_text(text)
+
+
+def run_identity(spec: JobSpec) -> dict:
+    """What a resumed run must match: the spec, the prepared data (its manifest) and the DeepSpeed file's contents."""
+    try:
+        fs, root = storage.filesystem_for(spec.shards_location, spec.data.endpoint_url)
+        manifest = hashlib.sha256(storage.read_bytes(fs, storage.join(root, MANIFEST))).hexdigest()
+    except (FileNotFoundError, OSError):
+        manifest = ""  # nothing prepared yet: the stage fails on it next
+    return {
+        "spec": json.loads(json.dumps(dataclasses.asdict(spec), default=str)),
+        "data_manifest_sha256": manifest,
+        "deepspeed_config_file_sha256": config_file_digest(spec.train.deepspeed.config_file),
+    }
+
+
+def identity_changes(before: dict | None, now: dict) -> str:
+    """"" when ``before`` is the same run as ``now``; else what differs, in words."""
+    if not isinstance(before, dict) or "spec" not in before:
+        return f"with no record of its settings and data ({RUN_SPEC_FILE} is missing or from an older medvl)"
+    changes = [f"{key} {old!r} → {new!r}" for key, old, new in _differences(before["spec"], now["spec"])]
+    if len(changes) > 5:
+        changes = changes[:5] + [f"and {len(changes) - 5} more"]
+    what = [f"with other settings ({', '.join(changes)})"] if changes else []
+    if before.get("data_manifest_sha256") != now["data_manifest_sha256"]:
+        what.append(f"on other data (the manifest at {now['spec']['data']['shards'] or 'the shards'} changed)")
+    if before.get("deepspeed_config_file_sha256") != now["deepspeed_config_file_sha256"]:
+        what.append("with another train.deepspeed.config_file (its contents changed)")
+    return " and ".join(what)
+
+
+def _differences(old, new, path: str = ""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            yield from _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    elif old != new:
+        yield path, old, new
 
 
 def check_cpu_budget(spec: JobSpec) -> None:

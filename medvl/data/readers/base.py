@@ -3,16 +3,24 @@
 Readers only read files. They yield the image file's bytes untouched (decoding is checked later, in
 ``prepare``), and turn every row they cannot use into a :class:`~medvl.data.records.Skipped` with a
 reason, in this order of checks: ``malformed_row``, ``empty_target`` (or a dataset-specific reason
-such as ``no_findings_section``), ``missing_image``. They raise only when ``source`` is not the
-dataset's layout at all, and they do so when called, not at the first ``next()``.
+such as ``no_findings_section``), ``path_outside_source``, ``missing_image``. Rows a setting filters out
+are skipped too (``other_language``, ``not_frontal``), and a row kept after its text was repaired is
+announced by a :class:`~medvl.data.records.Repaired` (``undecodable_text``), so that prepare counts every
+row. They raise only when ``source`` is not the dataset's layout at all, and they do so when called, not at
+the first ``next()``; one bad row never aborts a read.
+
+Every file a row names is resolved (symlinks followed) and must lie under ``source``: a ``../`` path, an
+absolute path or a symlink out of the tree is refused as ``path_outside_source``, never read.
 """
 from __future__ import annotations
 
 import csv
 import gzip
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SPLIT_NAMES = {
     "train": "train",
@@ -40,15 +48,43 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def read_image(candidates: Iterable[Path], options: ReaderOptions) -> bytes | None:
-    """Bytes of the first candidate file that exists; b"" if none does and images are optional, else None."""
+REPLACEMENT_CHARACTER = "\ufffd"  # what errors="replace" puts where bytes were not UTF-8
+
+
+def read_image(candidates: Iterable[Path], options: ReaderOptions, root: Path) -> bytes | str:
+    """Bytes of the first candidate file that exists; b"" if none does and images are optional. Otherwise the
+    skip reason: "path_outside_source" (a candidate resolves outside ``root``), "malformed_row" (a name no
+    filesystem takes, e.g. with a NUL byte) or "missing_image"."""
+    top = root.resolve()
     for path in candidates:
-        if path.is_file():
-            return path.read_bytes()
-    return None if options.require_image else b""
+        try:
+            resolved = path.resolve()
+            if not resolved.is_relative_to(top):
+                return "path_outside_source"
+            if resolved.is_file():
+                return resolved.read_bytes()
+        except ValueError:
+            return "malformed_row"
+        except OSError:  # unreadable (permissions, a name too long): as good as missing
+            continue
+    return "missing_image" if options.require_image else b""
+
+
+def load_json(path: Path) -> tuple[Any, bool]:
+    """A JSON file's content, and whether bytes that were not UTF-8 had to be replaced to read it."""
+    data = path.read_bytes()
+    try:
+        return json.loads(data.decode("utf-8-sig")), False
+    except UnicodeDecodeError:
+        return json.loads(data.decode("utf-8-sig", errors="replace")), True
+
+
+def has_replacement(*texts: Any) -> bool:
+    return any(isinstance(text, str) and REPLACEMENT_CHARACTER in text for text in texts)
 
 
 def require_dir(source: str, what: str) -> Path:
+    """``source`` as a folder (raises ValueError if it is none)."""
     root = Path(source)
     if not root.is_dir():
         raise ValueError(f"{what} source {source!r} is not a directory")

@@ -4,7 +4,9 @@ Two published layouts, told apart by what ``<source>`` holds:
 
 * R2Gen's ``annotation.json``: ``{"train": […], "val": […], "test": […]}``, each study
   ``{"id": "CXR2384_IM-0942", "report": "…", "image_path": ["CXR2384_IM-0942/0.png", …], "split": "train"}``
-  with images under ``<source>/images/``. Its ``report`` is the FINDINGS text and its split is kept.
+  with images under ``<source>/images/``. Its ``report`` is the FINDINGS text and its split is kept: the key's,
+  or, where the key is no split name (copies circulate with a blank or misspelled one), the study's own
+  ``"split"``.
 * The original NLM release: ``ecgen-radiology/<n>.xml`` reports (``<uId id="CXR<n>">``,
   ``<AbstractText Label="FINDINGS">``, ``<parentImage id="CXR1_1_IM-0001-3001">``) and the PNGs
   ``<id>.png`` in ``<source>/images/`` or ``<source>/NLMCXR_png/``. The target is FINDINGS (as in R2Gen);
@@ -18,12 +20,19 @@ splits. Record ids are the OpenI ``parentImage`` ids, or R2Gen's image path with
 """
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path, PurePosixPath
 
-from medvl.data.readers.base import SPLIT_NAMES, ReaderOptions, clean_text, read_image, require_dir
-from medvl.data.records import ReaderOutput, Record, Skipped
+from medvl.data.readers.base import (
+    SPLIT_NAMES,
+    ReaderOptions,
+    clean_text,
+    has_replacement,
+    load_json,
+    read_image,
+    require_dir,
+)
+from medvl.data.records import ReaderOutput, Record, Repaired, Skipped
 
 XML_IMAGE_DIRS = ("images", "NLMCXR_png")
 
@@ -31,22 +40,23 @@ XML_IMAGE_DIRS = ("images", "NLMCXR_png")
 def read_iu_xray(source: str, options: ReaderOptions) -> ReaderOutput:
     root = require_dir(source, "IU X-ray")
     if (root / "annotation.json").is_file():
-        annotation = json.loads((root / "annotation.json").read_text(encoding="utf-8-sig"))
+        annotation, repaired = load_json(root / "annotation.json")
         if not isinstance(annotation, dict) or not all(isinstance(v, list) for v in annotation.values()):
             raise ValueError(f"{root / 'annotation.json'} is not R2Gen's {{split: [studies]}} layout")
-        return _read_r2gen(root, annotation, options)
+        return _read_r2gen(root, annotation, options, repaired)
     if (root / "ecgen-radiology").is_dir():
         return _read_openi(root, options)
     raise ValueError(f"{source!r} is not an IU X-ray layout: neither annotation.json nor ecgen-radiology/ in it")
 
 
-def _read_r2gen(root: Path, annotation: dict[str, list], options: ReaderOptions) -> ReaderOutput:
+def _read_r2gen(root: Path, annotation: dict[str, list], options: ReaderOptions, repaired: bool) -> ReaderOutput:
     for split_key, studies in annotation.items():
         for index, study in enumerate(studies):
             study_id = study.get("id") if isinstance(study, dict) else None
             paths = study.get("image_path") if isinstance(study, dict) else None
             report = study.get("report") if isinstance(study, dict) else None
-            split = SPLIT_NAMES.get(split_key)
+            own_split = study.get("split") if isinstance(study, dict) else None
+            split = SPLIT_NAMES.get(split_key) or (SPLIT_NAMES.get(own_split) if isinstance(own_split, str) else None)
             if not (
                 isinstance(study_id, str) and study_id and isinstance(report, str) and split
                 and isinstance(paths, list) and paths and all(isinstance(p, str) and p for p in paths)
@@ -56,14 +66,20 @@ def _read_r2gen(root: Path, annotation: dict[str, list], options: ReaderOptions)
                 continue
             text = clean_text(report)
             for path in paths:
-                image_id = str(PurePosixPath(path).with_suffix("")).replace("/", "_")
+                try:
+                    image_id = str(PurePosixPath(path).with_suffix("")).replace("/", "_")
+                except ValueError:  # "/", "." …: no file name at all
+                    yield Skipped(f"{study_id}:{path}", "malformed_row")
+                    continue
                 if not text:
                     yield Skipped(image_id, "empty_target")
                     continue
-                image = read_image([root / "images" / path], options)
-                if image is None:
-                    yield Skipped(image_id, "missing_image")
+                image = read_image([root / "images" / path], options, root)
+                if isinstance(image, str):
+                    yield Skipped(image_id, image)
                     continue
+                if repaired and has_replacement(text, study_id):
+                    yield Repaired(image_id, "undecodable_text")
                 yield Record(
                     id=image_id, group_id=study_id.split("_")[0], image=image, text=text, split=split,
                     meta={"study_id": study_id},
@@ -93,9 +109,9 @@ def _read_openi(root: Path, options: ReaderOptions) -> ReaderOutput:
             if not sections.get("FINDINGS"):
                 yield Skipped(image_id, "empty_target")
                 continue
-            image = read_image((root / folder / f"{image_id}.png" for folder in XML_IMAGE_DIRS), options)
-            if image is None:
-                yield Skipped(image_id, "missing_image")
+            image = read_image((root / folder / f"{image_id}.png" for folder in XML_IMAGE_DIRS), options, root)
+            if isinstance(image, str):
+                yield Skipped(image_id, image)
                 continue
             yield Record(id=image_id, group_id=report_id, image=image, text=sections["FINDINGS"], meta=dict(meta))
 

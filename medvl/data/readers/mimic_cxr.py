@@ -24,8 +24,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from medvl.data.readers.base import SPLIT_NAMES, ReaderOptions, clean_text, open_csv_rows, read_image, require_dir
-from medvl.data.records import ReaderOutput, Record, Skipped
+from medvl.data.readers.base import (
+    SPLIT_NAMES,
+    ReaderOptions,
+    clean_text,
+    has_replacement,
+    open_csv_rows,
+    read_image,
+    require_dir,
+)
+from medvl.data.records import ReaderOutput, Record, Repaired, Skipped
 
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
 SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
@@ -80,6 +88,7 @@ def _read(root: Path, split_csv: Path, metadata_csv: Path | None, options: Reade
             continue
         view = views.get(dicom_id, "")
         if options.frontal_only and view not in FRONTAL_VIEWS:
+            yield Skipped(dicom_id, "not_frontal")
             continue
         study_dir = Path("files") / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}"
         if study != study_dir:
@@ -90,10 +99,12 @@ def _read(root: Path, split_csv: Path, metadata_csv: Path | None, options: Reade
         if not findings:
             yield Skipped(dicom_id, "no_findings_section")
             continue
-        image = read_image((root / study_dir / f"{dicom_id}{ext}" for ext in (".jpg", ".dcm")), options)
-        if image is None:
-            yield Skipped(dicom_id, "missing_image")
+        image = read_image((root / study_dir / f"{dicom_id}{ext}" for ext in (".jpg", ".dcm")), options, root)
+        if isinstance(image, str):
+            yield Skipped(dicom_id, image)
             continue
+        if has_replacement(findings):  # reports are read with errors="replace"
+            yield Repaired(dicom_id, "undecodable_text")
         meta = {"study_id": study_id, "subject_id": subject_id, "view_position": view}
         yield Record(id=dicom_id, group_id=subject_id, image=image, text=findings, split=split, meta=meta)
 

@@ -14,6 +14,8 @@ ROCOv2 (Zenodo, Rückert et al., Sci Data 2024) has ``{train,valid,test}_caption
 ``{split}_concepts.csv`` (``ID,CUIs`` with CUIs separated by ``;``) and images ``<split>/<ID>.jpg``.
 
 Neither has patient ids, so ``group_id`` is the image id; both have official splits, which are kept.
+Text files are read with undecodable bytes replaced (U+FFFD); a kept row whose id or caption shows one is
+counted as repaired.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from medvl.data.readers.base import ReaderOptions, clean_text, find_file, read_image, require_dir
-from medvl.data.records import ReaderOutput, Record, Skipped
+from medvl.data.readers.base import ReaderOptions, clean_text, find_file, has_replacement, read_image, require_dir
+from medvl.data.records import ReaderOutput, Record, Repaired, Skipped
 
 ROCO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 ROCOV2_SPLITS = {"train": "train", "valid": "val", "test": "test"}
@@ -43,10 +45,10 @@ def read_roco(source: str, options: ReaderOptions) -> ReaderOutput:
     ]
     if not folders:
         raise ValueError(f"{source!r} is not a ROCO layout: no <split>/radiology/captions.txt under it")
-    return (item for folder in folders for item in _read_roco_folder(*folder, options))
+    return (item for folder in folders for item in _read_roco_folder(*folder, options, root))
 
 
-def _read_roco_folder(folder: Path, split: str, subset: str, options: ReaderOptions) -> ReaderOutput:
+def _read_roco_folder(folder: Path, split: str, subset: str, options: ReaderOptions, root: Path) -> ReaderOutput:
     keywords = _read_tab_lists(find_file(folder, "keywords"))
     cuis = _read_tab_lists(find_file(folder, "cuis"))
     semtypes = _read_tab_lists(find_file(folder, "semtypes"))
@@ -65,10 +67,12 @@ def _read_roco_folder(folder: Path, split: str, subset: str, options: ReaderOpti
             yield Skipped(image_id, "empty_target")
             continue
         names = [f"{image_id}.jpg"] + ([image_files[image_id]] if image_id in image_files else [])
-        image = read_image((folder / "images" / name for name in names), options)
-        if image is None:
-            yield Skipped(image_id, "missing_image")
+        image = read_image((folder / "images" / name for name in names), options, root)
+        if isinstance(image, str):
+            yield Skipped(image_id, image)
             continue
+        if has_replacement(image_id, caption):  # read with errors="replace"
+            yield Repaired(image_id, "undecodable_text")
         meta = {
             "subset": subset,
             "keywords": keywords.get(image_id, []),
@@ -143,10 +147,12 @@ def _read_rocov2_split(root: Path, split: str, options: ReaderOptions) -> Iterat
             if not caption:
                 yield Skipped(image_id, "empty_target")
                 continue
-            image = read_image([root / split / f"{image_id}.jpg"], options)
-            if image is None:
-                yield Skipped(image_id, "missing_image")
+            image = read_image([root / split / f"{image_id}.jpg"], options, root)
+            if isinstance(image, str):
+                yield Skipped(image_id, image)
                 continue
+            if has_replacement(image_id, caption):  # read with errors="replace"
+                yield Repaired(image_id, "undecodable_text")
             meta = {"cuis": concepts.get(image_id, [])}
             yield Record(
                 id=image_id, group_id=image_id, image=image, text=caption, split=ROCOV2_SPLITS[split], meta=meta
