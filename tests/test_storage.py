@@ -127,3 +127,23 @@ def test_portable_references_rewrites_a_folder_built_for_upload(tmp_path):
     portable_references(tmp_path / "built" / "tiny-init", moved=(str(tmp_path / "built"), "s3://b/run/train"))
     record = json.loads((tmp_path / "built" / "tiny-init" / "adapter_config.json").read_text())
     assert record["base_model_name_or_path"] == "s3://b/run/train/tiny-init/base_lm"
+
+
+def test_serve_checkpoint_may_name_a_stage_or_model_folder_on_s3(bucket, tmp_path):
+    from medvl.serve.checkpoint import resolve_checkpoint
+
+    write_model(tmp_path / "m")
+    run = f"s3://{BUCKET}/run"
+    Location.of(f"{run}/train/model", bucket).upload(tmp_path / "m")
+    write_summary(Location.of(f"{run}/train", bucket), {"model_dir": f"{run}/train/model"})
+
+    def served(checkpoint: str) -> str:
+        spec = parse_spec({"name": "t", "output_dir": run, "stages": ["train", "serve"],
+                           "data": {"endpoint_url": bucket}, "serve": {"checkpoint": checkpoint}})
+        return resolve_checkpoint(spec, "train")
+
+    assert served("") == served(f"{run}/train") == served(f"{run}/train/model") == f"{run}/train/model"
+    from medvl.spec import SpecError
+
+    with pytest.raises(SpecError, match="serve.checkpoint: expected a model folder"):
+        served(f"{run}/nothing-here")
