@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries to download fails fast instead of hanging
+# Model folders fetched from S3 (medvl.models.cache) go to a temporary folder, set before Ray starts so that its
+# workers inherit it, never to the user's ~/.cache.
+os.environ.setdefault("MEDVL_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"medvl-test-models-{os.getuid()}"))
 
 
 @pytest.fixture(scope="session")
