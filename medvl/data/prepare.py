@@ -1,11 +1,12 @@
 """The prepare stage: a dataset in its published layout (or the synthetic generator) → shards + manifest."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
-from medvl.data.records import ReaderItem
+from medvl.data.records import ReaderItem, Record
 from medvl.data.shards import write_shards
-from medvl.spec import JobSpec
+from medvl.spec import FORMAT_OPTIONS, DataSpec, JobSpec
 
 
 def source_items(spec: JobSpec) -> Iterator[ReaderItem]:
@@ -18,7 +19,17 @@ def source_items(spec: JobSpec) -> Iterator[ReaderItem]:
         )
     from medvl.data.readers import ReaderOptions, read_dataset
 
-    return read_dataset(data.format, data.source, ReaderOptions(language=data.language))
+    options = ReaderOptions(language=data.language, frontal_only=data.frontal_only,
+                            modalities=tuple(data.modalities), max_studies=data.max_studies)
+    items = read_dataset(data.format, data.source, options)
+    return without_splits(items) if data.resplit else items
+
+
+def without_splits(items: Iterator[ReaderItem]) -> Iterator[ReaderItem]:
+    """``data.resplit``: records lose the dataset's split, so prepare assigns one by group_id (the patient, where
+    the dataset has one) with data.split_fractions, as for data that ships none."""
+    for item in items:
+        yield dataclasses.replace(item, split="") if isinstance(item, Record) else item
 
 
 def run_prepare_stage(spec: JobSpec) -> dict:
@@ -29,6 +40,9 @@ def run_prepare_stage(spec: JobSpec) -> dict:
         return read_manifest(spec.shards_location, spec.data.endpoint_url)
     location = spec.shards_location
     print(f"[medvl prepare] {spec.data.format} → {location}", flush=True)
+    ignored = [name for name in FORMAT_OPTIONS if getattr(spec.data, name) != getattr(DataSpec(), name)]
+    if spec.data.format == "synthetic" and ignored:
+        print(f"[medvl prepare] synthetic data ignores data.{', data.'.join(ignored)} (dataset filters)", flush=True)
     manifest = write_shards(
         source_items(spec),
         location,
