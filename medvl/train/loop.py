@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from medvl.data.position import ROW_KEY, write_position
-from medvl.models.base import Recipe
+from medvl.models.base import Recipe, describe_parameters, parameter_report
 from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec
 from medvl.train.engines import DdpEngine, ZeroEngine, build_engine
@@ -48,6 +48,7 @@ class WorkerRun:
     val_shard: Any
     position_file: tuple[Any, str] | None = None  # (pyarrow filesystem, path) read by the train pipeline's actors
     epoch_trained: list[int] = field(default_factory=list)  # row keys trained this epoch, as of the checkpoint
+    parameters: dict[str, int | float] = field(default_factory=dict)  # trainable / total parameters (summary)
     consumed: list[int] = field(default_factory=list)  # row keys this worker trained since then
 
 
@@ -76,6 +77,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(spec, recipe, config["model_source"], total_steps)
     model = engine.model
     state, epoch_trained = TrainState(), []
+    parameters = parameter_report(engine.unwrapped)
+    _log(rank, describe_parameters(parameters))
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -88,7 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     device = ray.train.torch.get_device()
     run = WorkerRun(spec, recipe, engine, device, ray.train.get_dataset_shard("val"), config.get("position_file"),
-                    epoch_trained)
+                    epoch_trained, parameters=parameters)
 
     while state.epoch < settings.epochs and not state.stopped_early and state.step < total_steps:
         model.train()
@@ -172,6 +175,7 @@ def _validate_and_report(run: WorkerRun, state: TrainState, running: list[float]
         "val_loss": val_loss,
         "lr": run.engine.lr(),
         "stopped_early": state.stopped_early,
+        **run.parameters,
     }
     if not validated:
         state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})

@@ -107,6 +107,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         "history": result.metrics["history"],
         "epochs": result.metrics["epochs"],
         "resumed_at_steps": result.metrics["resumed_at_steps"],
+        **{key: result.metrics[key] for key in ("trainable_params", "total_params", "trainable_percent")},
         "skipped": skipped_since(skipped_before),
     }
     write_summary(out, summary)
