@@ -120,6 +120,11 @@ class ModelSpec:
     # BLIP DAPT: ITC negatives from a queue of momentum-encoder features (BLIP's own ITC); 0 = in-batch only
     itc_queue_size: int = checked(0, non_negative)
 
+    @property
+    def quantisation(self) -> str:
+        """The bitsandbytes quantisation asked for: "8bit", "4bit" or ""."""
+        return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else ""
+
 
 @dataclass
 class DeepSpeedSpec:
@@ -443,9 +448,14 @@ def _check_data_filters(spec: JobSpec) -> None:
 
 
 def _check_quantisation(spec: JobSpec) -> None:
-    if spec.model.load_in_8bit and spec.model.load_in_4bit:
+    model = spec.model
+    if model.load_in_8bit and model.load_in_4bit:
         raise SpecError("model.load_in_4bit: expected false while model.load_in_8bit is true (one quantisation), "
                         "got true")
+    trains = any(stage.kind in ("train", "tune") for stage in spec.stages)
+    if model.quantisation and trains and not spec.train.use_gpu:
+        raise SpecError(f"model.load_in_{model.quantisation}: expected false while train.use_gpu is false "
+                        f"(bitsandbytes' {model.quantisation} weights need a CUDA GPU), got true")
 
 
 def _check_schedule(spec: JobSpec) -> None:
