@@ -337,3 +337,33 @@ def test_end_to_end_on_ray_lowers_the_loss_and_writes_metrics(tmp_path, ray_loca
     assert (Path(summary["model_dir"]) / "adapter_model.safetensors").is_file()
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 8
+
+
+def test_a_prompt_is_read_after_the_image_tokens_and_only_the_answer_is_returned(tiny_dir, records, tmp_path):
+    """The zero_shot baseline: BLIP-2 continues ``[image]×Q [bos] prompt`` (what its zero-shot use looks like)."""
+    from medvl.models.base import GenerationSettings
+    from medvl.models.blip2 import prompt_ids
+
+    recipe = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path)))
+    loaded = recipe.load_for_inference(tiny_dir)
+    batch = tensors(recipe, tiny_dir, records[:3])
+    seen = []
+    generate = loaded.module.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs.get("input_ids"))
+        return generate(**kwargs)
+
+    loaded.module.generate = spy
+    prompt = "findings:"
+    settings = GenerationSettings(num_beams=1, max_new_tokens=5)
+    plain = recipe.generate_scored(loaded, batch, settings)
+    prompted = recipe.generate_scored(loaded, batch, GenerationSettings(1, 5, prompt=prompt))
+    config = loaded.module.config
+    expected = [config.image_token_index] * config.num_query_tokens + [config.text_config.bos_token_id] + \
+        loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert seen[0] is None  # no prompt: generate starts from its own [image]×Q [bos]
+    assert seen[1].tolist() == [expected] * 3 == prompt_ids(config, loaded.tokenizer, prompt).tolist() * 3
+    assert len(prompted.texts) == 3 and all(0 < p <= 1 for p in prompted.mean_token_probs)
+    assert all(not text.startswith(prompt) for text in prompted.texts)  # the prompt is not echoed back
+    assert prompted.mean_token_probs != plain.mean_token_probs  # the prompt changed what the model read

@@ -3,11 +3,13 @@
 Writes to the stage's folder (paths: :class:`medvl.runs.RunLayout`): the metrics (flat keys), the predictions
 (id, reference, prediction, answer type, mean token probability), a report (headline metrics and the worst
 examples), attention overlays for the first ``eval.attention_maps`` samples and, when ``eval.baselines`` asks
-for them, a comparison of the trained model with the untrained one and with images shuffled across references
-(a model that ignores the image scores the same either way).
+for them, a comparison of the trained model with the untrained one, with the untrained one prompted
+(``zero_shot``: it generates after ``eval.prompt``, as a pretrained model is used without fine-tuning) and with
+images shuffled across references (a model that ignores the image scores the same either way).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -45,11 +47,12 @@ class Grounding:
     prediction: str
 
 
-def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attention_maps: int = 0) -> Predictions:
-    """Stream the eval split through Ray Data and generate on the driver; attention maps of the first
-    ``attention_maps`` samples."""
+def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attention_maps: int = 0,
+                         prompt: str = "") -> Predictions:
+    """Stream the eval split through Ray Data and generate on the driver (after ``prompt``, when given); attention
+    maps of the first ``attention_maps`` samples."""
     settings = spec.eval
-    generation = GenerationSettings.from_eval(settings)
+    generation = dataclasses.replace(GenerationSettings.from_eval(settings), prompt=prompt)
     loaded = recipe.load_for_inference(model_dir)
     factory = functools.partial(recipe.preprocessor, model_dir)
     dataset = read_split(spec.shards_location, settings.split, spec.data.endpoint_url)
@@ -149,6 +152,9 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     comparison = {"trained": metrics}
     if "untrained" in spec.eval.baselines and untrained_dir:
         comparison["untrained"] = score(spec, recipe, generate_predictions(spec, recipe, untrained_dir))
+    if "zero_shot" in spec.eval.baselines and untrained_dir:
+        zero_shot = generate_predictions(spec, recipe, untrained_dir, prompt=spec.eval.prompt)
+        comparison["zero_shot"] = score(spec, recipe, zero_shot)
     if "shuffled_images" in spec.eval.baselines:
         comparison["shuffled_images"] = score(spec, recipe, shuffled_references(preds, spec.data.seed))
     if len(comparison) > 1:

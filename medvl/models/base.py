@@ -36,10 +36,12 @@ TensorBatch = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How to decode: eval takes them from ``eval``, serve from ``serve`` (falling back to eval's)."""
+    """How to decode: eval takes them from ``eval``, serve from ``serve`` (falling back to eval's). ``prompt``:
+    text the model reads before generating (the zero_shot baseline; recipes whose card says ``prompted``)."""
 
     num_beams: int
     max_new_tokens: int
+    prompt: str = ""
 
     @classmethod
     def from_eval(cls, settings: EvalSpec) -> GenerationSettings:

@@ -198,6 +198,13 @@ def language_ids(config: Blip2Config, tokenizer) -> tuple[int, int, int]:
     return text.bos_token_id, text.eos_token_id, pad
 
 
+def prompt_ids(config: Blip2Config, tokenizer, prompt: str) -> torch.Tensor:
+    """``[image]×Q [bos] prompt``, one row: what generation continues after, as BLIP-2's zero-shot prompting does."""
+    tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    image = [config.image_token_index] * config.num_query_tokens
+    return torch.tensor([[*image, config.text_config.bos_token_id, *tokens]])
+
+
 def blip2_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_index: int) -> torch.Tensor:
     return input_ids.masked_fill((attention_mask == 0) | (input_ids == image_token_index), -100)
 
@@ -308,12 +315,20 @@ class Blip2Recipe(Recipe):
         return output.loss, {}
 
     def generate_scored(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> Generated:
+        """Findings after ``[image]×Q [bos]``, or after ``[image]×Q [bos] prompt`` when ``settings.prompt`` is set
+        (only the generated tokens are returned)."""
         model = loaded.module
         blip2 = model.get_base_model() if isinstance(model, PeftModel) else model
+        pixel_values = batch["pixel_values"].to(_model_device(model))
+        prompt = {}
+        if settings.prompt:
+            ids = prompt_ids(_config(model), loaded.tokenizer, settings.prompt).to(pixel_values.device)
+            prompt = {"input_ids": ids.repeat(len(pixel_values), 1)}
+            prompt["attention_mask"] = torch.ones_like(prompt["input_ids"])
         return generate_scored(
             model.generate, blip2.language_model, loaded.tokenizer, _config(model).text_config.eos_token_id,
-            pixel_values=batch["pixel_values"].to(_model_device(model)), num_beams=settings.num_beams,
-            max_new_tokens=settings.max_new_tokens,
+            pixel_values=pixel_values, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
+            **prompt,
         )
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
