@@ -210,7 +210,8 @@ def test_quantised_loading_without_cuda_says_what_to_do(tiny_dir, tmp_path, bits
     raw = job(tiny_dir, tmp_path, **{f"load_in_{bits}bit": True})
     raw["train"]["use_gpu"] = True  # a GPU spec run where there is none
     recipe = Blip2Recipe(parse_spec(raw))
-    what_to_do = rf"model.load_in_{bits}bit needs a CUDA GPU and the bitsandbytes package: set model.load_in_{bits}bit: false"
+    field = f"model.load_in_{bits}bit"
+    what_to_do = rf"{field} needs a CUDA GPU and the bitsandbytes package: set {field}: false"
     with pytest.raises(RuntimeError, match=what_to_do):
         recipe.load_for_training(tiny_dir)
     with pytest.raises(RuntimeError, match=what_to_do):
