@@ -218,7 +218,7 @@ class TuneSpec:
     num_samples: int = checked(1, positive)  # grid: repeats of the whole grid; random: draws (grids crossed in)
     search_alg: Literal["grid", "random", "optuna"] = "grid"  # optuna only where its package is installed
     scheduler: Literal["asha", "none"] = "asha"
-    # ASHA's unit is the optimizer step: trials report at every validation (set train.eval_every_steps)
+    # ASHA's unit is the optimizer step: trials report at every validation (tune.eval_every_steps below)
     grace_period: int = checked(250, positive)  # steps before ASHA may stop a trial (the published protocol: 250)
     reduction_factor: float = checked(3.0, above_one)  # ASHA keeps the best 1/reduction_factor at each rung
     max_steps: int = checked(0, non_negative)  # ASHA's max_t, and each trial's train.max_steps cap; 0 = planned
