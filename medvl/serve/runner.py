@@ -74,7 +74,7 @@ class ModelRunner:
         self.generation = serving_generation(spec)
         self.loaded = self.recipe.load_for_inference(self.local_checkpoint)
         self.device = torch.device("cuda" if spec.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
+        if not spec.model.quantisation:  # bitsandbytes places 8- and 4-bit weights itself
             self.loaded.to(self.device)
         self.preprocess = self.recipe.preprocessor(self.local_checkpoint)
         self.suspect = False  # a query failed alone since the last probe
