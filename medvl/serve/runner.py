@@ -27,6 +27,7 @@ import torch
 from medvl.data.images import encode_png
 from medvl.data.records import SHARD_COLUMNS
 from medvl.models.base import GenerationSettings
+from medvl.models.cache import local_model
 from medvl.models.registry import build_recipe
 from medvl.serve.requests import Query, RequestError
 from medvl.spec import JobSpec
@@ -67,13 +68,15 @@ class ModelRunner:
 
     def __init__(self, spec: JobSpec, checkpoint: str):
         self.spec, self.checkpoint = spec, checkpoint
+        # A checkpoint on object storage is fetched once into this node's cache (replicas after the first reuse it).
+        self.local_checkpoint = local_model(checkpoint, spec.data.endpoint_url)
         self.recipe = build_recipe(spec)
         self.generation = serving_generation(spec)
-        self.loaded = self.recipe.load_for_inference(checkpoint)
+        self.loaded = self.recipe.load_for_inference(self.local_checkpoint)
         self.device = torch.device("cuda" if spec.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
+        if not spec.model.quantisation:  # bitsandbytes places 8- and 4-bit weights itself
             self.loaded.to(self.device)
-        self.preprocess = self.recipe.preprocessor(checkpoint)
+        self.preprocess = self.recipe.preprocessor(self.local_checkpoint)
         self.suspect = False  # a query failed alone since the last probe
         self.dead_reason = ""  # set once a probe failed: the replica stays unhealthy
         self._probe_lock = threading.Lock()

@@ -22,7 +22,6 @@ DeepSpeed runs on CPU too (its CPU accelerator over Ray's gloo process group), w
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,9 +32,11 @@ import ray.train.torch
 import torch
 
 from medvl.models.base import Recipe
+from medvl.models.cache import local_model, remote_name
 from medvl.models.checkpointing import enable_gradient_checkpointing
 from medvl.models.precision import PRECISION_DTYPES, autocast, keep_trainable_in_fp32, training_precision
 from medvl.spec import JobSpec
+from medvl.train.schedule import warmup_cosine
 
 DEEPSPEED_TAG = "zero"  # DeepSpeed's sub-folder inside a checkpoint
 DEEPSPEED_MARKER = "medvl_deepspeed.json"  # says "consolidate me" to the export
@@ -52,21 +53,9 @@ def build_engine(spec: JobSpec, recipe: Recipe, model_source: str, total_steps: 
 def _optimizer_and_scheduler(spec: JobSpec, parameters: list[torch.nn.Parameter], total_steps: int):
     settings = spec.train
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = warmup_cosine_schedule(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    scheduler = warmup_cosine(optimizer, settings.lr, int(settings.warmup_ratio * total_steps), total_steps,
+                              start_lr=settings.warmup_start_lr, min_lr=settings.min_lr)
     return optimizer, scheduler
-
-
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up, then cosine decay to 0: transformers' ``get_cosine_schedule_with_warmup``, written here
-    because importing it pulls in ``transformers.trainer_utils`` and with it peft, ~2.7 s of every Train
-    worker's start-up (a Tune trial pays it per trial)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class DdpEngine:
@@ -221,8 +210,10 @@ def consolidate(folder: Path, recipe: Recipe, out_dir: Path) -> None:
 
     marker = json.loads((folder / DEEPSPEED_MARKER).read_text())
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=marker["tag"])
-    model = recipe.load_for_training(marker["model_source"])
+    # The workers loaded their start from a cached copy, maybe on another node: fetch its URL's copy here.
+    source = local_model(remote_name(marker["model_source"]) or marker["model_source"], recipe.spec.data.endpoint_url)
+    model = recipe.load_for_training(source)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"{folder}: ZeRO shards do not match the model: {result.unexpected_keys[:5]}")
-    recipe.save(model, marker["model_source"], out_dir)
+    recipe.save(model, source, out_dir)
