@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from medvl.runs import SEARCH_DIR
+
 SPACE = {"model.lora_r": {"grid": [2, 8]}, "train.lr": {"grid": [3e-2, 3e-3, 3e-4]}}
 
 
@@ -52,7 +54,7 @@ def read_rows(tune_dir: Path) -> list[dict]:
 def trial_startups(tune_dir: Path) -> list[dict[str, float]]:
     """Each trial's start-up split, from the first result it reported to Tune (its ``result.json``)."""
     startups = []
-    for result_file in sorted((tune_dir / "search").glob("*/result.json")):
+    for result_file in sorted((tune_dir / SEARCH_DIR).glob("*/result.json")):
         for line in result_file.read_text().splitlines():
             startup = json.loads(line).get("startup_s")
             if startup:

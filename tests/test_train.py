@@ -108,3 +108,15 @@ def test_medvl_eval_writes_metrics_predictions_report_and_attention_overlays(tra
     overlays = sorted((out / "attention").glob("*.png"))
     assert [p.name for p in overlays] == sorted(overlay_filename(r["id"]) for r in rows[:2])
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in overlays)
+
+
+def test_startup_clock_names_each_span_by_the_stamp_that_ends_it(monkeypatch):
+    from medvl.train import reporting
+
+    now = iter([13.0, 20.0, 20.5])
+    monkeypatch.setattr(reporting.time, "time", lambda: next(now))
+    clock = reporting.StartupClock({"stage": 10.0, "driver": 11.0})
+    assert clock.mark("worker_group") and clock.mark("data") and not clock.mark("data")  # once only
+    assert clock.mark("first_step")
+    assert clock.durations() == {"driver": 1.0, "worker_group": 2.0, "data": 7.0, "first_step": 0.5, "total": 10.5}
+    assert reporting.StartupClock().durations() == {}

@@ -16,7 +16,8 @@ from medvl.spec import SpecError, load_spec, parse_spec
 from medvl.validation import validate
 from medvl.tune.results import TrialRow, best_job_spec
 from medvl.tune.search import concurrency, trial_cpus
-from medvl.tune.stage import base_trial_spec
+from medvl.tune.space import Dimension
+from medvl.tune.stage import base_trial_spec, trial_datasets
 from medvl.tune.trial import trial_spec
 
 IMAGE_SIZE = 32
@@ -121,6 +122,13 @@ def read_trials(tune_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def test_trials_share_preprocessed_data_only_when_no_searched_field_changes_preprocessing(tmp_path: Path):
+    spec = parse_spec(search_job(tmp_path, {"train.lr": {"grid": [1e-2]}}, ["tune"]))
+    for field in ("data.image_size", "model.num_query_tokens", "model.recipe"):
+        # None before anything is preprocessed (no Ray is running here: reaching it would fail)
+        assert trial_datasets(spec, [Dimension(field, "grid", (1, 2))], "unused", 128) is None
+
+
 @pytest.mark.slow
 def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tmp_path, ray_local):
     import torch
@@ -156,6 +164,10 @@ def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tm
     assert best["train.lr"] == "0.01" and float(best["val_loss"]) == min(float(r["val_loss"]) for r in rows)
     assert (tune_dir / "trials.md").read_text().count("\n| ") == 7  # header + 6 trials
     assert (tune_dir / "val_loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every trial reported where its start-up went (benchmarks/tune_asha.py prints it).
+    startups = [json.loads(f.read_text().splitlines()[0])["startup_s"] for f in (tune_dir / "search").glob("*/result.json")]
+    parts = {"driver", "worker_group", "model", "data", "first_step", "total"}
+    assert len(startups) == 6 and all(set(s) == parts and s["total"] > 0 for s in startups), startups
     # Ended trials freed their Train workers and the workers' placement groups (see medvl/tune/cleanup.py).
     deadline = time.monotonic() + 30
     while (train_actors() - before or leaked_placement_groups()) and time.monotonic() < deadline:

@@ -65,7 +65,7 @@ def search_settings(spec: JobSpec, space: list[Dimension]) -> dict:
 
 
 def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Location, base: dict, model_source: str,
-               max_t: int, callbacks: list | None = None) -> SearchOutcome:
+               max_t: int, callbacks: list | None = None, datasets: dict | None = None) -> SearchOutcome:
     """Start the search, or resume the one in ``tune_dir``; returns when every trial is done or on interrupt.
 
     ``callbacks``: extra Tune callbacks for a new search (the tests use one to interrupt it). A restored search
@@ -76,7 +76,7 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Location, base: 
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, tune_dir=tune_dir, model_source=model_source),
+        tune.with_parameters(run_trial, base=base, tune_dir=tune_dir, model_source=model_source, datasets=datasets),
         {"cpu": TRIAL_DRIVER_CPUS},
     )
     layout = TuneLayout(tune_dir)

@@ -43,7 +43,8 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
     print(f"[medvl tune] {stage.name}: space {spec.tune.space} ({len(space)} keys), {spec.tune.search_alg} search, "
           f"scheduler {spec.tune.scheduler}, up to {max_t} steps per trial", flush=True)
 
-    outcome = run_search(spec, space, tune_dir, base, model_source, max_t, callbacks)
+    datasets = trial_datasets(example, space, model_source, train_rows)
+    outcome = run_search(spec, space, tune_dir, base, model_source, max_t, callbacks, datasets)
     gather_starts(layout)
     planned = {}
     for result in outcome.results:
@@ -78,6 +79,24 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
           f"model → {model_dir}", flush=True)
     return summary | {"best_trial": best.trial_id, "best_config": best.config, "model_dir": str(model_dir),
                       f"best_{spec.tune.metric}": best.best}
+
+
+# Searched fields that leave preprocessing as it is: trials that differ only in these can share the decoded data.
+DATA_NEUTRAL_PREFIXES = ("train.", "tune.", "tracking.", "model.lora_")
+
+
+def trial_datasets(example: JobSpec, space, model_source: str, train_rows: int) -> dict | None:
+    """The splits preprocessed once for every trial, when no searched field changes preprocessing and they are
+    small enough (``trainer.shared_training_datasets``); None: each trial streams its own."""
+    from medvl.train.trainer import shared_training_datasets
+
+    if not all(dimension.field.startswith(DATA_NEUTRAL_PREFIXES) for dimension in space):
+        return None
+    datasets = shared_training_datasets(example, build_recipe(example), model_source, train_rows)
+    if datasets is not None:
+        print("[medvl tune] the training and validation splits are preprocessed once and shared by every trial",
+              flush=True)
+    return datasets
 
 
 def base_trial_spec(spec: JobSpec) -> dict:

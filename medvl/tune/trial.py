@@ -55,8 +55,12 @@ def worker_resources(spec: JobSpec) -> dict[str, float] | None:
     return {"CPU": spec.train.cpus_per_worker, "GPU": gpus / spec.train.workers}
 
 
-def run_trial(config: dict[str, Any], base: dict, tune_dir: Location, model_source: str) -> None:
-    """The Tune function trainable (wrapped with ``tune.with_parameters`` and ``tune.with_resources``)."""
+def run_trial(config: dict[str, Any], base: dict, tune_dir: Location, model_source: str,
+              datasets: dict | None = None) -> None:
+    """The Tune function trainable (wrapped with ``tune.with_parameters`` and ``tune.with_resources``).
+
+    ``datasets``: the search's preprocessed splits, shared by every trial (``trainer.shared_training_datasets``);
+    None: the trial streams its own."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -70,7 +74,8 @@ def run_trial(config: dict[str, Any], base: dict, tune_dir: Location, model_sour
     record.write_text(json.dumps({"trial_id": trial_id, "started": started}))
     run_train_stage(spec, StageSpec(kind="train", name=TRIAL_STAGE), start_from=model_source,
                     callbacks=[TuneReportCallback()], resources_per_worker=worker_resources(spec),
-                    show_progress=False)  # the search draws its own progress; trials report through Tune
+                    show_progress=False,  # the search draws its own progress; trials report through Tune
+                    shared_datasets=datasets)
 
 
 def gather_starts(layout: TuneLayout) -> list[dict]:
