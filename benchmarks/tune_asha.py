@@ -5,9 +5,9 @@
 
 Prints the total optimizer steps trained over all trials and the wall time of each search, their ratios
 (ASHA / full), whether both searches found the same best config, and each trial's start-up: the time from the
-trial's train stage starting to its first optimizer step (median and max over all trials of both searches), split
-as the Train worker records it (``medvl.train.reporting.StartupClock``: driver side, worker group, model, Ray
-Data's first batch, first step). Shards are prepared once and shared, and
+trial function's start to its first optimizer step (median and max over all trials of both searches), split
+as the Train worker records it (``medvl.train.reporting.StartupClock``: imports, driver side, worker group,
+model, Ray Data's first batch, first step). Shards are prepared once and shared, and
 each search builds the same seeded tiny base model, so the two differ only in the scheduler.
 """
 from __future__ import annotations

@@ -166,7 +166,7 @@ def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tm
     assert (tune_dir / "val_loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every trial reported where its start-up went (benchmarks/tune_asha.py prints it).
     startups = [json.loads(f.read_text().splitlines()[0])["startup_s"] for f in (tune_dir / "search").glob("*/result.json")]
-    parts = {"driver", "worker_group", "model", "data", "first_step", "total"}
+    parts = {"stage", "driver", "worker_group", "model", "data", "first_step", "total"}
     assert len(startups) == 6 and all(set(s) == parts and s["total"] > 0 for s in startups), startups
     # Ended trials freed their Train workers and the workers' placement groups (see medvl/tune/cleanup.py).
     deadline = time.monotonic() + 30

@@ -57,14 +57,16 @@ class TrainOutcome:
 
 def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None, callbacks: list | None = None,
                     resources_per_worker: dict | None = None, log: StageLog | None = None,
-                    show_progress: bool = True, shared_datasets: dict | None = None) -> TrainOutcome:
+                    show_progress: bool = True, shared_datasets: dict | None = None,
+                    started_at: float | None = None) -> TrainOutcome:
     """Train ``spec``'s model (from ``start_from``, a model folder, when given) and export the best checkpoint.
 
     ``callbacks`` go to Ray Train's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``);
     ``resources_per_worker`` replaces ``{"CPU": train.cpus_per_worker}`` (a Tune trial's fractional GPUs);
     ``log`` gets the step metrics; ``show_progress`` False (a Tune trial: the search shows its own) draws nothing
     and leaves the workers without a progress board. ``shared_datasets`` (a search's trials: see
-    :func:`shared_training_datasets`) replaces the stage's own pipelines.
+    :func:`shared_training_datasets`) replaces the stage's own pipelines. ``started_at`` (``time.time()``): when
+    the caller started (a Tune trial), so that the start-up the workers report counts from there.
     """
     started, stage_stamp = time.perf_counter(), time.time()
     recipe = build_recipe(spec)
@@ -86,7 +88,8 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     check_cpu_budget(spec)
     total_steps = planned_steps(manifest["counts"]["train"], spec)
     board = start_board() if show_progress else None
-    startup_stamps = {"stage": stage_stamp, "driver": time.time()}  # see reporting.StartupClock
+    startup_stamps = {"start": started_at} if started_at else {}  # see reporting.StartupClock
+    startup_stamps |= {"stage": stage_stamp, "driver": time.time()}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -61,6 +61,7 @@ def run_trial(config: dict[str, Any], base: dict, tune_dir: Location, model_sour
 
     ``datasets``: the search's preprocessed splits, shared by every trial (``trainer.shared_training_datasets``);
     None: the trial streams its own."""
+    started = time.time()  # before the imports: they are part of a trial's start-up
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -69,13 +70,12 @@ def run_trial(config: dict[str, Any], base: dict, tune_dir: Location, model_sour
     trial_id = ray.tune.get_context().get_trial_id()
     layout = TuneLayout(tune_dir)
     spec = trial_spec(base, config, layout.trial(trial_id))
-    started = time.time()
     record = layout.start_records / f"{trial_id}-{time.time_ns()}.json"
     record.write_text(json.dumps({"trial_id": trial_id, "started": started}))
     run_train_stage(spec, StageSpec(kind="train", name=TRIAL_STAGE), start_from=model_source,
                     callbacks=[TuneReportCallback()], resources_per_worker=worker_resources(spec),
                     show_progress=False,  # the search draws its own progress; trials report through Tune
-                    shared_datasets=datasets)
+                    shared_datasets=datasets, started_at=started)
 
 
 def gather_starts(layout: TuneLayout) -> list[dict]:
