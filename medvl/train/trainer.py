@@ -79,6 +79,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     model_source = start_from or initial_model_in(recipe, out, lambda: training_texts(spec))
     skipped_before = skipped_counts()
 
+    model_fs = model_filesystem(model_source, endpoint)  # carries the driver's S3 endpoint and keys to workers
     if shared_datasets is None:
         position = storage.filesystem_for(position_file_location(spec, stage.name), endpoint)  # fs carries S3 keys
         datasets = training_datasets(spec, recipe, model_source, position)
