@@ -1,6 +1,6 @@
 """Does ingest keep up with training? Prints rows/s of three consumers of the same shards (a measurement, not a test).
 
-    python benchmarks/ingest.py [--images 0] [--image-size 128] [--steps 30]   # 0 = the quickstart's images
+    python benchmarks/ingest.py [--images N] [--image-size PX] [--steps 30]   # default: the quickstart's data
 
 (a) the Ray Data pipeline training uses (``read_split`` + ``preprocessed`` with the tiny BLIP preprocessor, as
     many actors and CPUs as the quickstart spec reserves), iterated to the end with ``iter_batches``;
@@ -117,7 +117,7 @@ def training_rate(spec, recipe, model_source: str, batches: list[dict], steps: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=0, help="synthetic images (0 = the quickstart's)")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=0, help="pixels (0 = the quickstart's)")
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps for (c)")
     parser.add_argument("--torch-threads", type=int, default=0, help="for (c); 0 = the quickstart's train.torch_threads")
     args = parser.parse_args()
@@ -126,8 +126,9 @@ def main() -> None:
     from medvl.spec import load_spec
     from medvl.train.trainer import training_texts
 
-    if not args.images:
-        args.images = load_spec(ROOT / "jobs" / "quickstart.yaml").data.synthetic_images
+    quickstart = load_spec(ROOT / "jobs" / "quickstart.yaml").data
+    args.images = args.images or quickstart.synthetic_images
+    args.image_size = args.image_size or quickstart.image_size
     with tempfile.TemporaryDirectory(prefix="medvl-ingest-") as tmp:
         spec = load_spec(ROOT / "jobs" / "quickstart.yaml", [
             f"output_dir={tmp}", f"data.image_size={args.image_size}",
