@@ -108,6 +108,9 @@ def _start_local(spec: JobSpec) -> None:
     # Train V2 tees each print of a worker into its logger too, so every line reached the driver twice. Off for our
     # own Ray (its workers inherit this environment); medvl's workers report through a progress board anyway.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Train V2 starts a preemption-watcher actor with every run (each Tune trial): one more process to start before
+    # the first step, and on this machine's own Ray no node is ever drained. Clusters (joined Rays) keep it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     kwargs: dict[str, Any] = {"address": "local", "log_to_driver": True}
     if spec.ray.num_cpus:
         kwargs["num_cpus"] = spec.ray.num_cpus
