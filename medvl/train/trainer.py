@@ -69,20 +69,22 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     the caller started (a Tune trial), so that the start-up the workers report counts from there.
     """
     started, stage_stamp = time.perf_counter(), time.time()
-    recipe = build_recipe(spec)
+    # Built when first needed: importing a recipe's model code takes seconds, and a Tune trial with the search's
+    # shared data and base model needs it only to export its model after training (its workers build their own).
+    recipe = functools.cache(functools.partial(build_recipe, spec))
     layout = RunLayout.for_spec(spec)
     out = layout.stage(stage.name)
     out.mkdir()
     claim_run_folder(spec, stage.name)
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     manifest = read_manifest(location, endpoint)
-    model_source = start_from or initial_model_in(recipe, out, lambda: training_texts(spec))
+    model_source = start_from or initial_model_in(recipe(), out, lambda: training_texts(spec))
     skipped_before = skipped_counts()
 
     model_fs = model_filesystem(model_source, endpoint)  # carries the driver's S3 endpoint and keys to workers
     if shared_datasets is None:
         position = storage.filesystem_for(position_file_location(spec, stage.name), endpoint)  # fs carries S3 keys
-        datasets = training_datasets(spec, recipe, model_source, position)
+        datasets = training_datasets(spec, recipe(), model_source, position)
     else:
         position, datasets = None, shared_datasets
     settings = spec.train
@@ -122,7 +124,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     if best is None:
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
     model_dir = layout.model(stage.name)
-    export_checkpoint(best, model_dir, recipe)
+    export_checkpoint(best, model_dir, recipe())
     summary = {
         "stage": stage.name,
         "model_source": model_source,
