@@ -1,6 +1,6 @@
 """What Ray Train costs per step: the quickstart's model and data, trained through Ray and without it.
 
-    python benchmarks/train_overhead.py [--steps 200] [--images 8000] [--warmup 30]
+    python benchmarks/train_overhead.py [--steps 200] [--images 8000] [--warmup 30] [--set data.shuffle_buffer=0]
 
 The same seeded tiny BLIP, the same shards, the same number of optimizer steps, twice:
 
@@ -12,7 +12,10 @@ The same seeded tiny BLIP, the same shards, the same number of optimizer steps, 
 
 Step times are steady-state: the median over ``--interval``-step windows after ``--warmup`` steps. The Ray run's
 windows are the ones its worker measures (``step_time_s`` of its progress posts, validation excluded); the plain
-loop's are timed here the same way. Start-up is the time from the call to the first optimizer step. Both loops
+loop's are timed here the same way. The plain loop runs before and after the Ray run and its figure is the median
+of both runs' windows, so that a change in the machine's background load during the Ray run biases the ratio
+less (the load averages are printed; this machine is shared). ``--set`` overrides go to both runs' spec, to
+attribute a cost (e.g. ``data.shuffle_buffer=0``: no local shuffle buffer in the Ray loop). Start-up is the time from the call to the first optimizer step. Both loops
 use the torch threads the spec gives the Train worker. The plain loop decodes in its own thread (it has no
 separate data process), so its step time includes decoding; the Ray worker's data arrives from another process.
 
@@ -39,14 +42,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def quickstart_spec(work: Path, images: int, steps: int, interval: int):
+def quickstart_spec(work: Path, images: int, steps: int, interval: int, overrides: list[str]):
     from medvl.spec import load_spec
 
     return load_spec(ROOT / "jobs" / "quickstart.yaml", [
         f"output_dir={work / 'ray'}", f"data.shards={work / 'shards'}", f"data.synthetic_images={images}",
         f"train.max_steps={steps}", "train.epochs=100", "train.eval_every_steps=0",
         "train.early_stopping_patience=0", "train.max_val_batches=1", f"tracking.log_every_steps={interval}",
-        "tracking.enabled=false",
+        "tracking.enabled=false", *overrides,
     ])
 
 
@@ -155,6 +158,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--images", type=int, default=0, help="synthetic images to prepare (0 = the quickstart's)")
     parser.add_argument("--warmup", type=int, default=30, help="steps left out of the steady-state figure")
     parser.add_argument("--interval", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="spec override (both runs)")
     args = parser.parse_args(argv)
 
     from medvl.data.prepare import run_prepare_stage
@@ -165,7 +169,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="medvl-train-overhead-") as tmp:
         work = Path(tmp)
         images = args.images or load_spec(ROOT / "jobs" / "quickstart.yaml").data.synthetic_images
-        spec = quickstart_spec(work, images, args.steps, args.interval)
+        spec = quickstart_spec(work, images, args.steps, args.interval, args.set)
         run_prepare_stage(spec)
         # Both runs start from this one folder: the same tokenizer and the same random weights.
         model_source = build_recipe(spec).initial_model(work / "base", lambda: training_texts(spec))
@@ -175,16 +179,23 @@ def main(argv: list[str]) -> int:
         load.append(os.getloadavg()[0])
         ray = ray_run(spec, model_source)
         load.append(os.getloadavg()[0])
+        again = plain_run(spec, model_source, args.steps, args.interval, threads)
+        load.append(os.getloadavg()[0])
 
-    ray_step, plain_step = steady(ray["windows"], args.warmup), steady(plain["windows"], args.warmup)
+    ray_step = steady(ray["windows"], args.warmup)
+    plain_step = steady(plain["windows"] + again["windows"], args.warmup)
+    before, after = steady(plain["windows"], args.warmup), steady(again["windows"], args.warmup)
     print("\n== Ray Train overhead per step ==")
+    overrides = ", " + " ".join(args.set) if args.set else ""
     print(f"quickstart model and data, {args.steps} optimizer steps each, batch {spec.train.batch_size}, "
-          f"{threads} torch thread(s), {os.cpu_count()} CPUs, load average {' / '.join(f'{x:.1f}' for x in load)}")
+          f"{threads} torch thread(s), {os.cpu_count()} CPUs{overrides}; load average "
+          f"{' / '.join(f'{x:.1f}' for x in load)} (start, after plain, after ray, after plain again)")
     startup = ", ".join(f"{k} {v:.1f} s" for k, v in ray["startup"].items() if k != "total")
     print(f"ray    step {ray_step * 1000:7.1f} ms  start-up to first step "
           f"{ray['startup'].get('total', float('nan')):5.1f} s ({startup})  wall {ray['wall_s']:.0f} s")
-    print(f"plain  step {plain_step * 1000:7.1f} ms  start-up to first step {plain['startup']['total']:5.1f} s  "
-          f"wall {plain['wall_s']:.0f} s  (decoding {plain['data_share']:.0%} of it, in the training thread)")
+    print(f"plain  step {plain_step * 1000:7.1f} ms ({before * 1000:.1f} before the Ray run, {after * 1000:.1f} after)  "
+          f"start-up to first step {plain['startup']['total']:5.1f} s  wall {plain['wall_s']:.0f} s  "
+          f"(decoding {plain['data_share']:.0%} of it, in the training thread)")
     print(f"ratio {ray_step / plain_step:.2f}")
     return 0
 
