@@ -15,9 +15,10 @@ windows are the ones its worker measures (``step_time_s`` of its progress posts,
 loop's are timed here the same way. The plain loop runs before and after the Ray run and its figure is the median
 of both runs' windows, so that a change in the machine's background load during the Ray run biases the ratio
 less (the load averages are printed; this machine is shared). ``--set`` overrides go to both runs' spec, to
-attribute a cost (e.g. ``data.shuffle_buffer=0``: no local shuffle buffer in the Ray loop). Start-up is the time from the call to the first optimizer step. Both loops
-use the torch threads the spec gives the Train worker. The plain loop decodes in its own thread (it has no
-separate data process), so its step time includes decoding; the Ray worker's data arrives from another process.
+attribute a cost (e.g. ``data.shuffle_buffer=0``: no local shuffle buffer in the Ray loop). Start-up is the time
+from the call to the first optimizer step. Both loops use the torch threads the spec gives the Train worker. The
+plain loop decodes in its own thread (it has no separate data process), so its step time includes decoding; the
+Ray worker's data arrives from another process.
 
 The last line is ``ratio X``: Ray step time / plain step time (a measurement, not a test).
 """
@@ -154,7 +155,7 @@ def plain_run(spec, model_source: str, steps: int, interval: int, threads: int) 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps in each run (200 = one quickstart epoch)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (200: a quickstart epoch)")
     parser.add_argument("--images", type=int, default=0, help="synthetic images to prepare (0 = the quickstart's)")
     parser.add_argument("--warmup", type=int, default=30, help="steps left out of the steady-state figure")
     parser.add_argument("--interval", type=int, default=10, help="steps per timed window")
