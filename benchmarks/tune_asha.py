@@ -78,6 +78,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once (2 fit a 2-CPU machine)")
     parser.add_argument("--keep", action="store_true", help="keep the output folder")
+    parser.add_argument("--first", choices=("asha", "none"), default="asha",
+                        help="which search runs first (the first pays Ray Train's cold start in this Ray)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,7 +98,7 @@ def main(argv: list[str]) -> int:
     try:
         prepare = parse_spec(job(work, "asha", args.concurrency) | {"stages": ["prepare"]})
         run_prepare_stage(prepare)
-        for scheduler in ("asha", "none"):
+        for scheduler in (("asha", "none") if args.first == "asha" else ("none", "asha")):
             spec = parse_spec(job(work, scheduler, args.concurrency))
             started = time.perf_counter()
             summary = run_tune_stage(spec, spec.stages[0])
