@@ -48,6 +48,7 @@ BASE_DIR = "base"
 BASE_MODEL_RECORD = "base_model.json"
 TRIAL_STARTS_FILE = "trial_starts.jsonl"
 TRIALS_CSV = "trials.csv"
+TRIAL_MODELS_FILE = "trial_models.json"  # every finished trial's exported model, best first (serve.adapters top:K)
 TRIALS_MD = "trials.md"
 CURVES_PNG = "val_loss_curves.png"
 BEST_DIR = "best"
@@ -168,6 +169,13 @@ class TuneLayout:
     @property
     def trials_csv(self) -> Path:
         return self.root / TRIALS_CSV
+
+    def trial_model(self, trial_id: str) -> Path:
+        return self.trial(trial_id) / MODEL_DIR
+
+    @property
+    def trial_models(self) -> Path:
+        return self.root / TRIAL_MODELS_FILE
 
     @property
     def trials_md(self) -> Path:

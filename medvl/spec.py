@@ -239,6 +239,11 @@ class ServeSpec:
     max_question_chars: int = checked(1000, positive)
     num_beams: int = checked(0, non_negative)  # 0 = eval.num_beams
     max_new_tokens: int = checked(0, non_negative)  # 0 = eval.max_new_tokens
+    # Many LoRA adapters on one base (Ray Serve model multiplexing): adapter folders, or ["top:K"] = the K best
+    # trials of the spec's tune stage; [] = serve.checkpoint alone. A request picks one by "model" / the
+    # serve_multiplexed_model_id header.
+    adapters: list[str] = field(default_factory=list)
+    max_adapters_per_replica: int = checked(4, positive)  # kept loaded per replica (least recently used go)
 
 
 @dataclass

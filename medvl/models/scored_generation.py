@@ -7,7 +7,7 @@ not count; the end-of-sequence token itself does (stopping is a choice the model
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -19,6 +19,9 @@ class Generated:
 
     texts: list[str]
     mean_token_probs: list[float]
+    # per text, each generated token's probability and where it ends in the text (for per-sentence confidence)
+    token_probs: list[list[float]] = field(default_factory=list)
+    token_ends: list[list[int]] = field(default_factory=list)
 
 
 def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, eos_token_id: int, /,
@@ -34,7 +37,16 @@ def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, e
     )
     new_tokens = output.sequences[:, -log_probs.shape[1]:]
     texts = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return Generated(texts, mean_token_probabilities(log_probs, new_tokens, eos_token_id))
+    counted = generated_mask(new_tokens, eos_token_id).bool()
+    probs = log_probs.to(torch.float64).exp()
+    token_probs = [probs[row][counted[row]].tolist() for row in range(len(texts))]
+    token_ends = [token_end_offsets(tokenizer, new_tokens[row][counted[row]].tolist()) for row in range(len(texts))]
+    return Generated(texts, mean_token_probabilities(log_probs, new_tokens, eos_token_id), token_probs, token_ends)
+
+
+def token_end_offsets(tokenizer: Any, tokens: list[int]) -> list[int]:
+    """Where each token ends in the decoded (stripped) text: the length of the decoded prefix through it."""
+    return [len(tokenizer.decode(tokens[: k + 1], skip_special_tokens=True).lstrip()) for k in range(len(tokens))]
 
 
 def mean_token_probabilities(log_probs: torch.Tensor, tokens: torch.Tensor, eos_token_id: int) -> list[float]:
