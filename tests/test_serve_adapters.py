@@ -133,6 +133,7 @@ def test_live_adapters_models_list_and_the_openai_client(search, ray_local):
                                     timeout=60).json() for n in ("trial_a", "trial_b")}
         by_header = requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode()},
                                   headers={"serve_multiplexed_model_id": "trial_b"}, timeout=60).json()
+        assert all("text" in a for a in by_body.values()), by_body
         assert by_body["trial_a"]["text"] != by_body["trial_b"]["text"], by_body
         assert by_header["text"] == by_body["trial_b"]["text"] and by_header["model"] == "trial_b"
         unknown = requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode(), "model": "x"},

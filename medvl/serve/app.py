@@ -93,6 +93,16 @@ def model_identity(spec: JobSpec, checkpoint: str) -> dict:
             "base_model": base, "preset": spec.model.preset}
 
 
+class LoadedAdapter:
+    """What Serve's multiplexing keeps per adapter; Serve calls ``__del__`` when it evicts the adapter."""
+
+    def __init__(self, runner: ModelRunner, name: str):
+        self.runner, self.name = runner, name
+
+    def __del__(self) -> None:
+        self.runner.unload_adapter(self.name)
+
+
 # @serve.ingress copies the class by value while this module is still importing: the module-level names its
 # methods use must be defined above it.
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -208,7 +218,7 @@ class MedvlServer:
         return asked
 
     @serve.multiplexed(max_num_models_per_replica=4)
-    async def get_adapter(self, name: str) -> "LoadedAdapter":
+    async def get_adapter(self, name: str) -> LoadedAdapter:
         """Serve's LRU over adapters: loads one here, and unloads it (``__del__``) when it is evicted."""
         await asyncio.to_thread(self.runner.load_adapter, name)
         return LoadedAdapter(self.runner, name)
@@ -243,16 +253,6 @@ class MedvlServer:
             for i, answer in zip(places, group):
                 answers[i] = {**answer, "model": name} if isinstance(answer, dict) else answer
         return answers
-
-
-class LoadedAdapter:
-    """What Serve's multiplexing keeps per adapter; Serve calls ``__del__`` when it evicts the adapter."""
-
-    def __init__(self, runner: ModelRunner, name: str):
-        self.runner, self.name = runner, name
-
-    def __del__(self) -> None:
-        self.runner.unload_adapter(self.name)
 
 
 def build_app(args: dict) -> Application:
