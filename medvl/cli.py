@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from medvl.runs import MLFLOW_DB
@@ -151,15 +152,14 @@ def with_stage(spec, kind: str):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from medvl.storage import Location
     from medvl.tracking.compare import rows_from_mlflow, write_comparison
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if bool(args.run_dirs) == bool(args.mlflow) or (args.mlflow and not args.experiment):
         print("error: compare: give RUN_DIR… or --mlflow URI --experiment NAME", file=sys.stderr)
         return 2
-    missing = [d for d in args.run_dirs if not Path(d).is_dir()]
+    missing = [d for d in args.run_dirs if not Location.of(d).is_dir()]
     if missing:
         print(f"error: compare: {missing[0]}: no such folder", file=sys.stderr)
         return 2
@@ -168,12 +168,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = write_comparison([Path(d) for d in args.run_dirs], metrics, Path(args.out) if args.out else None, rows)
+    rows = write_comparison(args.run_dirs, metrics, Location.of(args.out) if args.out else None, rows)
     if not rows:
         print("error: compare: no train or eval stage found", file=sys.stderr)
         return 2
     if args.out:
-        print(f"wrote {args.out} ({len(rows)} rows) and {Path(args.out).with_suffix('.png')}")
+        print(f"wrote {args.out} ({len(rows)} rows) and {os.path.splitext(args.out)[0]}.png")
     return 0
 
 

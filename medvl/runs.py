@@ -21,13 +21,26 @@ Every path and file name under ``output_dir`` is spelled here and nowhere else::
     comparison.md, comparison.png    a compare stage's table and chart of the job's train and eval stages
 
 A tune stage writes a ``train_summary.json`` too, so "the model of stage X" means the same for both kinds.
+
+``output_dir`` may be a local folder or a URL of any pyarrow filesystem (``s3://bucket/runs/job``): every path
+here is a :class:`medvl.storage.Location`, read and written through its filesystem, so the stages are written
+once for both and nothing lands in a local folder named after the URL. Model folders on object storage are
+fetched to a local cache where they are loaded (:mod:`medvl.models.cache`). The driver's own files (the MLflow
+store, TensorBoard events, ``medvl.log``) need a local disk: for an ``output_dir`` on object storage they go to
+:attr:`RunLayout.driver_dir`.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from medvl.storage import Location
+
+if TYPE_CHECKING:
+    from medvl.spec import JobSpec
 
 SUMMARY_FILE = "train_summary.json"
 RUN_SPEC_FILE = "run_spec.json"
@@ -47,6 +60,7 @@ TRIAL_STAGE = "train"  # the one stage of a trial's spec
 BASE_DIR = "base"
 BASE_MODEL_RECORD = "base_model.json"
 TRIAL_STARTS_FILE = "trial_starts.jsonl"
+TRIAL_STARTS_DIR = "trial_starts"  # one object per start (object stores cannot append), gathered into the file
 TRIALS_CSV = "trials.csv"
 TRIAL_MODELS_FILE = "trial_models.json"  # every finished trial's exported model, best first (serve.adapters top:K)
 TRIALS_MD = "trials.md"
@@ -59,115 +73,139 @@ MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS_DIR = "mlartifacts"
 TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "medvl.log"
+RUNS_VARIABLE = "MEDVL_RUNS_DIR"  # the driver's own files of a run whose output_dir is on object storage
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
 
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Paths under one ``output_dir`` (made absolute: Ray workers and Tune trials run in other directories)."""
+    """Paths under one ``output_dir`` (a local one made absolute: Ray workers and Tune trials run elsewhere).
 
-    root: Path
+    ``endpoint_url``: the S3-compatible endpoint of an ``s3://`` output_dir (``data.endpoint_url``).
+    """
+
+    root: Location
 
     @classmethod
-    def of(cls, output_dir: str | Path) -> RunLayout:
-        return cls(Path(output_dir).absolute())
+    def of(cls, output_dir: str | Location, endpoint_url: str = "") -> RunLayout:
+        return cls(output_dir if isinstance(output_dir, Location) else Location.of(output_dir, endpoint_url))
 
-    def stage(self, name: str) -> Path:
+    @classmethod
+    def for_spec(cls, spec: JobSpec) -> RunLayout:
+        """A spec's ``output_dir``, reached with its ``data.endpoint_url`` when it is on S3."""
+        return cls.of(spec.output_dir, spec.data.endpoint_url)
+
+    def stage(self, name: str) -> Location:
         return self.root / name
 
-    def model(self, stage: str) -> Path:
+    def model(self, stage: str) -> Location:
         return self.stage(stage) / MODEL_DIR
 
-    def summary(self, stage: str) -> Path:
+    def summary(self, stage: str) -> Location:
         return self.stage(stage) / SUMMARY_FILE
 
-    def run_spec(self, stage: str) -> Path:
+    def run_spec(self, stage: str) -> Location:
         return self.stage(stage) / RUN_SPEC_FILE
 
     @property
-    def shards(self) -> Path:
+    def shards(self) -> Location:
         return self.root / SHARDS_DIR
 
     @property
-    def checkpoints(self) -> Path:
+    def checkpoints(self) -> Location:
         return self.root / CHECKPOINTS_DIR
 
-    def comparison(self, job_name: str) -> Path:
+    def comparison(self, job_name: str) -> Location:
         return self.root / f"{job_name}.json"
 
     # ---- an eval stage's folder
-    def metrics(self, stage: str) -> Path:
+    def metrics(self, stage: str) -> Location:
         return self.stage(stage) / METRICS_FILE
 
-    def predictions(self, stage: str) -> Path:
+    def predictions(self, stage: str) -> Location:
         return self.stage(stage) / PREDICTIONS_FILE
 
-    def report(self, stage: str) -> Path:
+    def report(self, stage: str) -> Location:
         return self.stage(stage) / REPORT_FILE
 
-    def attention(self, stage: str) -> Path:
+    def attention(self, stage: str) -> Location:
         return self.stage(stage) / ATTENTION_DIR
 
-    def eval_summary(self, stage: str) -> Path:
+    def eval_summary(self, stage: str) -> Location:
         return self.stage(stage) / EVAL_SUMMARY_FILE
 
-    # ---- what a run records and shows
     @property
-    def mlflow_db(self) -> Path:
-        return self.root / MLFLOW_DB
-
-    @property
-    def mlflow_artifacts(self) -> Path:
-        return self.root / MLFLOW_ARTIFACTS_DIR
-
-    def tensorboard(self, stage: str) -> Path:
-        return self.root / TENSORBOARD_DIR / stage
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / LOG_FILE
-
-    @property
-    def comparison_md(self) -> Path:
+    def comparison_md(self) -> Location:
         return self.root / COMPARISON_MD
 
     @property
-    def comparison_png(self) -> Path:
+    def comparison_png(self) -> Location:
         return self.root / COMPARISON_PNG
+
+    # ---- what the driver records and shows: files of this machine (SQLite, an appended log, event files)
+    @property
+    def driver_dir(self) -> Path:
+        """Where the driver keeps its own files: ``output_dir`` itself when it is local; for one on object
+        storage a local folder named after its URL (``$MEDVL_RUNS_DIR``, else ``~/.cache/medvl/runs``), since
+        SQLite and an appended log cannot live on an object store (a team points ``tracking.uri`` at a server)."""
+        if self.root.is_local:
+            return Path(self.root.path)
+        base = Path(os.environ.get(RUNS_VARIABLE) or Path.home() / ".cache" / "medvl" / "runs")
+        return base / self.root.url.replace("://", "/", 1)
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.driver_dir / MLFLOW_DB
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.driver_dir / MLFLOW_ARTIFACTS_DIR
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.driver_dir / TENSORBOARD_DIR / stage
+
+    @property
+    def log_file(self) -> Path:
+        return self.driver_dir / LOG_FILE
 
 
 @dataclass(frozen=True)
 class TuneLayout:
     """Paths inside a tune stage's folder."""
 
-    root: Path
+    root: Location
 
     @property
-    def experiment(self) -> Path:
+    def experiment(self) -> Location:
         return self.root / SEARCH_DIR
 
     @property
-    def settings(self) -> Path:
+    def settings(self) -> Location:
         return self.root / SEARCH_SETTINGS_FILE
 
-    def trial(self, trial_id: str) -> Path:
+    def trial(self, trial_id: str) -> Location:
         return self.root / TRIALS_DIR / trial_id
 
     @property
-    def base(self) -> Path:
+    def base(self) -> Location:
         return self.root / BASE_DIR
 
     @property
-    def base_record(self) -> Path:
+    def base_record(self) -> Location:
         return self.root / BASE_MODEL_RECORD
 
     @property
-    def starts(self) -> Path:
+    def starts(self) -> Location:
+        """The trials' starts, one line each, gathered from :attr:`start_records` when the search ends."""
         return self.root / TRIAL_STARTS_FILE
 
     @property
-    def trials_csv(self) -> Path:
+    def start_records(self) -> Location:
+        return self.root / TRIAL_STARTS_DIR
+
+    @property
+    def trials_csv(self) -> Location:
         return self.root / TRIALS_CSV
 
     def trial_model(self, trial_id: str) -> Path:
@@ -178,48 +216,49 @@ class TuneLayout:
         return self.root / TRIAL_MODELS_FILE
 
     @property
-    def trials_md(self) -> Path:
+    def trials_md(self) -> Location:
         return self.root / TRIALS_MD
 
     @property
-    def curves(self) -> Path:
+    def curves(self) -> Location:
         return self.root / CURVES_PNG
 
     @property
-    def best(self) -> Path:
+    def best(self) -> Location:
         return self.root / BEST_DIR
 
     @property
-    def best_model(self) -> Path:
+    def best_model(self) -> Location:
         return self.best / MODEL_DIR
 
     @property
-    def best_spec(self) -> Path:
+    def best_spec(self) -> Location:
         return self.best / BEST_SPEC_FILE
 
     @property
-    def summary(self) -> Path:
+    def summary(self) -> Location:
         return self.root / SUMMARY_FILE
 
 
 # --------------------------------------------------------------------------------------------- summaries
 
 
-def write_summary(stage_dir: Path, summary: dict[str, Any]) -> None:
+def write_summary(stage_dir: Location, summary: dict[str, Any]) -> None:
     """A train or tune stage's summary; written last, so its presence means the stage finished."""
     (stage_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
 
-def read_summary(output_dir: str | Path, stage: str) -> dict[str, Any]:
-    path = RunLayout.of(output_dir).summary(stage)
-    if not path.exists():
-        raise FileNotFoundError(f"stage {stage!r} has not been trained yet ({path} is missing)")
-    return json.loads(path.read_text())
+def read_summary(output_dir: str | Location, stage: str, endpoint_url: str = "") -> dict[str, Any]:
+    summary = RunLayout.of(output_dir, endpoint_url).summary(stage)
+    if not summary.is_file():
+        raise FileNotFoundError(f"stage {stage!r} has not been trained yet ({summary} is missing)")
+    return json.loads(summary.read_text())
 
 
-def stage_model(output_dir: str | Path, stage: str) -> str:
-    """The model folder a finished train or tune stage left (for a search: the best trial's)."""
-    return read_summary(output_dir, stage)["model_dir"]
+def stage_model(output_dir: str | Location, stage: str, endpoint_url: str = "") -> str:
+    """The model folder (a local path or a URL) a finished train or tune stage left (for a search: the best
+    trial's)."""
+    return read_summary(output_dir, stage, endpoint_url)["model_dir"]
 
 
 def model_stage_before(stages: list, stage_name: str) -> str | None:
@@ -233,14 +272,16 @@ def model_stage_before(stages: list, stage_name: str) -> str | None:
     raise ValueError(f"no stage named {stage_name!r}")
 
 
-def find_model_folder(path: Path, markers: tuple[str, ...]) -> Path | None:
-    """The model folder ``path`` names: itself, a stage folder (its summary says), ``model/`` or ``best/model/``.
+def find_model_folder(location: Location, markers: tuple[str, ...]) -> str | None:
+    """The model folder ``location`` names: itself, a stage folder (its summary says), ``model/`` or
+    ``best/model/``; returned as a local path or a URL.
 
     ``markers``: the files that make a folder a saved model (see ``medvl.models.registry.model_markers``).
     """
-    if (path / SUMMARY_FILE).is_file():
-        return Path(json.loads((path / SUMMARY_FILE).read_text())["model_dir"]).absolute()
-    for candidate in (path, path / MODEL_DIR, path / BEST_DIR / MODEL_DIR):
+    summary = location / SUMMARY_FILE
+    if summary.is_file():
+        return json.loads(summary.read_text())["model_dir"]
+    for candidate in (location, location / MODEL_DIR, location / BEST_DIR / MODEL_DIR):
         if any((candidate / name).is_file() for name in markers):
-            return candidate.absolute()
+            return str(candidate)
     return None

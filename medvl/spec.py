@@ -28,6 +28,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from medvl.runs import SHARDS_DIR
+from medvl.storage import join
 
 STAGE_KINDS = ("prepare", "train", "eval", "tune", "serve", "compare")
 
@@ -178,6 +179,14 @@ class EvalSpec:
     # Extra scores written to <output_dir>/<name>.json next to the trained model's: "untrained" (the model the
     # train stage started from) and "shuffled_images" (predictions scored against other images' references).
     baselines: list[Literal["untrained", "shuffled_images"]] = field(default_factory=list)
+    # Generation runs in a Ray Data pool of this many actors, each holding the model (and the untrained
+    # baseline's) in model.dtype on these resources; the driver only gathers predictions and scores them.
+    workers: int = checked(1, positive)
+    num_gpus: float = checked(0.0, non_negative)  # per actor; fractions share a GPU
+    num_cpus: float = checked(1.0, positive)  # per actor (also its torch threads, at least one)
+    # METEOR and the PTB tokenizer run on Java: without `java`, true fails before generating, false scores
+    # every other metric (tokenized in Python) and writes meteor_unavailable with the reason
+    require_java: bool = True
 
 
 def above_one(value: float) -> bool:
@@ -220,7 +229,8 @@ class ServeSpec:
     """``medvl serve`` (or a ``serve`` stage): one Ray Serve deployment answering POST /v1/<the recipe's endpoint>."""
 
     # "" = the model of the spec's last train (or tune) stage; else an HF model folder, a peft adapter folder, or
-    # a train / tune stage's folder (its summary names the model); hf://<org>/<name> for a Hub model
+    # a train / tune stage's folder (its summary names the model), local or a URL (s3://…, fetched per replica);
+    # hf://<org>/<name> for a Hub model
     checkpoint: str = ""
     host: str = "127.0.0.1"
     port: int = checked(8000, port_number)
@@ -253,6 +263,9 @@ class RaySpec:
     address: str = ""
     num_cpus: int = checked(0, non_negative)  # local Ray only; 0 = all cores
     connect_timeout_s: float = checked(60.0, positive)  # joining only: fail (one line) when the address stays silent
+    # On a cluster whose autoscaler adds nodes: how long a stage waits for the GPUs/CPUs it asks for before
+    # failing (a Ray without an autoscaler fails at once)
+    resource_wait_s: float = checked(900.0, non_negative)
 
 
 def tracking_uri(value: str) -> bool:
@@ -309,7 +322,7 @@ class JobSpec:
 
     @property
     def shards_location(self) -> str:
-        return self.data.shards or str(Path(self.output_dir) / SHARDS_DIR)
+        return self.data.shards or join(self.output_dir, SHARDS_DIR)
 
     def for_stage(self, stage: StageSpec) -> "JobSpec":
         """This spec with the stage's ``set`` overrides applied (validated like the file itself)."""
@@ -411,10 +424,8 @@ def _check_cross_fields(spec: JobSpec) -> None:
         raise SpecError(f"data.split_fractions: expected three numbers ≥ 0 summing to 1, got {fractions}")
     if spec.data.format not in ("synthetic", "shards") and not spec.data.source:
         raise SpecError(f"data.source: expected the dataset folder for format {spec.data.format!r}, got \"\"")
-    if "://" in spec.output_dir:
-        raise SpecError(f"output_dir: expected a local or mounted folder (models, metrics and reports are written "
-                        f"with local file calls), got {spec.output_dir!r}; put shards and checkpoints on object "
-                        f"storage with data.shards and train.storage_path")
+    if not spec.output_dir:
+        raise SpecError('output_dir: expected a folder or a URL such as s3://bucket/runs/job, got ""')
     if spec.model.preset == "" and not spec.model.name_or_path:
         raise SpecError('model.name_or_path: expected a hub id or local folder (or model.preset: tiny), got ""')
     if spec.model.preset == "random" and not spec.model.name_or_path:

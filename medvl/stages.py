@@ -17,25 +17,30 @@ TRAIN_COSTS = ("wall_time_s", "samples_per_s", "best_val_loss", "tokens_per_s", 
 
 def run_stages(spec: JobSpec, kinds: tuple[str, ...] | None = None, model_dir: str | None = None) -> None:
     """Run every stage (or only those of ``kinds``); ``model_dir`` overrides the model an eval stage scores."""
+    from medvl.resources import ResourceCheck
     from medvl.runtime import ray_session
     from medvl.tracking.console import routed_output
     from medvl.tracking.mlflow_store import Tracker
 
-    layout = RunLayout.of(spec.output_dir)
-    selected = [stage.name for stage in spec.stages if kinds is None or stage.kind in kinds]
+    layout = RunLayout.for_spec(spec)
+    selected = [stage for stage in spec.stages if kinds is None or stage.kind in kinds]
     with routed_output(layout.log_file):
         print(f"[medvl] {spec.name}: Ray's and the other libraries' output goes to {layout.log_file}", flush=True)
-        tracked = any(stage.kind != "serve" for stage in spec.stages if stage.name in selected)  # serving: no run
+        tracked = any(stage.kind != "serve" for stage in selected)  # serving: no run
         tracker, status = None, "FAILED"
         try:
             with ray_session(spec) as stop_signals:
+                resources = ResourceCheck(spec)
+                resources.before_all(selected)  # without an autoscaler a stage asking too much fails before any runs
+                check_java(spec, selected)
                 tracker = Tracker(spec, enabled=tracked and spec.tracking.enabled)  # no run for a Ray never reached
                 if tracked:
                     print(f"[medvl] {tracker.where}", flush=True)
                 last_train: str | None = None
                 for stage in spec.stages:
-                    if stage.name in selected:
+                    if stage in selected:
                         stop_signals.rearm()  # Ray Train leaves its own SIGINT handler behind after a fit
+                        resources.before(stage)
                         if _run_tracked(spec, stage, last_train, model_dir, tracker) is False:
                             status = "KILLED"
                             return  # an interrupted search: the stages after it wait for the resumed run
@@ -75,10 +80,22 @@ def _run_tracked(spec: JobSpec, stage: StageSpec, last_train: str | None, model_
             log.finish(status)
 
 
+def check_java(spec: JobSpec, stages: list[StageSpec]) -> None:
+    """An eval stage that needs Java and lacks it fails before the job's first stage, not after training."""
+    from medvl.eval.evaluate import java_reason
+    from medvl.models.registry import build_recipe
+
+    for stage in stages:
+        if stage.kind == "eval":
+            stage_spec = spec.for_stage(stage)
+            java_reason(stage_spec, build_recipe(stage_spec))
+
+
 def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_dir: str | None, log):
     """Run one stage; returns what it returned (False: an interrupted search)."""
     stage_spec = spec.for_stage(stage)
-    start_from = stage_model(spec.output_dir, stage.start_from) if stage.start_from else None
+    endpoint = spec.data.endpoint_url
+    start_from = stage_model(spec.output_dir, stage.start_from, endpoint) if stage.start_from else None
     print(f"[medvl] stage {stage.name} ({stage.kind})", flush=True)
     if stage.kind == "prepare":
         from medvl.data.prepare import run_prepare_stage
@@ -93,7 +110,7 @@ def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_di
 
         untrained = None
         if model_dir is None and last_train is not None:
-            summary = read_summary(spec.output_dir, last_train)
+            summary = read_summary(spec.output_dir, last_train, endpoint)
             model_dir, untrained = summary["model_dir"], summary["model_source"]
         return run_eval_stage(stage_spec, stage, model_dir or starting_model(stage_spec, stage),
                               untrained_dir=untrained)
@@ -110,7 +127,7 @@ def _run_stage(spec: JobSpec, stage: StageSpec, last_train: str | None, model_di
     if stage.kind == "compare":
         from medvl.tracking.compare import write_comparison
 
-        layout = RunLayout.of(spec.output_dir)
+        layout = RunLayout.for_spec(spec)
         rows = write_comparison([layout.root], stage_spec.compare.metrics, layout.comparison_md)
         print(f"[medvl compare] {len(rows)} rows → {layout.comparison_md}", flush=True)
         return rows
@@ -128,9 +145,10 @@ def starting_model(spec: JobSpec, stage: StageSpec) -> str:
     from medvl.models.registry import build_recipe
     from medvl.train.trainer import training_texts
 
-    folder = RunLayout.of(spec.output_dir).stage(stage.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    return build_recipe(spec).initial_model(folder, lambda: training_texts(spec))
+    from medvl.models.cache import initial_model_in
+
+    return initial_model_in(build_recipe(spec), RunLayout.for_spec(spec).stage(stage.name),
+                            lambda: training_texts(spec))
 
 
 def _record(spec: JobSpec, stage: StageSpec, outcome, log, tracker) -> None:
@@ -139,12 +157,12 @@ def _record(spec: JobSpec, stage: StageSpec, outcome, log, tracker) -> None:
 
     from medvl.tracking.compare import HEADLINE_METRICS, MODEL_DIR_TAG
 
-    layout = RunLayout.of(spec.output_dir)
+    layout, endpoint = RunLayout.for_spec(spec), spec.data.endpoint_url
     if stage.kind == "prepare":
         counts = {f"rows_{split}": n for split, n in outcome["counts"].items()}
         log.log_metrics(counts | {"rows_skipped": sum(outcome.get("skipped", {}).values())})
     elif stage.kind == "train":
-        summary = read_summary(spec.output_dir, stage.name)
+        summary = read_summary(spec.output_dir, stage.name, endpoint)
         log.set_tag(MODEL_DIR_TAG, summary["model_dir"])
         log.log_metrics({k: summary[k] for k in TRAIN_COSTS if k in summary}, summary.get("steps"))
         tracker.log_to_parent({k: summary[k] for k in TRAIN_COSTS[:3] if k in summary}, stage.name)
@@ -160,7 +178,7 @@ def _record(spec: JobSpec, stage: StageSpec, outcome, log, tracker) -> None:
     elif stage.kind == "tune":
         tune = TuneLayout(layout.stage(stage.name))
         if tune.summary.exists():
-            log.log_metrics({k: v for k, v in read_summary(spec.output_dir, stage.name).items()
+            log.log_metrics({k: v for k, v in read_summary(spec.output_dir, stage.name, endpoint).items()
                              if k.startswith("best_")})
         for path in (tune.trials_csv, tune.trials_md, tune.curves, tune.best_spec, tune.settings):
             log.log_artifact(path)

@@ -136,9 +136,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     env_vars = job_env_vars(args.env, args.env_from_driver, os.environ)
     runtime_env = job_runtime_env(spec, working_dir, pip_requirements(args.pip, args.requirements), env_vars)
     command = entrypoint(spec_path, args.overrides)
-    warning = check_output_dir(spec)
-    if warning:
-        print(warning, file=sys.stderr)
+    for warning in [check_output_dir(spec), *outside_paths(spec, working_dir)]:
+        if warning:
+            print(warning, file=sys.stderr)
 
     client = connect(args.address)
     job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=args.submission_id,
@@ -249,11 +249,50 @@ def job_env_vars(pairs: list[str], from_driver: list[str], environ: Any) -> dict
 
 
 def check_output_dir(spec: JobSpec) -> str | None:
-    """A one-line warning for an output_dir nobody could read after the job (the spec refuses s3:// ones)."""
-    if Path(spec.output_dir).is_absolute():
+    """A one-line warning for an output_dir nobody could read after the job."""
+    if "://" in spec.output_dir or Path(spec.output_dir).is_absolute():
         return None
     return (f'warning: output_dir "{spec.output_dir}" is relative: on the cluster it lands in the job\'s temporary '
-            f"copy of the working dir; use a folder every node shares, e.g. --set output_dir=/mnt/shared/{spec.name}")
+            f"copy of the working dir; use object storage or a folder every node shares, e.g. "
+            f"--set output_dir=s3://your-bucket/runs/{spec.name}")
+
+
+def input_paths(spec: JobSpec) -> dict[str, str]:
+    """The local files and folders a job reads (field → path): datasets, models, configs. Hub ids, URLs and
+    what the job writes (output_dir, checkpoints) are left out."""
+    paths = {"data.source": spec.data.source if spec.data.format != "synthetic" else "",
+             "data.shards": spec.data.shards if spec.data.format == "shards" else "",
+             "train.deepspeed.config_file": spec.train.deepspeed.config_file,
+             "eval.embedding_model": spec.eval.embedding_model}
+    models = {"serve.checkpoint": spec.serve.checkpoint}  # these may also be hub ids
+    if not spec.model.preset:
+        models["model.name_or_path"] = spec.model.name_or_path
+        if spec.model.recipe.startswith("softprompt"):
+            models["model.vision_name_or_path"] = spec.model.vision_name_or_path
+    paths |= {name: path for name, path in models.items() if _local_path(path)}
+    return {name: path for name, path in paths.items() if path and "://" not in path}
+
+
+def _local_path(text: str) -> bool:
+    """A path rather than a hub id ("gpt2", "org/name"): it exists here or is spelled like a path."""
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
+def outside_paths(spec: JobSpec, working_dir: Path) -> list[str]:
+    """One warning per local path a stage reads that the upload does not carry (outside ``working_dir``)."""
+    warnings, seen = [], set()
+    stage_specs = [spec.for_stage(stage) for stage in spec.stages] or [spec]
+    for stage_spec in stage_specs:
+        for name, path in input_paths(stage_spec).items():
+            resolved = (working_dir / Path(path).expanduser()).resolve()
+            if (name, path) in seen or resolved.is_relative_to(working_dir):
+                continue
+            seen.add((name, path))
+            where = ("it is read on the cluster's nodes, which must have it" if Path(path).expanduser().is_absolute()
+                     else "the job's copy of the working dir will not have it")
+            warnings.append(f'warning: {name} "{path}" is outside the uploaded working dir {working_dir}: {where}; '
+                            "move it inside, or use object storage / a path every node mounts")
+    return warnings
 
 
 # --------------------------------------------------------------------------------------------- the cluster

@@ -86,8 +86,8 @@ def test_no_import_cycles_among_medvl_modules():
 
 
 # ARCHITECTURE.md's layers, bottom first: a module may import its own layer and the ones before it.
-LAYERS = (("runs",), ("spec",), ("tracking",), ("data",), ("models",), ("train",), ("eval",), ("tune",),
-          ("validation", "plan"), ("serve",), ("runtime", "submit", "stages", "cli"))
+LAYERS = (("storage",), ("runs",), ("spec",), ("tracking",), ("data",), ("models",), ("train",), ("eval",),
+          ("tune",), ("validation", "plan"), ("serve",), ("runtime", "submit", "stages", "cli", "resources"))
 
 
 def layer_of(module: str) -> int:

@@ -139,3 +139,42 @@ def test_ptb_tokenize_matches_pycocoevalcap_without_writing_temp_files():
 def test_mismatched_lengths_rejected():
     with pytest.raises(ValueError):
         caption_scores(["a b"], ["a b", "c"], meteor=False)
+
+
+# --------------------------------------------------------------------------------------------- without Java
+
+REPORT_TEXTS = ["The heart size is normal, there isn't any effusion.", "Left-sided pleural effusion; small (2 cm)",
+                'No acute "cardiopulmonary" process.', "It's (mild) -- ok...", "Heart: enlarged. Lungs: clear!"]
+
+
+def test_python_tokenize_matches_ptb_on_report_prose():
+    from medvl.eval.caption_metrics import python_tokenize
+
+    assert python_tokenize(REPORT_TEXTS) == ptb_tokenize(REPORT_TEXTS)
+
+
+def test_without_java_every_other_score_is_there_and_meteor_says_why(monkeypatch, scored):
+    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+    scores = caption_scores(REFS, PREDS, java=False)
+    assert "meteor" not in scores and "no java on PATH" in scores["meteor_unavailable"]
+    assert "default-jre-headless" in scores["meteor_unavailable"]
+    for key in ("bleu_1", "bleu_4", "rouge_l", "cider"):  # the Python tokenizer agrees with PTB on these texts
+        assert scores[key] == pytest.approx(scored[key])
+
+
+def test_eval_fails_before_generating_without_java_unless_told_not_to(monkeypatch):
+    from medvl.eval.evaluate import java_reason
+    from medvl.models.registry import build_recipe
+    from medvl.spec import SpecError, parse_spec
+
+    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+    raw = {"name": "j", "output_dir": "/tmp/unused", "stages": ["eval"], "model": {"preset": "tiny"}}
+    spec = parse_spec(raw)
+    with pytest.raises(SpecError) as info:
+        java_reason(spec, build_recipe(spec))
+    message = str(info.value)
+    assert message.startswith("eval.require_java: no java on PATH") and "eval.require_java: false" in message
+    relaxed = parse_spec(raw | {"eval": {"require_java": False}})
+    assert "no java" in java_reason(relaxed, build_recipe(relaxed))
+    vqa = parse_spec(raw | {"model": {"recipe": "blip_vqa", "preset": "tiny"}, "data": {"task": "vqa"}})
+    assert java_reason(vqa, build_recipe(vqa)) is None  # VQA metrics need no Java

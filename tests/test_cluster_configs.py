@@ -122,3 +122,30 @@ def test_the_image_is_built_on_the_tested_ray_and_pins():
     assert f'"torch=={torch_pin()}"' in dockerfile
     ignored = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= set(ignored)
+
+
+# --------------------------------------------------------------------------------------------- Java for eval
+
+
+def installs_a_jre(command: str) -> bool:
+    return bool(re.search(r"apt-get install\b.*\bdefault-jre-headless\b", command.replace("\\\n", " ")))
+
+
+def test_the_image_and_the_aws_nodes_install_a_java_runtime_for_meteor(aws, rayjob):
+    """METEOR and the PTB tokenizer are Java: every place `medvl eval` runs on a cluster has a JRE."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    runs = [step for step in re.split(r"\n(?=[A-Z]+ )", dockerfile) if step.startswith("RUN ")]
+    assert any(installs_a_jre(step) and "java -version" in step for step in runs), "cluster/Dockerfile: no JRE"
+    assert "USER ray" in dockerfile.split("default-jre-headless", 1)[1]  # back to the image's own user after apt
+    assert any(installs_a_jre(c) for c in aws["setup_commands"]), "cluster/aws-gpu.yaml: no JRE"
+    # KubeRay runs the image built from cluster/Dockerfile, so its pods have the same JRE.
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    images = {containers(cluster["headGroupSpec"])[0]["image"]} | {containers(g)[0]["image"]
+                                                                   for g in cluster["workerGroupSpecs"]}
+    assert not any(image.startswith("rayproject/") for image in images)
+    print("cluster/Dockerfile and cluster/aws-gpu.yaml install a headless JRE (default-jre-headless); "
+          "the KubeRay pods run the Dockerfile's image")
+
+
+def test_installs_a_jre_can_fail():
+    assert not installs_a_jre("apt-get install -y curl") and installs_a_jre("apt-get install -y default-jre-headless")

@@ -147,3 +147,40 @@ def test_zero_trains_the_tiny_blip2_and_exports_a_consolidated_adapter(tmp_path:
     manifest = json.loads((Path(spec.output_dir) / "shards" / "manifest.json").read_text())
     assert manifest["counts"]["val"] % 2 == 0  # the equal split over 2 workers drops no validation row
     assert mean_row_loss(recipe, spec, str(model_dir)) == pytest.approx(summary["best_val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_zero2_search_exports_the_best_trials_consolidated_adapter(tmp_path: Path, ray_local):
+    """Tune over DeepSpeed: the best trial's checkpoint holds ZeRO shards, and the search exports them
+    consolidated (the export needs the recipe) as an adapter folder peft loads on the shared base."""
+    import torch
+    import yaml
+    from peft import PeftModel
+    from transformers import Blip2ForConditionalGeneration
+
+    from medvl.stages import run_stages
+    from medvl.train.engines import DEEPSPEED_MARKER
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": {"grid": [1e-2, 1e-4]}}))
+    raw = job(tmp_path, stage=2, workers=1, epochs=1, max_val_batches=1, val_batch_size=8)
+    raw["stages"] = ["prepare", "tune"]
+    raw["tune"] = {"space": str(space), "scheduler": "none", "max_steps": 3}
+    spec = parse_spec(raw)
+    run_stages(spec)
+
+    tune_dir = Path(spec.output_dir) / "tune"
+    summary = json.loads((tune_dir / "train_summary.json").read_text())
+    trials = [line.split(",") for line in (tune_dir / "trials.csv").read_text().splitlines()[1:]]
+    assert len(trials) == 2 and all(row[1] == "TERMINATED" for row in trials)
+    best_checkpoints = list((tune_dir / "trials" / summary["best_trial"]).rglob(DEEPSPEED_MARKER))
+    assert best_checkpoints  # what was exported was ZeRO shards, not a plain folder
+    model_dir = Path(summary["model_dir"])
+    assert model_dir == tune_dir / "best" / "model"
+    assert (model_dir / "adapter_model.safetensors").is_file() and not list(model_dir.rglob("*optim_states*"))
+    assert not (model_dir / DEEPSPEED_MARKER).exists()
+    base = Blip2ForConditionalGeneration.from_pretrained(summary["model_source"])
+    model = PeftModel.from_pretrained(base, str(model_dir))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    with torch.no_grad():
+        assert model.generate(pixel_values=torch.zeros(1, 3, 48, 48), max_new_tokens=4).shape[0] == 1

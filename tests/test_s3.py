@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
@@ -42,30 +41,6 @@ def test_without_keys_in_the_environment_each_process_uses_its_own_chain(monkeyp
         monkeypatch.delenv(name, raising=False)
     options = pickled_options(filesystem_for("s3://bucket/x")[0])
     assert (options["access_key"], options["endpoint_override"]) == (None, "")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 def s3_keys(endpoint: str, prefix: str) -> list[str]:
@@ -120,3 +95,95 @@ def test_prepare_train_eval_round_trip_through_s3(tmp_path: Path, ray_local, s3_
     assert metrics  # scored something
     assert not (Path(spec.output_dir) / "shards").exists()
     assert not (Path(spec.output_dir) / "checkpoints").exists()
+
+
+# The quickstart cut down to seconds of work, its baselines and attention overlays kept.
+TINY = ["data.synthetic_images=160", "data.synthetic_image_size=64", "data.image_size=64",
+        "data.records_per_shard=64", "train.epochs=1", "train.batch_size=16", "train.max_val_batches=2",
+        "eval.max_samples=8", "eval.num_beams=1", "eval.max_new_tokens=8", "eval.batch_size=8",
+        "eval.attention_maps=2", "eval.semantic=false"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def with_sets(overrides: list[str]) -> list[str]:
+    return [word for override in overrides for word in ("--set", override)]
+
+
+@pytest.mark.slow
+def test_medvl_run_and_serve_the_quickstart_with_output_dir_on_s3(tmp_path: Path, ray_local, s3_endpoint,
+                                                                    monkeypatch):
+    """`medvl run` writes every output to the bucket, nothing to a local folder; `medvl serve` of the same spec
+    answers /v1/caption from the model there (fetched into its replica's cache)."""
+    import base64
+    import io
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+    import requests
+    from PIL import Image
+
+    from medvl.cli import main
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a relative output_dir, or one named after the URL, would land here
+    sets = [*TINY, f"output_dir=s3://{BUCKET}/runs/quickstart", f"data.endpoint_url={s3_endpoint}"]
+    assert main(["run", str(REPO / "jobs/quickstart.yaml"), *with_sets(sets)]) == 0
+
+    keys = set(s3_keys(s3_endpoint, "runs/quickstart/"))
+    prefix = "runs/quickstart/"
+    for key in ("quickstart.json", "eval/metrics.json", "eval/predictions.jsonl", "eval/report.md",
+                "train/model/model.safetensors", "train/model/config.json", "train/train_summary.json",
+                "shards/manifest.json"):
+        assert prefix + key in keys, sorted(keys)
+    assert len([k for k in keys if k.startswith(prefix + "eval/attention/") and k.endswith(".png")]) == 2
+    assert any(k.startswith(prefix + "checkpoints/train/") for k in keys)
+    comparison = s3_json(s3_endpoint, prefix + "quickstart.json")
+    assert set(comparison) == {"trained", "untrained", "shuffled_images"} and comparison["trained"]["n"] == 8
+    summary = s3_json(s3_endpoint, prefix + "train/train_summary.json")
+    assert summary["model_dir"] == f"s3://{BUCKET}/runs/quickstart/train/model"
+    assert list(work.iterdir()) == []
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MEDVL_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen([sys.executable, "-m", "medvl.cli", "serve", str(REPO / "jobs/quickstart.yaml"),
+                                *with_sets([*sets, f"serve.port={port}", "serve.num_cpus=0.5", "ray.num_cpus=2"])],
+                               stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=work)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        image = io.BytesIO()
+        Image.new("RGB", (64, 64), (90, 90, 90)).save(image, format="PNG")
+        answer = requests.post(f"{url}/v1/caption", json={"image": base64.b64encode(image.getvalue()).decode()},
+                               timeout=120)
+        assert answer.status_code == 200, answer.text + log.read_text()[-3000:]
+        assert isinstance(answer.json()["text"], str)
+        assert requests.get(f"{url}/v1/model", timeout=60).json()["model"] == "train"  # its path in output_dir
+        cached = list((tmp_path / "cache").rglob("model.safetensors"))
+        assert len(cached) == 1 and "s3/medvl-test/runs/quickstart/train/model" in cached[0].as_posix()
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    assert list(work.iterdir()) == []

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import re
 import textwrap
-from pathlib import Path
-
 import numpy as np
 
 
-def save_overlay(path: Path, pixel_values: np.ndarray, attention: np.ndarray, title: str) -> None:
+def overlay_png(pixel_values: np.ndarray, attention: np.ndarray, title: str) -> bytes:
+    """The overlay as PNG bytes (drawn where the model ran, written wherever the run folder is)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
@@ -26,9 +27,10 @@ def save_overlay(path: Path, pixel_values: np.ndarray, attention: np.ndarray, ti
     axes.set_axis_off()
     axes.set_title("\n".join(textwrap.wrap(title, 48)[:4]), fontsize=7)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
     plt.close(figure)
+    return png.getvalue()
 
 
 def displayable(pixel_values: np.ndarray) -> np.ndarray:

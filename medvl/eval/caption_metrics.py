@@ -19,11 +19,16 @@ Costs and the design choices they drove:
   same way.)
 - Per-sample CIDEr (for finding the worst examples) is a separate function, ``per_sample_cider``, so that
   ``caption_scores`` keeps one flat return type; it costs one more tokeniser run, no METEOR.
+- Without Java (``java=False``, see :func:`java_unavailable_reason`) texts are tokenized by
+  :func:`python_tokenize`, which follows the PTB rules that matter for these scores (lower case, punctuation
+  split off and dropped, clitics such as "n't" kept apart); METEOR is left out and ``meteor_unavailable`` says
+  why. Scores stay comparable within such runs, not exactly with published (PTB-tokenized) numbers.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -44,28 +49,55 @@ _SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"
 
 
 def caption_scores(
-    references: References, predictions: Sequence[str], meteor: bool = True
+    references: References, predictions: Sequence[str], meteor: bool = True, java: bool = True
 ) -> dict[str, float | str]:
     """Corpus scores of ``predictions`` against ``references`` (one string or a list of strings per sample).
 
     Returns ``bleu_1``..``bleu_4``, ``meteor`` (unless ``meteor=False``), ``rouge_l``, ``cider``, and either
-    ``spice`` or ``spice_unavailable`` (the reason). Empty predictions score 0.
+    ``spice`` or ``spice_unavailable`` (the reason). Empty predictions score 0. ``java=False``: no JVM is
+    started (Python tokenization, ``meteor_unavailable`` instead of ``meteor``).
     """
-    gts, res = _tokenize_pairs(references, predictions)
+    gts, res = _tokenize_pairs(references, predictions, java)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores: dict[str, float | str] = {f"bleu_{n}": float(b) for n, b in enumerate(bleu, start=1)}
-    if meteor:
+    if meteor and java:
         scores["meteor"] = _meteor(gts, res)
+    elif meteor:
+        scores["meteor_unavailable"] = java_unavailable_reason() or "not run (java=False)"
     scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     scores["cider"] = float(Cider().compute_score(gts, res)[0])
-    scores.update(_spice(gts, res))
+    scores.update(_spice(gts, res) if java else {"spice_unavailable": "SPICE needs Java (not run)"})
     return scores
 
 
-def per_sample_cider(references: References, predictions: Sequence[str]) -> list[float]:
+def per_sample_cider(references: References, predictions: Sequence[str], java: bool = True) -> list[float]:
     """CIDEr of each prediction, with idf over the whole set (their mean is ``caption_scores(...)["cider"]``)."""
-    gts, res = _tokenize_pairs(references, predictions)
+    gts, res = _tokenize_pairs(references, predictions, java)
     return [float(s) for s in Cider().compute_score(gts, res)[1]]
+
+
+def java_unavailable_reason() -> str | None:
+    """Why METEOR and the PTB tokenizer cannot run here (no ``java`` on PATH), or None when they can."""
+    if shutil.which("java") is None:
+        return ("no java on PATH: METEOR and the PTB tokenizer are Java programs (install a headless JRE, e.g. "
+                "apt-get install -y default-jre-headless)")
+    return None
+
+
+_PTB_CLITICS = re.compile(r"(?i)\b(\w+)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+_WORDS = re.compile(r"[\w'-]+|[^\w\s]")
+# PTB's names for brackets, lower-cased by -lowerCase (so pycocoevalcap's punctuation filter keeps them)
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-", "\"": "''"}
+
+
+def python_tokenize(texts: Sequence[str]) -> list[str]:
+    """Lower-cased tokens joined by spaces, punctuation dropped: PTB's rules for plain prose, without a JVM."""
+    out = []
+    for text in texts:
+        text = _PTB_CLITICS.sub(r"\1 \2", " ".join(text.lower().split()))
+        tokens = (_BRACKETS.get(t, t) for t in _WORDS.findall(text))
+        out.append(" ".join(t for t in tokens if t and t not in _PTB_PUNCTUATION))
+    return out
 
 
 def ptb_tokenize(texts: Sequence[str]) -> list[str]:
@@ -94,7 +126,8 @@ def spice_unavailable_reason() -> str | None:
     return None
 
 
-def _tokenize_pairs(references: References, predictions: Sequence[str]) -> tuple[Tokenized, Tokenized]:
+def _tokenize_pairs(references: References, predictions: Sequence[str],
+                    java: bool = True) -> tuple[Tokenized, Tokenized]:
     if len(references) != len(predictions):
         raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
     if not predictions:
@@ -102,7 +135,8 @@ def _tokenize_pairs(references: References, predictions: Sequence[str]) -> tuple
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     if any(not r for r in refs):
         raise ValueError("every sample needs at least one reference")
-    tokens = iter(ptb_tokenize([t for r in refs for t in r] + list(predictions)))
+    tokenize = ptb_tokenize if java else python_tokenize
+    tokens = iter(tokenize([t for r in refs for t in r] + list(predictions)))
     gts = {i: [next(tokens) for _ in r] for i, r in enumerate(refs)}
     res = {i: [next(tokens)] for i in range(len(predictions))}
     return gts, res

@@ -1,31 +1,43 @@
 """The eval stage: generate on a split of the shards, score, and write what a reviewer reads.
 
-Writes to the stage's folder (paths: :class:`medvl.runs.RunLayout`): the metrics (flat keys), the predictions
-(id, reference, prediction, answer type, mean token probability), a report (headline metrics and the worst
-examples), attention overlays for the first ``eval.attention_maps`` samples, what the evaluation cost (wall
-time, samples generated per second, which model) and, when ``eval.baselines`` asks for them, a comparison of the
-trained model with the untrained one and with images shuffled across references (a model that ignores the image
-scores the same either way).
+Generation runs where the cluster's accelerators are: a Ray Data pool of ``eval.workers`` actors
+(:class:`Generator`), each holding the model in ``model.dtype`` on ``eval.num_gpus`` / ``eval.num_cpus``,
+streams the split through ``map_batches`` (decode, tokenise, generate, draw attention). The driver only gathers
+the predictions and scores them (the metrics need the whole set, and METEOR's JVM). The untrained baseline rides
+along in the same pass: each actor holds both models and generates with both on every batch, so the data is
+read and decoded once and no second pool starts. The shuffled-images baseline needs no generation at all.
+
+Writes to the stage's folder (paths: :class:`medvl.runs.RunLayout`, local or on object storage): the metrics
+(flat keys), the predictions (id, reference, prediction, answer type, mean token probability), a report
+(headline metrics and the worst examples), attention overlays for the first ``eval.attention_maps`` samples of
+the split, what the evaluation cost (wall time, samples generated per second, which model)
+and, when ``eval.baselines`` asks for them, a comparison of the trained model with the untrained one
+and with images shuffled across references (a model that ignores the image scores the same either way).
 """
 from __future__ import annotations
 
-import functools
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
-from medvl.data.pipeline import preprocessed, read_split
-from medvl.data.shards import read_manifest
-from medvl.models.base import GenerationSettings, LoadedModel, Recipe
+from medvl import storage
+from medvl.data.pipeline import read_split
+from medvl.data.shards import read_manifest, shard_paths
+from medvl.models.base import GenerationSettings, Recipe
+from medvl.models.cache import local_model, model_filesystem
 from medvl.models.registry import build_recipe
 from medvl.runs import RunLayout
-from medvl.spec import JobSpec, StageSpec
+from medvl.spec import JobSpec, SpecError, StageSpec
+from medvl.storage import Location
 from medvl.tracking.progress import Progress, stage_label
+
+TRAINED, UNTRAINED = "trained", "untrained"
 
 
 @dataclass
@@ -36,72 +48,179 @@ class Predictions:
     answer_types: list[str]
     confidences: list[float] = field(default_factory=list)  # mean token probability of each prediction
     extra_metrics: dict[str, float] = field(default_factory=dict)  # recipe-specific (see Recipe.extra_eval_metrics)
-    attention: list[Grounding] = field(default_factory=list)  # the first eval.attention_maps samples
+    overlays: dict[str, bytes] = field(default_factory=dict)  # id → attention overlay PNG (first eval.attention_maps)
 
 
-@dataclass
-class Grounding:
-    """One sample's model input image and where the decoder looked while reading its prediction."""
-
-    id: str
-    pixel_values: np.ndarray  # (3, H, W), as the model saw it
-    attention: np.ndarray  # (rows, cols), sums to 1
-    prediction: str
+# --------------------------------------------------------------------------------------------- generation
 
 
-def generate_predictions(spec: JobSpec, recipe: Recipe, model_dir: str, attention_maps: int = 0,
-                         label: str = "eval") -> Predictions:
-    """Stream the eval split through Ray Data and generate on the driver; attention maps of the first
-    ``attention_maps`` samples. ``label`` names the progress line."""
+def generate_predictions(spec: JobSpec, models: dict[str, str], label: str = "eval") -> dict[str, Predictions]:
+    """Every model of ``models`` (name → folder, URL or hub id) generating on the eval split in one pass of the
+    actor pool; the first model's predictions also carry the attention overlays. ``label`` names the progress
+    line."""
     settings = spec.eval
-    generation = GenerationSettings.from_eval(settings)
-    loaded = recipe.load_for_inference(model_dir)
-    factory = functools.partial(recipe.preprocessor, model_dir)
     dataset = read_split(spec.shards_location, settings.split, spec.data.endpoint_url)
+    # Blocks in shard order (the actors still work in parallel): eval.max_samples takes the split's first rows.
+    dataset.context.execution_options.preserve_order = True
     if settings.max_samples:
         dataset = dataset.limit(settings.max_samples)
-    dataset = preprocessed(dataset, factory, num_cpus=spec.data.preprocess_cpus)
-    out = Predictions([], [], [], [])
-    extras: dict[str, list[float]] = {}
-    total = read_manifest(spec.shards_location, spec.data.endpoint_url)["counts"][settings.split]
-    progress = Progress(label, total=min(total, settings.max_samples or total), unit="generated",
-                        every_s=spec.tracking.progress_every_s)
-    for batch in dataset.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
-        tensors = {name: torch.as_tensor(batch[name]) for name in recipe.tensor_columns}
-        with torch.inference_mode():
-            generated = recipe.generate_scored(loaded, tensors, generation)
-            for key, value in recipe.extra_eval_metrics(loaded.module, tensors).items():
-                extras.setdefault(key, []).append(value)
-        wanted = attention_maps - len(out.attention)
-        if wanted > 0:
-            out.attention += ground(recipe, loaded, tensors, batch["id"][:wanted], generated.texts[:wanted])
-        out.predictions += generated.texts
-        out.confidences += generated.mean_token_probs
-        out.ids += [str(i) for i in batch["id"]]
-        out.references += [recipe.target_text({k: batch[k][i] for k in ("text", "answer")}) for i in range(len(batch["id"]))]
-        out.answer_types += [str(t) for t in batch["answer_type"]]
-        progress.update(len(out.predictions))
+    order = split_ids(spec, settings.max_samples)  # the split's ids in shard order
+    generated = dataset.map_batches(
+        Generator,
+        fn_constructor_args=(spec, models, frozenset(order[: settings.attention_maps]), _filesystems(spec, models)),
+        batch_size=settings.batch_size,
+        batch_format="numpy",
+        compute=_actor_pool(settings.workers),
+        num_cpus=settings.num_cpus,
+        num_gpus=settings.num_gpus,
+    )
+    columns: dict[str, list] = {}
+    progress = Progress(label, total=len(order), unit="generated", every_s=spec.tracking.progress_every_s)
+    for batch in generated.iter_batches(batch_size=None, batch_format="numpy"):
+        for name, values in batch.items():
+            columns.setdefault(name, []).extend(values.tolist())
+        progress.update(len(columns.get("id", [])))
     progress.close()
-    out.extra_metrics = {key: sum(values) / len(values) for key, values in extras.items()}
-    return out
+    rank = {sample_id: i for i, sample_id in enumerate(order)}
+    return {name: _gathered(columns, name, rank, first=i == 0) for i, name in enumerate(models)}
 
 
-def ground(recipe: Recipe, loaded: LoadedModel, tensors: dict[str, torch.Tensor], ids: np.ndarray,
-           texts: list[str]) -> list[Grounding]:
-    """Attention maps of the first ``len(texts)`` samples of a batch; none (with a note) if the recipe has none."""
-    first = {name: value[: len(texts)] for name, value in tensors.items()}
-    with torch.inference_mode():
-        maps = recipe.attention_maps(loaded, first, texts)
-    if maps is None:
-        print(f"[medvl eval] eval.attention_maps: {recipe.spec.model.recipe} has no decoder cross-attention to "
-              "draw; no overlays written", flush=True)
-        return []
-    return [Grounding(str(i), first["pixel_values"][k].numpy(), maps[k], text)
-            for k, (i, text) in enumerate(zip(ids, texts))]
+def _filesystems(spec: JobSpec, models: dict[str, str]) -> dict[str, object]:
+    """Each remote model's filesystem, built here: it carries the driver's S3 endpoint and keys to the actors."""
+    return {name: model_filesystem(location, spec.data.endpoint_url) for name, location in models.items()}
 
 
-def score(spec: JobSpec, recipe: Recipe, preds: Predictions) -> dict:
-    """Every metric that applies to the recipe's task, as one flat dict."""
+def _actor_pool(workers: int):
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(size=workers)
+
+
+def split_ids(spec: JobSpec, limit: int = 0) -> list[str]:
+    """The ids of the eval split in shard order (the first ``limit`` when given): read from the id column only.
+    The first ``eval.attention_maps`` get overlays, and predictions are written in this order."""
+    location, endpoint = spec.shards_location, spec.data.endpoint_url
+    fs, _ = storage.filesystem_for(location, endpoint)
+    ids: list[str] = []
+    for path in shard_paths(read_manifest(location, endpoint), location, spec.eval.split, endpoint):
+        ids += pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist()
+        if limit and len(ids) >= limit:
+            return ids[:limit]
+    return ids
+
+
+def _gathered(columns: dict[str, list], model: str, rank: dict[str, int], first: bool) -> Predictions:
+    """One model's predictions out of the pool's columns, in the split's order (rows arrive in whatever order
+    the actors finish; sorting makes the files and the shuffled baseline reproducible)."""
+    ids_seen = columns.get("id", [])
+    order = sorted(range(len(ids_seen)), key=lambda i: (rank.get(ids_seen[i], len(rank)), ids_seen[i]))
+
+    def column(name: str) -> list:
+        return [columns[name][i] for i in order]
+
+    prefix = f"{model}."
+    extras = {name[len(prefix) + len("extra."):]: float(np.mean(values)) for name, values in columns.items()
+              if name.startswith(prefix + "extra.") and values}
+    ids = column("id")
+    overlays = {i: png for i, png in zip(ids, column("overlay_png")) if png} if first else {}
+    return Predictions(ids, column("reference"), column(prefix + "prediction"), column("answer_type"),
+                       [float(p) for p in column(prefix + "mean_token_prob")], extras, overlays)
+
+
+class Generator:
+    """A Ray Data actor: the models of one eval pass, loaded once, generating for every batch of shard rows.
+
+    A model on object storage is fetched to this node's cache first. Output columns per row: ``id``,
+    ``reference``, ``answer_type``, ``overlay_png`` (the first model's attention overlay for the rows in
+    ``attention_ids``, else empty) and, per model name, ``<name>.prediction``, ``<name>.mean_token_prob`` and
+    ``<name>.extra.<key>`` (the recipe's extra metric of the row's batch).
+    """
+
+    def __init__(self, spec: JobSpec, models: dict[str, str], attention_ids: frozenset[str],
+                 filesystems: dict[str, object] | None = None):
+        torch.set_num_threads(max(1, math.ceil(spec.eval.num_cpus)))
+        self.recipe = build_recipe(spec)
+        self.settings = GenerationSettings.from_eval(spec.eval)
+        self.device = torch.device("cuda" if spec.eval.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.attention_ids = attention_ids
+        self.models = {}
+        for name, location in models.items():
+            local = local_model(location, spec.data.endpoint_url, (filesystems or {}).get(name))
+            loaded = self.recipe.load_for_inference(local)  # in model.dtype
+            if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
+                loaded.to(self.device)
+            self.models[name] = (loaded, self.recipe.preprocessor(local))
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {}
+        for name, (loaded, preprocess) in self.models.items():
+            batch = preprocess(rows)  # drops rows whose image does not decode (the same rows for every model)
+            ids = [str(i) for i in batch["id"]]
+            tensors = {k: torch.as_tensor(batch[k]).to(self.device) for k in self.recipe.tensor_columns}
+            with torch.inference_mode():
+                generated = self.recipe.generate_scored(loaded, tensors, self.settings) if ids else None
+                extras = self.recipe.extra_eval_metrics(loaded.module, tensors) if ids else {}
+            if not out:
+                out["id"] = ids
+                out["reference"] = [self.recipe.target_text({k: batch[k][i] for k in ("text", "answer")})
+                                    for i in range(len(ids))]
+                out["answer_type"] = [str(t) for t in batch["answer_type"]]
+                out["overlay_png"] = self._overlays(loaded, tensors, ids, generated.texts if ids else [])
+            elif ids != out["id"]:
+                raise RuntimeError(f"eval models kept different rows of a batch ({name}): {ids} vs {out['id']}")
+            out[f"{name}.prediction"] = generated.texts if ids else []
+            out[f"{name}.mean_token_prob"] = generated.mean_token_probs if ids else []
+            for key, value in extras.items():
+                out[f"{name}.extra.{key}"] = [float(value)] * len(ids)
+        return {name: _column(values) for name, values in out.items()}
+
+    def _overlays(self, loaded, tensors: dict[str, torch.Tensor], ids: list[str], texts: list[str]) -> list[bytes]:
+        from medvl.eval.attention_overlays import overlay_png
+
+        wanted = [k for k, i in enumerate(ids) if i in self.attention_ids]
+        pngs = [b""] * len(ids)
+        if not wanted:
+            return pngs
+        index = torch.as_tensor(wanted)
+        chosen = {name: value[index] for name, value in tensors.items()}
+        with torch.inference_mode():
+            maps = self.recipe.attention_maps(loaded, chosen, [texts[k] for k in wanted])
+        if maps is None:
+            return pngs
+        pixels = chosen["pixel_values"].float().cpu().numpy()
+        for position, k in enumerate(wanted):
+            pngs[k] = overlay_png(pixels[position], maps[position], f"{ids[k]}: {texts[k]}")
+        return pngs
+
+
+def _column(values: list) -> np.ndarray:
+    if values and isinstance(values[0], (str, bytes)):
+        column = np.empty(len(values), dtype=object)  # strings and bytes of unequal length stay objects
+        column[:] = values
+        return column
+    return np.asarray(values, dtype=np.float64) if values else np.empty(0, dtype=object)
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def java_reason(spec: JobSpec, recipe: Recipe) -> str | None:
+    """Why METEOR cannot run (None: it can, or the task does not need it). With ``eval.require_java`` a missing
+    Java fails here, before anything is generated, naming the fix."""
+    if recipe.task == "vqa":
+        return None
+    from medvl.eval.caption_metrics import java_unavailable_reason
+
+    reason = java_unavailable_reason()
+    if reason and spec.eval.require_java:
+        raise SpecError(f"eval.require_java: {reason}; cluster/Dockerfile and cluster/aws-gpu.yaml install one. "
+                        "Or set eval.require_java: false to score every other metric without METEOR")
+    return reason
+
+
+def score(spec: JobSpec, recipe: Recipe, preds: Predictions, java: bool = True) -> dict:
+    """Every metric that applies to the recipe's task, as one flat dict (``java=False``: no METEOR, see
+    :func:`medvl.eval.caption_metrics.caption_scores`)."""
     refs, hyps = preds.references, preds.predictions
     if recipe.task == "vqa":
         from medvl.eval.calibration import vqa_calibration
@@ -111,7 +230,7 @@ def score(spec: JobSpec, recipe: Recipe, preds: Predictions) -> dict:
         return vqa_scores(refs, hyps, preds.answer_types) | vqa_calibration(correct, preds.confidences)
     from medvl.eval.caption_metrics import caption_scores
 
-    metrics = dict(caption_scores(refs, hyps))
+    metrics = dict(caption_scores(refs, hyps, java=java))
     if spec.eval.clinical:
         metrics.update(clinical_scores(refs, hyps, preds.confidences))
     if spec.eval.semantic:
@@ -144,25 +263,32 @@ def shuffled_references(preds: Predictions, seed: int = 0) -> Predictions:
 
 def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_dir: str | None = None) -> dict:
     recipe = build_recipe(spec)
-    layout = RunLayout.of(spec.output_dir)
-    layout.stage(stage.name).mkdir(parents=True, exist_ok=True)
+    missing_java = java_reason(spec, recipe)  # fails here when Java is required and missing
+    if missing_java:
+        print(f"[medvl eval] scoring without METEOR (eval.require_java is false): {missing_java}", flush=True)
+    java = missing_java is None
+    layout = RunLayout.for_spec(spec)
+    layout.stage(stage.name).mkdir()
     started = time.perf_counter()
-    preds = generate_predictions(spec, recipe, model_dir, spec.eval.attention_maps, label=stage_label("eval", stage.name))
+    models = {TRAINED: model_dir}
+    if "untrained" in spec.eval.baselines and untrained_dir:
+        models[UNTRAINED] = untrained_dir
+    generated = generate_predictions(spec, models, label=stage_label("eval", stage.name))
     generating_s = time.perf_counter() - started
-    metrics = score(spec, recipe, preds) | preds.extra_metrics
+    preds = generated[TRAINED]
+    metrics = score(spec, recipe, preds, java) | preds.extra_metrics
     metrics["mean_token_prob"] = float(np.mean(preds.confidences)) if preds.confidences else 0.0
     metrics["n"] = len(preds.predictions)
     write_outputs(layout, stage.name, metrics, preds)
-    write_attention_overlays(layout.attention(stage.name), preds.attention)
-    write_report(layout.report(stage.name), spec, recipe, metrics, preds)
+    write_attention_overlays(layout.attention(stage.name), preds, spec)
+    write_report(layout.report(stage.name), spec, recipe, metrics, preds, java)
     print(f"[medvl eval] {stage.name}: {_headline(metrics)}", flush=True)
 
     comparison = {"trained": metrics}
-    if "untrained" in spec.eval.baselines and untrained_dir:
-        untrained = generate_predictions(spec, recipe, untrained_dir, label=stage_label("eval", stage.name) + " (untrained)")
-        comparison["untrained"] = score(spec, recipe, untrained)
+    if UNTRAINED in generated:
+        comparison["untrained"] = score(spec, recipe, generated[UNTRAINED], java)
     if "shuffled_images" in spec.eval.baselines:
-        comparison["shuffled_images"] = score(spec, recipe, shuffled_references(preds, spec.data.seed))
+        comparison["shuffled_images"] = score(spec, recipe, shuffled_references(preds, spec.data.seed), java)
     if len(comparison) > 1:
         layout.comparison(spec.name).write_text(json.dumps(comparison, indent=2))
         for name, values in comparison.items():
@@ -177,25 +303,27 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
 def write_outputs(layout: RunLayout, stage: str, metrics: dict, preds: Predictions) -> None:
     layout.metrics(stage).write_text(json.dumps(metrics, indent=2))
     keys = ("id", "reference", "prediction", "answer_type", "mean_token_prob")
-    with open(layout.predictions(stage), "w") as handle:
-        for row in zip(preds.ids, preds.references, preds.predictions, preds.answer_types, preds.confidences):
-            handle.write(json.dumps(dict(zip(keys, row))) + "\n")
+    rows = zip(preds.ids, preds.references, preds.predictions, preds.answer_types, preds.confidences)
+    layout.predictions(stage).write_text("".join(json.dumps(dict(zip(keys, row))) + "\n" for row in rows))
 
 
-def write_attention_overlays(folder: Path, grounding: list[Grounding]) -> None:
-    from medvl.eval.attention_overlays import overlay_filename, save_overlay
+def write_attention_overlays(folder: Location, preds: Predictions, spec: JobSpec) -> None:
+    from medvl.eval.attention_overlays import overlay_filename
 
-    for sample in grounding:
-        save_overlay(folder / overlay_filename(sample.id), sample.pixel_values, sample.attention,
-                     f"{sample.id}: {sample.prediction}")
+    if spec.eval.attention_maps and not preds.overlays:
+        print(f"[medvl eval] eval.attention_maps: {spec.model.recipe} has no decoder cross-attention to draw; "
+              "no overlays written", flush=True)
+    for sample_id, png in preds.overlays.items():
+        (folder / overlay_filename(sample_id)).write_bytes(png)
 
 
-def write_report(path: Path, spec: JobSpec, recipe: Recipe, metrics: dict, preds: Predictions) -> None:
+def write_report(path: Location, spec: JobSpec, recipe: Recipe, metrics: dict, preds: Predictions,
+                 java: bool = True) -> None:
     """A page a reviewer reads: the headline metrics, then the worst examples next to their references."""
     lines = [f"# {spec.name}: evaluation on the {spec.eval.split} split ({len(preds.predictions)} samples)", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    worst = worst_examples(recipe, preds, spec.eval.worst_examples)
+    worst = worst_examples(recipe, preds, spec.eval.worst_examples, java)
     if worst:
         lines += ["", f"## The {len(worst)} worst examples", "",
                   "| id | score | reference | prediction |", "|---|---|---|---|"]
@@ -204,7 +332,7 @@ def write_report(path: Path, spec: JobSpec, recipe: Recipe, metrics: dict, preds
     path.write_text("\n".join(lines) + "\n")
 
 
-def worst_examples(recipe: Recipe, preds: Predictions, count: int) -> list[tuple[int, float]]:
+def worst_examples(recipe: Recipe, preds: Predictions, count: int, java: bool = True) -> list[tuple[int, float]]:
     """(index, per-sample score) of the lowest scorers: CIDEr for captions, edit similarity for VQA."""
     if not count or not preds.predictions:
         return []
@@ -218,7 +346,7 @@ def worst_examples(recipe: Recipe, preds: Predictions, count: int) -> list[tuple
     else:
         from medvl.eval.caption_metrics import per_sample_cider
 
-        scores = per_sample_cider(preds.references, preds.predictions)
+        scores = per_sample_cider(preds.references, preds.predictions, java)
     return sorted(enumerate(scores), key=lambda pair: pair[1])[:count]
 
 

@@ -31,7 +31,7 @@ def resolve_adapters(spec: JobSpec) -> list[dict]:
     names = [a["name"] for a in adapters]
     if len(set(names)) != len(names):
         raise SpecError(f"serve.adapters: expected adapters with distinct folder names, got {names}")
-    bases = {adapter_base(a["folder"]) for a in adapters}
+    bases = {adapter_base(a["folder"]) for a in adapters if not a["folder"].startswith("s3://")}
     if len(bases) > 1:
         raise SpecError(f"serve.adapters: expected adapters of one base model, got {sorted(bases)}")
     return adapters
@@ -40,6 +40,10 @@ def resolve_adapters(spec: JobSpec) -> list[dict]:
 def _folder_adapter(location: str) -> dict:
     if location.startswith("top:"):
         raise SpecError(f'serve.adapters: expected ["top:K"] alone or adapter folders, got {location!r} in a list')
+    if location.startswith("s3://"):  # fetched into the replica's model cache (medvl.models.cache) when loaded
+        parts = location.rstrip("/").split("/")
+        name = parts[-2] if parts[-1] == MODEL_DIR else parts[-1]
+        return {"name": name, "folder": location, "config": {}, "metric": "", "value": None}
     path = Path(location).expanduser().absolute()
     if not is_adapter_folder(path):
         raise SpecError(f"serve.adapters: expected a peft adapter folder (adapter_config.json), got {location!r}")

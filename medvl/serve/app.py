@@ -28,6 +28,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
+from medvl.models.cache import remote_name
 from medvl.models.lora import adapter_base, is_adapter_folder
 from medvl.runs import MODEL_DIR
 from medvl.serve.auth import authorized, check_digest
@@ -36,6 +37,7 @@ from medvl.serve.openai_api import chat_chunks, chat_completion, read_chat_reque
 from medvl.serve.requests import OPENAPI_EXTRA, OPENAPI_RESPONSES, Query, RequestError, read_query
 from medvl.serve.runner import ModelDead, ModelRunner
 from medvl.spec import JobSpec, parse_spec
+from medvl.storage import is_remote
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="medvl", docs_url=None, redoc_url=None)
@@ -67,6 +69,8 @@ def public_model_name(location: str, output_dir: str) -> str:
     path there without the final ``model/`` (``train``, ``stage2``, ``tune/best``); any other folder by its own
     name, or its parent's when it is called ``model``. Where the files lie on the server is nobody else's business.
     """
+    if is_remote(location):
+        return _public_url_name(location, output_dir)
     path = Path(location)
     if not path.exists() and location.count("/") <= 1 and not location.startswith((".", "/", "~")):
         return location  # a hub id
@@ -80,11 +84,29 @@ def public_model_name(location: str, output_dir: str) -> str:
     return "/".join(parts) or path.name
 
 
-def model_identity(spec: JobSpec, checkpoint: str) -> dict:
+def _public_url_name(url: str, output_dir: str) -> str:
+    """A model folder on object storage named like a local one: its path under output_dir, else its own name."""
+    parts = url.rstrip("/").split("/")
+    prefix = output_dir.rstrip("/") + "/"
+    if url.startswith(prefix):
+        parts = url[len(prefix):].strip("/").split("/")
+    elif parts[-1] == MODEL_DIR:
+        parts = parts[-2:]
+    else:
+        parts = parts[-1:]
+    if len(parts) > 1 and parts[-1] == MODEL_DIR:
+        parts.pop()
+    return "/".join(parts)
+
+
+def model_identity(spec: JobSpec, checkpoint: str, local_checkpoint: str | None = None) -> dict:
     """``model``: the served folder (see :func:`public_model_name`); ``base_model``: what it was trained from (a
-    peft adapter's recorded base, else ``model.name_or_path``; null for a preset's random weights)."""
-    if is_adapter_folder(checkpoint):
-        base: str | None = public_model_name(adapter_base(checkpoint), spec.output_dir)
+    peft adapter's recorded base, else ``model.name_or_path``; null for a preset's random weights).
+    ``local_checkpoint``: where the replica loaded a checkpoint on object storage from (its cached copy)."""
+    local = local_checkpoint or checkpoint
+    if is_adapter_folder(local):
+        recorded = adapter_base(local)
+        base: str | None = public_model_name(remote_name(recorded) or recorded, spec.output_dir)
     elif spec.model.preset:
         base = None
     else:
@@ -112,10 +134,10 @@ class MedvlServer:
         spec = parse_spec(args["spec"])
         self.settings = spec.serve
         self.spec = spec
-        self.identity = model_identity(spec, args["checkpoint"])
         self.key_digest = args.get("api_key_hmac", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
         self.runner = ModelRunner(spec, args["checkpoint"], args.get("adapters") or None)
+        self.identity = model_identity(spec, self.runner.checkpoint, self.runner.local_checkpoint)
         self.max_adapters = self.settings.max_adapters_per_replica
         self.recipe, self.generation = self.runner.recipe, self.runner.generation
         self.infer.set_max_batch_size(self.settings.max_batch_size)

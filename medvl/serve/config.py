@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from medvl.spec import JobSpec, ServeSpec
+from medvl.storage import absolute
 
 APP_IMPORT_PATH = "medvl.serve.app:build_app"
 DEPLOYMENT_NAME = "MedvlServer"
@@ -44,7 +45,7 @@ def app_args(spec: JobSpec, checkpoint: str, api_key_digest: str, adapters: list
     """
     raw = dataclasses.asdict(spec)
     raw["stages"] = [{"kind": "serve", "name": "serve"}]
-    raw["output_dir"] = str(Path(spec.output_dir).absolute())
+    raw["output_dir"] = absolute(spec.output_dir)
     return {"spec": raw, "checkpoint": checkpoint, "api_key_hmac": api_key_digest, "adapters": adapters or []}
 
 
@@ -69,6 +70,7 @@ def serve_config(spec: JobSpec, checkpoint: str, api_key_digest: str, adapters: 
 
 def write_serve_config(config: dict, path: Path) -> None:
     header = ("# Ray Serve config written by `medvl serve --write-config`; deploy with `serve deploy <this file>`.\n"
-              "# The cluster needs medvl installed and the checkpoint folder at the path below.\n")
+              "# The cluster needs medvl installed and the checkpoint below: a folder every replica's node has, or\n"
+              "# an s3:// URL the nodes can read (each replica fetches it into its node's cache).\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(config, sort_keys=False, width=100))

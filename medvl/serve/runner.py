@@ -29,6 +29,7 @@ from medvl.data.records import SHARD_COLUMNS
 from medvl.eval.chexpert import CheXpertLabeler
 from medvl.eval.findings import structured_findings
 from medvl.models.base import GenerationSettings
+from medvl.models.cache import local_model
 from medvl.models.registry import build_recipe
 from medvl.serve.requests import Query, RequestError
 from medvl.spec import JobSpec
@@ -82,9 +83,11 @@ class ModelRunner:
         if self.adapters:
             checkpoint = next(iter(self.adapters.values()))["folder"]
         self.spec, self.checkpoint = spec, checkpoint
+        # A checkpoint on object storage is fetched once into this node's cache (replicas after the first reuse it).
+        self.local_checkpoint = local_model(checkpoint, spec.data.endpoint_url)
         self.recipe = build_recipe(spec)
         self.generation = serving_generation(spec)
-        self.loaded = self.recipe.load_for_inference(checkpoint)
+        self.loaded = self.recipe.load_for_inference(self.local_checkpoint)
         self.base_loads = 1  # how often a base model was loaded here (tests: once per replica)
         # adapter name → peft's adapter name; the first came in with the base as peft's "default"
         self.resident = {next(iter(self.adapters)): "default"} if self.adapters else {}
@@ -94,7 +97,7 @@ class ModelRunner:
         self.device = torch.device("cuda" if spec.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
             self.loaded.to(self.device)
-        self.preprocess = self.recipe.preprocessor(checkpoint)
+        self.preprocess = self.recipe.preprocessor(self.local_checkpoint)
         self.suspect = False  # a query failed alone since the last probe
         self.dead_reason = ""  # set once a probe failed: the replica stays unhealthy
         self._probe_lock = threading.Lock()
@@ -108,7 +111,8 @@ class ModelRunner:
             if name in self.resident:
                 return
             peft_name = f"adapter_{len(self.resident)}_{abs(hash(name)) % 10**8}"
-            self.loaded.module.load_adapter(self.adapters[name]["folder"], adapter_name=peft_name)
+            folder = local_model(self.adapters[name]["folder"], self.spec.data.endpoint_url)  # s3:// → local cache
+            self.loaded.module.load_adapter(folder, adapter_name=peft_name)
             self.loaded.module.to(self.device)
             self.resident[name] = peft_name
             logger.info("medvl: adapter %s loaded (%d resident)", name, len(self.resident))

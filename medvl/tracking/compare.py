@@ -10,13 +10,15 @@ an MLflow experiment (the train and eval stage runs a ``medvl`` command logged, 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from medvl.runs import EVAL_SUMMARY_FILE, METRICS_FILE, SUMMARY_FILE
+from medvl.storage import Location
 
 HEADLINE_METRICS = ("bleu_4", "meteor", "rouge_l", "cider", "bertscore_f1", "ce_micro_f1_14", "vqa_acc",
                     "vqa_acc_closed", "vqa_acc_open")
@@ -64,13 +66,19 @@ def _count(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _folder_key(folder: str) -> str:
+    """A model folder named the same however it was spelled (a trailing or doubled slash)."""
+    scheme, sep, rest = folder.rpartition("://")
+    return scheme + sep + posixpath.normpath(rest) if rest else ""
+
+
 def join(trains: list[dict], evals: list[tuple[dict, dict]], run: str) -> list[Row]:
     """Rows from train summaries and (eval summary, metrics) pairs, each carrying ``_order``."""
-    by_model = {str(Path(t["model_dir"])): t for t in trains if t.get("model_dir")}
+    by_model = {_folder_key(t["model_dir"]): t for t in trains if t.get("model_dir")}
     used: set[str] = set()
     rows = []
     for evaluation, metrics in evals:
-        train = by_model.get(str(Path(evaluation.get("model_dir", ""))))
+        train = by_model.get(_folder_key(evaluation.get("model_dir", "")))
         if train is not None:
             used.add(train["stage"])
         rows.append(_stage(train, evaluation, metrics, run, evaluation.get("_order", 0.0)))
@@ -78,26 +86,25 @@ def join(trains: list[dict], evals: list[tuple[dict, dict]], run: str) -> list[R
     return sorted(rows, key=lambda row: row.order)
 
 
-def rows_from_folder(folder: Path) -> list[Row]:
-    """Rows of one ``output_dir`` (every stage folder in it) or of one stage folder."""
-    folder = folder.absolute()
+def rows_from_folder(folder: Location) -> list[Row]:
+    """Rows of one ``output_dir`` (every stage folder in it) or of one stage folder, local or on object storage."""
     stage_dirs = [folder] if _is_stage(folder) else sorted(p for p in folder.iterdir() if _is_stage(p))
     trains, evals = [], []
     for stage_dir in stage_dirs:
         if (stage_dir / SUMMARY_FILE).is_file():
             summary = json.loads((stage_dir / SUMMARY_FILE).read_text())
             summary.setdefault("stage", stage_dir.name)
-            trains.append(summary | {"_order": (stage_dir / SUMMARY_FILE).stat().st_mtime})
+            trains.append(summary | {"_order": (stage_dir / SUMMARY_FILE).modified()})
         if (stage_dir / METRICS_FILE).is_file():
             metrics = json.loads((stage_dir / METRICS_FILE).read_text())
             cost_file = stage_dir / EVAL_SUMMARY_FILE
             cost = json.loads(cost_file.read_text()) if cost_file.is_file() else {"stage": stage_dir.name}
-            evals.append((cost | {"_order": (stage_dir / METRICS_FILE).stat().st_mtime}, metrics))
+            evals.append((cost | {"_order": (stage_dir / METRICS_FILE).modified()}, metrics))
     run = folder.name if stage_dirs != [folder] else folder.parent.name
     return join(trains, evals, run)
 
 
-def _is_stage(path: Path) -> bool:
+def _is_stage(path: Location) -> bool:
     return path.is_dir() and ((path / SUMMARY_FILE).is_file() or (path / METRICS_FILE).is_file())
 
 
@@ -164,7 +171,7 @@ def markdown(rows: list[Row], metrics: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[Row], metrics: list[str], path: Path) -> None:
+def plot(rows: list[Row], metrics: list[str]) -> bytes:
     """One bar panel per metric and one of the wall times (training and evaluation stacked)."""
     import matplotlib
 
@@ -193,21 +200,26 @@ def plot(rows: list[Row], metrics: list[str], path: Path) -> None:
     for ax in flat[panels:]:
         ax.set_visible(False)
     figure.tight_layout()
-    figure.savefig(path)
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
     plt.close(figure)
+    return png.getvalue()
 
 
-def write_comparison(run_dirs: list[Path], metrics: list[str], out: Path | None,
-                     rows: list[Row] | None = None) -> list[Row]:
+def write_comparison(run_dirs: list[str | Location], metrics: list[str], out: Location | None,
+                     rows: list[Row] | None = None, endpoint_url: str = "") -> list[Row]:
     """Collect the rows (unless given), write the table to ``out`` and the chart beside it (``out`` as .png)."""
     if rows is None:
-        rows = [row for folder in run_dirs for row in rows_from_folder(Path(folder))]
+        rows = [row for folder in run_dirs for row in rows_from_folder(_location(folder, endpoint_url))]
     metrics = metrics or default_metrics(rows)
     table = markdown(rows, metrics)
     if out is None:
         print(table, end="")
         return rows
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
-    plot(rows, metrics, out.with_suffix(".png"))
+    (out.parent / f"{posixpath.splitext(out.name)[0]}.png").write_bytes(plot(rows, metrics))
     return rows
+
+
+def _location(folder: str | Location, endpoint_url: str) -> Location:
+    return folder if isinstance(folder, Location) else Location.of(folder, endpoint_url)

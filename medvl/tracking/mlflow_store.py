@@ -34,12 +34,15 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from medvl.runs import RunLayout
+from medvl.storage import Location
 from medvl.spec import JobSpec, StageSpec
 
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests runs
@@ -61,7 +64,7 @@ class RunRef:
 
 def tracking_uri(spec: JobSpec) -> str:
     """``tracking.uri``, or the run's own SQLite store."""
-    return spec.tracking.uri or f"sqlite:///{RunLayout.of(spec.output_dir).mlflow_db}"
+    return spec.tracking.uri or f"sqlite:///{RunLayout.for_spec(spec).mlflow_db}"
 
 
 def experiment_name(spec: JobSpec) -> str:
@@ -122,14 +125,33 @@ class MlflowRun:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.ref.run_id, key, value)
 
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        if path.is_dir():
-            self.client.log_artifacts(self.ref.run_id, str(path), artifact_path=folder or path.name)
-        elif path.is_file():
-            self.client.log_artifact(self.ref.run_id, str(path), artifact_path=folder)
+    def log_artifact(self, path: Path | Location, folder: str | None = None) -> None:
+        with local_copy(path) as local:
+            if local.is_dir():
+                self.client.log_artifacts(self.ref.run_id, str(local), artifact_path=folder or path.name)
+            elif local.is_file():
+                self.client.log_artifact(self.ref.run_id, str(local), artifact_path=folder)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.ref.run_id, status=status)
+
+
+@contextmanager
+def local_copy(path: Path | Location) -> Iterator[Path]:
+    """A local path of ``path``: itself on this machine, else a temporary copy (an output_dir on object storage;
+    the files logged as artifacts are small: metrics, reports, tables, overlays)."""
+    if not isinstance(path, Location):
+        yield path
+    elif path.is_local:
+        yield Path(path.path)
+    else:
+        with tempfile.TemporaryDirectory(prefix="medvl-artifact-") as tmp:
+            local = Path(tmp) / path.name
+            if path.is_dir():
+                path.download(local)
+            elif path.is_file():
+                local.write_bytes(path.read_bytes())
+            yield local
 
 
 class TensorBoardLog:
@@ -189,7 +211,7 @@ class StageLog:
         for sink in self._sinks():
             _quietly(sink.log_metrics, metrics, step)
 
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+    def log_artifact(self, path: Path | Location, folder: str | None = None) -> None:
         if self.mlflow_run is not None and path.exists():
             _quietly(self.mlflow_run.log_artifact, path, folder)
 
@@ -220,7 +242,7 @@ class Tracker:
 
     def __init__(self, spec: JobSpec, enabled: bool = True, command: str = ""):
         self.spec = spec
-        self.layout = RunLayout.of(spec.output_dir)
+        self.layout = RunLayout.for_spec(spec)
         self.parent: MlflowRun | None = None
         self.client = None
         if enabled and spec.tracking.enabled:
@@ -231,7 +253,7 @@ class Tracker:
 
         uri = tracking_uri(self.spec)
         if not self.spec.tracking.uri:
-            self.layout.root.mkdir(parents=True, exist_ok=True)
+            self.layout.driver_dir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=uri)
         experiment_id = self._experiment_id()
         run = self.client.create_run(experiment_id, run_name=self.spec.name, tags={
@@ -280,7 +302,7 @@ class Tracker:
         if self.parent is not None:
             _quietly(self.parent.log_metrics, {f"{prefix}/{k}": v for k, v in numeric(metrics).items()})
 
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+    def log_artifact(self, path: Path | Location, folder: str | None = None) -> None:
         if self.parent is not None and path.exists():
             _quietly(self.parent.log_artifact, path, folder)
 

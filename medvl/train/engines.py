@@ -33,6 +33,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from medvl.models.base import Recipe
+from medvl.models.cache import local_model, remote_name
 from medvl.models.checkpointing import enable_gradient_checkpointing
 from medvl.models.precision import PRECISION_DTYPES, autocast, keep_trainable_in_fp32, training_precision
 from medvl.spec import JobSpec
@@ -208,8 +209,10 @@ def consolidate(folder: Path, recipe: Recipe, out_dir: Path) -> None:
 
     marker = json.loads((folder / DEEPSPEED_MARKER).read_text())
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=marker["tag"])
-    model = recipe.load_for_training(marker["model_source"])
+    # The workers loaded their start from a cached copy, maybe on another node: fetch its URL's copy here.
+    source = local_model(remote_name(marker["model_source"]) or marker["model_source"], recipe.spec.data.endpoint_url)
+    model = recipe.load_for_training(source)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"{folder}: ZeRO shards do not match the model: {result.unexpected_keys[:5]}")
-    recipe.save(model, marker["model_source"], out_dir)
+    recipe.save(model, source, out_dir)

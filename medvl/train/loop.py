@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from medvl.data.position import ROW_KEY, write_position
 from medvl.models.base import Recipe
+from medvl.models.cache import local_model
 from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec
 from medvl.train.engines import DdpEngine, ZeroEngine, build_engine
@@ -73,7 +74,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(config["torch_threads"])
 
     total_steps = config["total_steps"]
-    engine = build_engine(spec, recipe, config["model_source"], total_steps, config.get("deepspeed_file"))
+    # A model on object storage is loaded from this node's cached copy (fetched once per node).
+    source = local_model(config["model_source"], spec.data.endpoint_url, config.get("model_filesystem"))
+    engine = build_engine(spec, recipe, source, total_steps, config.get("deepspeed_file"))
     model = engine.model
     state, epoch_trained = TrainState(), []
     device = ray.train.torch.get_device()

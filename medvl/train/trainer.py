@@ -24,17 +24,19 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from medvl.data import storage
+from medvl import storage
 from medvl.data.pipeline import preprocessed, read_split
 from medvl.data.position import POSITION_FILE, ROW_KEY
 from medvl.data.shards import MANIFEST, read_manifest, shard_paths
 from medvl.data.skips import skipped_counts, skipped_since
 from medvl.models.base import Recipe
+from medvl.models.cache import initial_model_in, model_filesystem, preprocessor_for, publishing
 from medvl.models.registry import build_recipe
 from medvl.runs import RUN_SPEC_FILE, RunLayout, write_summary
 from medvl.spec import JobSpec, StageSpec
 from medvl.tracking.mlflow_store import StageLog
 from medvl.tracking.progress import BoardWatcher, Progress, stage_label, start_board
+from medvl.storage import Location
 from medvl.train.deepspeed_file import config_file_digest, read_config_file
 from medvl.train.engines import consolidate, is_deepspeed_checkpoint
 from medvl.train.loop import TRAINING_STATE, train_loop_per_worker
@@ -47,8 +49,9 @@ COST_FIELDS = ("train_time_s", "samples_trained", "samples_per_s", "tokens_per_s
 
 @dataclass
 class TrainOutcome:
-    model_dir: Path
+    model_dir: Location
     summary: dict
+
 
 
 def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None, callbacks: list | None = None,
@@ -63,16 +66,17 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     """
     started = time.perf_counter()
     recipe = build_recipe(spec)
-    layout = RunLayout.of(spec.output_dir)
+    layout = RunLayout.for_spec(spec)
     out = layout.stage(stage.name)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     claim_run_folder(spec, stage.name)
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     manifest = read_manifest(location, endpoint)
-    model_source = start_from or recipe.initial_model(out, lambda: training_texts(spec))
+    model_source = start_from or initial_model_in(recipe, out, lambda: training_texts(spec))
     skipped_before = skipped_counts()
 
-    factory = functools.partial(recipe.preprocessor, model_source)
+    model_fs = model_filesystem(model_source, endpoint)  # carries the driver's S3 endpoint and keys to workers
+    factory = functools.partial(preprocessor_for, recipe, model_source, model_fs)
     preprocess = functools.partial(
         preprocessed, preprocessor_factory=factory,
         concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
@@ -93,6 +97,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         train_loop_config={
             "spec": spec,
             "model_source": model_source,
+            "model_filesystem": model_fs,
             "total_steps": total_steps,
             "position_file": position,
             "torch_threads": settings.torch_threads or max(1, math.ceil(settings.cpus_per_worker)),
@@ -168,7 +173,7 @@ def claim_run_folder(spec: JobSpec, name: str) -> None:
     location = storage.join(storage_location(spec), name)
     fs, run_dir = storage.filesystem_for(location, spec.data.endpoint_url)
     identity = run_identity(spec)
-    layout = RunLayout.of(spec.output_dir)
+    layout = RunLayout.for_spec(spec)
     summary, run_spec = layout.summary(name), layout.run_spec(name)
     record = storage.join(run_dir, RUN_SPEC_FILE)
     entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
@@ -255,7 +260,7 @@ def planned_steps(train_rows: int, spec: JobSpec) -> int:
 
 def storage_location(spec: JobSpec) -> str:
     """Where Ray Train keeps this job's runs: ``train.storage_path`` or ``<output_dir>/checkpoints``."""
-    return spec.train.storage_path or str(RunLayout.of(spec.output_dir).checkpoints)
+    return spec.train.storage_path or str(RunLayout.for_spec(spec).checkpoints)
 
 
 def position_file_location(spec: JobSpec, name: str) -> str:
@@ -266,7 +271,7 @@ def position_file_location(spec: JobSpec, name: str) -> str:
 def run_config(spec: JobSpec, name: str, callbacks: list | None = None) -> RunConfig:
     storage_path = storage_location(spec)
     filesystem = None
-    if storage.is_s3(storage_path):
+    if storage.is_remote(storage_path):
         filesystem, storage_path = storage.filesystem_for(storage_path, spec.data.endpoint_url)
     return RunConfig(
         name=name,
@@ -282,23 +287,20 @@ def run_config(spec: JobSpec, name: str, callbacks: list | None = None) -> RunCo
     )
 
 
-def export_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: Path, recipe: Recipe | None = None) -> None:
-    """Write a checkpoint's model as a plain HF folder (ZeRO shards consolidated), replacing ``model_dir`` atomically.
+def export_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: Location, recipe: Recipe | None = None) -> None:
+    """Write a checkpoint's model as a plain HF folder (ZeRO shards consolidated), replacing ``model_dir`` (local:
+    atomically; on object storage: uploaded).
 
     The resume state (optimizer, counters) stays behind: the folder is what ``from_pretrained`` /
     ``PeftModel.from_pretrained`` and ``medvl eval`` load.
     """
-    staging = model_dir.with_name(model_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    with checkpoint.as_directory() as folder:
+    with publishing(model_dir) as staging, checkpoint.as_directory() as folder:
         if is_deepspeed_checkpoint(Path(folder)):
             if recipe is None:
                 raise ValueError(f"{folder} holds ZeRO shards: exporting it needs the recipe that trained it")
             consolidate(Path(folder), recipe, staging)
         else:
             shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(TRAINING_STATE))
-    shutil.rmtree(model_dir, ignore_errors=True)
-    staging.rename(model_dir)
 
 
 def training_texts(spec: JobSpec):

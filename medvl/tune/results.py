@@ -13,16 +13,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from medvl.runs import TRIAL_STAGE, TuneLayout, write_summary as write_stage_summary
 from medvl.spec import JobSpec, StageSpec, set_dotted
+from medvl.storage import Location
 from medvl.tune.space import Dimension
 from medvl.tune.trial import plain
 
@@ -83,15 +84,16 @@ def trial_rows(results, statuses: dict[str, str], space: list[Dimension], metric
     return sorted(rows, key=lambda r: (math.isnan(r.best), sign * r.best if not math.isnan(r.best) else 0))
 
 
-def write_tables(rows: list[TrialRow], space: list[Dimension], metric: str, tune_dir: Path) -> None:
+def write_tables(rows: list[TrialRow], space: list[Dimension], metric: str, tune_dir: Location) -> None:
     header = ["trial_id", "status", *(d.field for d in space), "steps", "planned_steps", metric, f"last_{metric}",
               "stopped_early", "stopped_by"]
     table = [[r.trial_id, r.status, *(r.config[d.field] for d in space), r.steps, r.planned_steps,
               _number(r.best), _number(r.last), r.stopped_early, r.stopped_by] for r in rows]
-    with open(TuneLayout(tune_dir).trials_csv, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(table)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(table)
+    TuneLayout(tune_dir).trials_csv.write_text(text.getvalue())
     stopped = sum(r.stopped_early for r in rows)
     lines = [f"# Search: {len(rows)} trials, {stopped} stopped early, best first", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -103,7 +105,7 @@ def _number(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.6g}"
 
 
-def plot_curves(rows: list[TrialRow], metric: str, path: Path) -> None:
+def plot_curves(rows: list[TrialRow], metric: str, path: Location) -> None:
     """The metric against optimizer steps, one line per trial (matplotlib, no display needed)."""
     import matplotlib
 
@@ -128,11 +130,13 @@ def plot_curves(rows: list[TrialRow], metric: str, path: Path) -> None:
         axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
     plt.close(figure)
+    path.write_bytes(png.getvalue())
 
 
-def export_best(row: TrialRow, model_dir: Path, recipe, filesystem=None) -> Path:
+def export_best(row: TrialRow, model_dir: Location, recipe, filesystem=None) -> Location:
     """Export the best trial's best checkpoint (HF/peft files, not the resume state; ZeRO shards consolidated with
     ``recipe``) to ``model_dir``."""
     import ray.train
@@ -141,7 +145,6 @@ def export_best(row: TrialRow, model_dir: Path, recipe, filesystem=None) -> Path
 
     if not row.best_checkpoint:
         raise RuntimeError(f"trial {row.trial_id} reported no checkpoint with its metric")
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
     export_checkpoint(ray.train.Checkpoint(row.best_checkpoint, filesystem=filesystem), model_dir, recipe)
     return model_dir
 
@@ -181,14 +184,14 @@ def best_job_spec(spec: JobSpec, tune_stage: StageSpec, row: TrialRow) -> dict:
     return raw
 
 
-def write_best_spec(raw: dict, row: TrialRow, metric: str, path: Path) -> None:
+def write_best_spec(raw: dict, row: TrialRow, metric: str, path: Location) -> None:
     values = ", ".join(f"{k}={v}" for k, v in row.config.items())
     header = (f"# The best trial of the search ({row.trial_id}: {metric} {row.best:.6g} at {row.steps} steps): "
               f"{values}.\n# Run it with: medvl run {path}\n")
     path.write_text(header + yaml.safe_dump(raw, sort_keys=False))
 
 
-def write_summary(tune_dir: Path, stage: StageSpec, row: TrialRow, model_dir: Path, model_source: str,
+def write_summary(tune_dir: Location, stage: StageSpec, row: TrialRow, model_dir: Location, model_source: str,
                   metric: str) -> None:
     summary = {
         "stage": stage.name,

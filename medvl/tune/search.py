@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from medvl.runs import SEARCH_DIR, TuneLayout
 from medvl.spec import JobSpec, SpecError
+from medvl.storage import Location
 from medvl.tune.space import Dimension, grid_size, to_ray_tune
 from medvl.tune.cleanup import FreeEndedTrials
 from medvl.tune.trial import run_trial
@@ -64,7 +64,7 @@ def search_settings(spec: JobSpec, space: list[Dimension]) -> dict:
     return {"spec": raw, "space": [asdict(d) for d in space]}
 
 
-def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Path, base: dict, model_source: str,
+def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Location, base: dict, model_source: str,
                max_t: int, callbacks: list | None = None) -> SearchOutcome:
     """Start the search, or resume the one in ``tune_dir``; returns when every trial is done or on interrupt.
 
@@ -76,23 +76,27 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Path, base: dict
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, tune_dir=str(tune_dir), model_source=model_source),
+        tune.with_parameters(run_trial, base=base, tune_dir=tune_dir, model_source=model_source),
         {"cpu": TRIAL_DRIVER_CPUS},
     )
     layout = TuneLayout(tune_dir)
     experiment = layout.experiment
     settings = json.loads(json.dumps(search_settings(spec, space), default=str))
     settings_path = layout.settings
-    restored = tune.Tuner.can_restore(str(experiment))
+    # Tune reaches its experiment through the stage folder's filesystem (S3 included): Tuner.restore works
+    # from wherever the search was started.
+    filesystem = None if tune_dir.is_local else tune_dir.fs
+    restored = tune.Tuner.can_restore(experiment.path, storage_filesystem=filesystem)
     if restored:
-        previous = json.loads(settings_path.read_text()) if settings_path.exists() else None
+        previous = json.loads(settings_path.read_text()) if settings_path.is_file() else None
         if previous != settings:
             raise SpecError(f"tune: {experiment} holds a search started with other settings; remove {tune_dir} "
                             "or choose another output_dir to start a new one")
         print(f"[medvl tune] resuming the search in {experiment}", flush=True)
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
+        tuner = tune.Tuner.restore(experiment.path, trainable, resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=filesystem)
     else:
-        tune_dir.mkdir(parents=True, exist_ok=True)
+        tune_dir.mkdir()
         settings_path.write_text(json.dumps(settings, indent=2))
         tuner = tune.Tuner(
             trainable,
@@ -105,7 +109,7 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Path, base: dict
                 scheduler=scheduler(spec, max_t),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
-            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=str(tune_dir),
+            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=tune_dir.path, storage_filesystem=filesystem,
                                       callbacks=[FreeEndedTrials(), *(callbacks or [])], verbose=1),
         )
     results = tuner.fit()
@@ -121,14 +125,14 @@ def expected_trials(spec: JobSpec, space: list[Dimension]) -> int:
     return spec.tune.num_samples * (1 if spec.tune.search_alg == "optuna" else grid_size(space))
 
 
-def saved_statuses(experiment: Path) -> dict[str, str]:
+def saved_statuses(experiment: Location) -> dict[str, str]:
     """Each trial's status as Tune saved it, i.e. as a restore will see it.
 
     After an interrupt Tune stops the running trials and marks them TERMINATED in memory, but the state it
     saved first still says RUNNING (and a restore reruns them): the saved state is the one to trust.
     """
     # Tune's own rule: the newest session's file by name (a resumed run rewrites the old files too, so not mtime)
-    states = sorted(experiment.glob("experiment_state-*.json"))
+    states = experiment.glob("experiment_state-*.json")  # sorted by name
     if not states:
         return {}
     saved = json.loads(states[-1].read_text())

@@ -11,27 +11,28 @@ import copy
 import json
 import math
 from dataclasses import asdict
-from pathlib import Path
 
-from medvl.data import storage
+from medvl import storage
 from medvl.data.shards import read_manifest
+from medvl.models.cache import initial_model_in
 from medvl.models.registry import build_recipe
 from medvl.runs import RunLayout, TuneLayout
 from medvl.spec import JobSpec, StageSpec
+from medvl.storage import Location
 from medvl.tune import results as tables
 from medvl.tune.search import expected_trials, run_search
 from medvl.tune.space import check_space_for, resolve_space_path
-from medvl.tune.trial import trial_spec
+from medvl.tune.trial import gather_starts, trial_spec
 
 
 def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None,
                    callbacks: list | None = None) -> dict:
     """Run (or resume) the search; returns the summary (``complete`` False when it was interrupted)."""
-    from medvl.train.trainer import check_cpu_budget, planned_steps, training_texts
+    from medvl.train.trainer import check_cpu_budget, planned_steps, storage_location, training_texts
 
-    tune_dir = RunLayout.of(spec.output_dir).stage(stage.name)
+    tune_dir = RunLayout.for_spec(spec).stage(stage.name)
     layout = TuneLayout(tune_dir)
-    tune_dir.mkdir(parents=True, exist_ok=True)
+    tune_dir.mkdir()
     space = check_space_for(spec.tune.space, spec.tune.search_alg)
     base = base_trial_spec(spec)
     model_source = start_from or starting_model(spec, tune_dir, lambda: training_texts(spec))
@@ -43,6 +44,7 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
           f"scheduler {spec.tune.scheduler}, up to {max_t} steps per trial", flush=True)
 
     outcome = run_search(spec, space, tune_dir, base, model_source, max_t, callbacks)
+    gather_starts(layout)
     planned = {}
     for result in outcome.results:
         trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
@@ -62,9 +64,12 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
         raise RuntimeError(f"tune stage {stage.name!r}: no trial reported {spec.tune.metric} "
                            f"({len(outcome.results.errors)} failed{': ' + errors[0] if errors else ''}); "
                            f"see {layout.experiment}")
+    # Trials keep their checkpoints where storage_location says for the trial's spec (on S3 when output_dir or
+    # train.storage_path is): Ray reports their paths inside that filesystem.
     filesystem = None
-    if storage.is_s3(spec.train.storage_path):
-        filesystem, _ = storage.filesystem_for(spec.train.storage_path, spec.data.endpoint_url)
+    trial_storage = storage_location(trial_spec(base, best.config, layout.trial(best.trial_id)))
+    if storage.is_remote(trial_storage):
+        filesystem, _ = storage.filesystem_for(trial_storage, spec.data.endpoint_url)
     model_dir = tables.export_best(best, layout.best_model, build_recipe(spec), filesystem)
     tables.export_trials(rows, layout, build_recipe(spec), spec.tune.metric, filesystem)
     tables.write_best_spec(tables.best_job_spec(spec, stage, best), best, spec.tune.metric, layout.best_spec)
@@ -79,21 +84,20 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
 def base_trial_spec(spec: JobSpec) -> dict:
     """The spec every trial starts from, as a dict, with paths made absolute (trials run in their own folders)."""
     raw = copy.deepcopy(asdict(spec))
-    raw["output_dir"] = str(Path(spec.output_dir).absolute())
-    shards = spec.shards_location
-    raw["data"]["shards"] = shards if storage.is_s3(shards) else str(Path(shards).absolute())
+    raw["output_dir"] = storage.absolute(spec.output_dir)
+    raw["data"]["shards"] = storage.absolute(spec.shards_location)
     raw["tune"]["space"] = str(resolve_space_path(spec.tune.space))
-    if spec.train.storage_path and not storage.is_s3(spec.train.storage_path):
-        raw["train"]["storage_path"] = str(Path(spec.train.storage_path).absolute())
+    if spec.train.storage_path:
+        raw["train"]["storage_path"] = storage.absolute(spec.train.storage_path)
     return raw
 
 
-def starting_model(spec: JobSpec, tune_dir: Path, texts) -> str:
+def starting_model(spec: JobSpec, tune_dir: Location, texts) -> str:
     """The model every trial starts from; built once (a tiny preset) and reused when the search resumes."""
     layout = TuneLayout(tune_dir)
     record = layout.base_record
-    if record.exists():
+    if record.is_file():
         return json.loads(record.read_text())["model_source"]
-    source = build_recipe(spec).initial_model(layout.base, texts)
+    source = initial_model_in(build_recipe(spec), layout.base, texts)
     record.write_text(json.dumps({"model_source": source}))
     return source

@@ -13,7 +13,6 @@ therefore logs its trials under the tune stage run of the command that started i
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -21,6 +20,7 @@ from ray.tune import Callback
 
 from medvl.runs import TRIAL_STAGE, RunLayout, TuneLayout, read_summary
 from medvl.spec import JobSpec, StageSpec
+from medvl.storage import Location
 from medvl.tracking.mlflow_store import (KIND_TAG, PARENT_TAG, MlflowRun, RunRef, experiment_name, flatten,
                                          numeric)
 from medvl.tracking.progress import Progress, stage_label
@@ -41,7 +41,7 @@ def search_callbacks(spec: JobSpec, stage: StageSpec, parent: RunRef | None) -> 
     from medvl.tune.space import check_space_for
     from medvl.tune.stage import base_trial_spec
 
-    tune_dir = RunLayout.of(spec.output_dir).stage(stage.name)
+    tune_dir = RunLayout.for_spec(spec).stage(stage.name)
     base = base_trial_spec(spec)
     rows = read_manifest(spec.shards_location, spec.data.endpoint_url)["counts"]["train"]
     max_steps = spec.tune.max_steps or planned_steps(rows, trial_spec(base, {}, TuneLayout(tune_dir).trial("x")))
@@ -49,14 +49,14 @@ def search_callbacks(spec: JobSpec, stage: StageSpec, parent: RunRef | None) -> 
     callbacks: list[Callback] = [SearchProgress(stage_label("tune", stage.name), expected_trials(spec, space), spec.tune.metric,
                                                 spec.tune.mode, max_steps, spec.tracking.progress_every_s)]
     if parent is not None:
-        callbacks.append(TrialRuns(parent, experiment_name(spec), base, str(tune_dir)))
+        callbacks.append(TrialRuns(parent, experiment_name(spec), base, tune_dir))
     return callbacks
 
 
 class TrialRuns(MLflowLoggerCallback):
     """A child MLflow run per trial, under the tune stage's run (see the module docstring)."""
 
-    def __init__(self, parent: RunRef, experiment: str, base: dict, tune_dir: str):
+    def __init__(self, parent: RunRef, experiment: str, base: dict, tune_dir: Location):
         super().__init__(tracking_uri=parent.uri, experiment_name=experiment,
                          tags={PARENT_TAG: parent.run_id, KIND_TAG: "trial"})
         self.parent, self.base, self.tune_dir = parent, base, tune_dir
@@ -80,7 +80,7 @@ class TrialRuns(MLflowLoggerCallback):
         run = self.mlflow_util.start_run(tags=tags, run_name=trial.trial_id)
         self._trial_runs[trial] = run.info.run_id
         mlflow_run = self._run(trial)
-        folder = TuneLayout(Path(self.tune_dir)).trial(trial.trial_id)
+        folder = TuneLayout(self.tune_dir).trial(trial.trial_id)
         mlflow_run.log_params(flatten(trial_spec(self.base, trial.config, folder)))
 
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
@@ -94,7 +94,7 @@ class TrialRuns(MLflowLoggerCallback):
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial not in self._trial_runs:
             return
-        trial_dir = TuneLayout(Path(self.tune_dir)).trial(trial.trial_id)
+        trial_dir = TuneLayout(self.tune_dir).trial(trial.trial_id)
         try:
             summary = read_summary(trial_dir, TRIAL_STAGE)  # absent when ASHA stopped the trial
         except FileNotFoundError:
