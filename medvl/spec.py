@@ -9,6 +9,8 @@ A job runs ``stages`` in order. A stage is a kind (prepare, train, eval…) plus
 apply to that stage only (a command-line ``--set`` of the same key wins over them), and ``start_from``: the name
 of an earlier train stage whose model it starts from.
 Multi-stage recipes (DAPT → VQA, soft-prompt stage 1 → stage 2) are one spec with several train stages.
+A string value may say ``${output_dir}``: it becomes the spec's ``output_dir`` (e.g. a second prepare stage's
+``data.shards: ${output_dir}/rocov2_shards``), so ``--set output_dir=…`` moves such folders along.
 
 Parsing is pure (types, ranges, cross-field rules; no files read, no medvl module but the run layout), so a
 Tune trial or a Serve replica can rebuild a spec anywhere. What needs the file system or the recipe registry
@@ -64,6 +66,11 @@ def checked(default: Any, check: typing.Callable[[Any], bool]) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+MODALITIES = Literal["ct", "mri", "xray", "ultrasound", "angiography", "pet"]
+# The dataset-specific row filters of DataSpec and the one format that reads each
+FORMAT_OPTIONS = {"modalities": "rocov2", "frontal_only": "mimic_cxr", "max_studies": "mimic_cxr"}
+
+
 @dataclass
 class DataSpec:
     format: Literal["synthetic", "roco", "rocov2", "mimic_cxr", "iu_xray", "vqa_rad", "slake", "shards"] = "synthetic"
@@ -85,6 +92,14 @@ class DataSpec:
     preprocess_cpus: float = checked(0.25, positive)  # CPUs reserved per actor (one pool each for train and val)
     shuffle_buffer: int = checked(1024, non_negative)  # rows in the local shuffle buffer while training
     language: str = "en"  # SLAKE question language
+    # rocov2: keep only images of these modalities, read from the split's concepts files (UMLS CUIs: ct C0040405,
+    # mri C0024485, xray C1306645 / C0034571, ultrasound C0041618, angiography C0002978, pet C0032743); [] = all
+    modalities: list[MODALITIES] = field(default_factory=list)
+    frontal_only: bool = False  # mimic_cxr: PA and AP views only (ViewPosition of mimic-cxr-2.0.0-metadata.csv)
+    max_studies: int = checked(0, non_negative)  # mimic_cxr: the first N studies with a findings section; 0 = all
+    # Ignore the dataset's own split and split by group_id (the patient, where the dataset has one) with
+    # split_fractions, as for data without a split
+    resplit: bool = False
     endpoint_url: str = ""  # S3-compatible endpoint; "" = AWS or the AWS_ENDPOINT_URL environment variable
     seed: int = 0
 
@@ -99,7 +114,8 @@ class ModelSpec:
     # Weights as loaded for train, eval and serve; auto: bfloat16 on a GPU that has it, float32 elsewhere.
     # Frozen weights stay in it; trainable ones train in float32 (DDP) or through DeepSpeed's fp32 master copy.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    load_in_8bit: bool = False
+    load_in_8bit: bool = False  # blip2 + LoRA: base weights in 8-bit (CUDA and bitsandbytes)
+    load_in_4bit: bool = False  # blip2 + LoRA: base weights in 4-bit NF4, i.e. QLoRA (CUDA and bitsandbytes)
     lora_r: int = checked(16, positive)
     lora_alpha: float = checked(32.0, positive)
     lora_dropout: float = checked(0.1, unit_interval)
@@ -111,6 +127,13 @@ class ModelSpec:
     distill: bool = False  # BLIP DAPT: progressive self-distillation from an EMA teacher
     ema_tau_start: float = checked(0.95, unit_interval)  # EMA teacher momentum, rising linearly over training…
     ema_tau_end: float = checked(0.995, unit_interval)  # …to this value
+    # BLIP DAPT: ITC negatives from a queue of momentum-encoder features (BLIP's own ITC); 0 = in-batch only
+    itc_queue_size: int = checked(0, non_negative)
+
+    @property
+    def quantisation(self) -> str:
+        """The bitsandbytes quantisation asked for: "8bit", "4bit" or ""."""
+        return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else ""
 
 
 @dataclass
@@ -133,6 +156,8 @@ class TrainSpec:
     lr: float = checked(5e-5, positive)
     weight_decay: float = checked(0.01, non_negative)
     warmup_ratio: float = checked(0.05, unit_interval)
+    warmup_start_lr: float = checked(0.0, non_negative)  # warm-up rises linearly from it to lr…
+    min_lr: float = checked(0.0, non_negative)  # …then the cosine decays from lr to it
     max_grad_norm: float = checked(1.0, positive)
     # auto: bf16 on a capable GPU (or whatever low precision model.dtype names), else fp32; fp16 without
     # DeepSpeed scales the loss with a GradScaler (DeepSpeed scales it itself)
@@ -170,15 +195,19 @@ class EvalSpec:
     batch_size: int = checked(32, positive)
     max_samples: int = checked(0, non_negative)  # 0 = the whole split
     semantic: bool = True  # BERTScore + embedding cosine with embedding_model (~70 s per 1,000 pairs on 2 CPUs)
-    embedding_model: str = ""  # local folder of a BERT-like model; "" = all-MiniLM-L6-v2 shipped on PyPI
+    # A local sentence-transformers folder (its pooling is used) or a plain HF encoder folder (mean pooling);
+    # "" = all-MiniLM-L6-v2 shipped on PyPI
+    embedding_model: str = ""
     clinical: bool = True  # CheXpert clinical efficacy, hallucination and laterality (chest X-ray reports)
     worst_examples: int = checked(10, non_negative)  # listed in report.md
     # PNG overlays of the decoder's cross-attention on the image for the first N samples (<stage>/attention/);
     # BLIP captioning recipes only, 0 = none
     attention_maps: int = checked(0, non_negative)
     # Extra scores written to <output_dir>/<name>.json next to the trained model's: "untrained" (the model the
-    # train stage started from) and "shuffled_images" (predictions scored against other images' references).
-    baselines: list[Literal["untrained", "shuffled_images"]] = field(default_factory=list)
+    # train stage started from), "zero_shot" (that model generating after eval.prompt) and "shuffled_images"
+    # (predictions scored against other images' references).
+    baselines: list[Literal["untrained", "zero_shot", "shuffled_images"]] = field(default_factory=list)
+    prompt: str = ""  # the zero_shot baseline's text prompt; the trained model generates without one
     # Generation runs in a Ray Data pool of this many actors, each holding the model (and the untrained
     # baseline's) in model.dtype on these resources; the driver only gathers predictions and scores them.
     workers: int = checked(1, positive)
@@ -207,10 +236,11 @@ class TuneSpec:
     num_samples: int = checked(1, positive)  # grid: repeats of the whole grid; random: draws (grids crossed in)
     search_alg: Literal["grid", "random", "optuna"] = "grid"  # optuna only where its package is installed
     scheduler: Literal["asha", "none"] = "asha"
-    # ASHA's unit is the optimizer step: trials report at every validation (set train.eval_every_steps)
+    # ASHA's unit is the optimizer step: trials report at every validation (tune.eval_every_steps below)
     grace_period: int = checked(250, positive)  # steps before ASHA may stop a trial (the published protocol: 250)
     reduction_factor: float = checked(3.0, above_one)  # ASHA keeps the best 1/reduction_factor at each rung
     max_steps: int = checked(0, non_negative)  # ASHA's max_t, and each trial's train.max_steps cap; 0 = planned
+    eval_every_steps: int = checked(0, non_negative)  # trials validate every N steps; 0 = train.eval_every_steps
     # What one trial's Train workers get in all (split evenly over train.workers); fractions are fine.
     cpus_per_trial: float = checked(0.0, non_negative)  # 0 = train.workers × train.cpus_per_worker
     gpus_per_trial: float = checked(0.0, non_negative)  # > 0 needs train.use_gpu; e.g. 0.5 = two trials per GPU
@@ -378,13 +408,35 @@ def set_dotted(raw: dict, dotted: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
+OUTPUT_DIR_VARIABLE = "${output_dir}"
+
+
 def parse_spec(raw: dict) -> JobSpec:
-    raw = copy.deepcopy(raw)
+    raw = _expand_output_dir(copy.deepcopy(raw))
     raw["stages"] = [_normalise_stage(s, i) for i, s in enumerate(raw.get("stages") or [])]
     spec = _build(JobSpec, raw, "")
     _check_stages(spec)
     _check_cross_fields(spec)
     return spec
+
+
+def _expand_output_dir(raw: dict) -> dict:
+    """``${output_dir}`` in any string value (stage ``set`` values too) becomes the spec's output_dir, so a stage can
+    name a folder of the job's own (e.g. a second shard location) and ``--set output_dir=…`` moves it along."""
+    output_dir = raw.get("output_dir")
+    if not isinstance(output_dir, str) or OUTPUT_DIR_VARIABLE in output_dir:
+        return raw
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(OUTPUT_DIR_VARIABLE, output_dir)
+        if isinstance(value, dict):
+            return {key: expand(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [expand(item) for item in value]
+        return value
+
+    return expand(raw)
 
 
 def _normalise_stage(stage: Any, index: int) -> Any:
@@ -431,10 +483,56 @@ def _check_cross_fields(spec: JobSpec) -> None:
     if spec.model.preset == "random" and not spec.model.name_or_path:
         raise SpecError('model.name_or_path: expected the hub id whose architecture model.preset: random builds '
                         '(e.g. Salesforce/blip2-opt-2.7b), got ""')
+    _check_data_filters(spec)
+    _check_quantisation(spec)
+    _check_schedule(spec)
+    _check_eval(spec)
     _check_deepspeed(spec)
     _check_precision(spec)
     _check_tune(spec)
     _check_serve(spec)
+
+
+def _check_data_filters(spec: JobSpec) -> None:
+    """A row filter needs the format that reads it; synthetic data (every smoke test's stand-in) ignores them."""
+    data = spec.data
+    if data.resplit and data.format == "shards":
+        raise SpecError("data.resplit: expected false with data.format shards (splits are made at prepare), got true")
+    defaults = DataSpec()
+    for name, owner in FORMAT_OPTIONS.items():
+        value = getattr(data, name)
+        if value != getattr(defaults, name) and data.format not in (owner, "synthetic"):
+            raise SpecError(f"data.{name}: expected it unset with data.format {data.format} (only {owner} reads it), "
+                            f"got {_show(value)}")
+
+
+def _check_quantisation(spec: JobSpec) -> None:
+    model = spec.model
+    if model.load_in_8bit and model.load_in_4bit:
+        raise SpecError("model.load_in_4bit: expected false while model.load_in_8bit is true (one quantisation), "
+                        "got true")
+    trains = any(stage.kind in ("train", "tune") for stage in spec.stages)
+    if model.quantisation and trains and not spec.train.use_gpu:
+        raise SpecError(f"model.load_in_{model.quantisation}: expected false while train.use_gpu is false "
+                        f"(bitsandbytes' {model.quantisation} weights need a CUDA GPU), got true")
+
+
+def _check_schedule(spec: JobSpec) -> None:
+    train = spec.train
+    for name in ("warmup_start_lr", "min_lr"):
+        if getattr(train, name) > train.lr:
+            raise SpecError(f"train.{name}: expected at most train.lr ({train.lr:g}), got {getattr(train, name):g}")
+
+
+def _check_eval(spec: JobSpec) -> None:
+    settings = spec.eval
+    zero_shot = "zero_shot" in settings.baselines
+    if zero_shot and not settings.prompt.strip():
+        raise SpecError('eval.prompt: expected the zero_shot baseline\'s prompt (e.g. "Describe the findings in this '
+                        'chest X-ray:"), got ""')
+    if settings.prompt and not zero_shot:
+        raise SpecError(f"eval.prompt: expected it unset unless eval.baselines has zero_shot (only that baseline is "
+                        f"prompted), got {_show(settings.prompt)}")
 
 
 def _check_deepspeed(spec: JobSpec) -> None:

@@ -1,5 +1,5 @@
 """BLIP-2 recipe: ids layout, adapter placement and count, freezing per policy (lora, frozen_vision, full),
-8-bit error, adapter/merged/full save, the deprecated name."""
+8- and 4-bit errors and settings, adapter/merged/full save, the deprecated name."""
 from __future__ import annotations
 
 import json
@@ -150,7 +150,7 @@ def test_the_policy_function_works_on_the_meta_device(tiny_dir):
 
 def test_8bit_is_refused_for_full_fine_tuning(tiny_dir, tmp_path):
     raw = job(tiny_dir, tmp_path, load_in_8bit=True)
-    raw["train"]["finetune"] = "full"
+    raw["train"].update(finetune="full", use_gpu=True)
     with pytest.raises(ValueError, match="model.load_in_8bit: expected false with train.finetune full"):
         Blip2Recipe(parse_spec(raw)).load_for_training(tiny_dir)
 
@@ -201,11 +201,49 @@ def test_a_full_fine_tune_saves_a_plain_folder_and_can_start_from_a_lora_stage(t
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no CUDA GPU")
-def test_8bit_without_cuda_says_what_to_do(tiny_dir, tmp_path):
-    recipe = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path, load_in_8bit=True)))
-    what_to_do = r"needs a CUDA GPU and the bitsandbytes package: set model.load_in_8bit: false"
+@pytest.mark.parametrize("bits", ["8", "4"])
+def test_quantised_loading_without_cuda_says_what_to_do(tiny_dir, tmp_path, bits):
+    raw = job(tiny_dir, tmp_path, **{f"load_in_{bits}bit": True})
+    raw["train"]["use_gpu"] = True  # a GPU spec run where there is none
+    recipe = Blip2Recipe(parse_spec(raw))
+    field = f"model.load_in_{bits}bit"
+    what_to_do = rf"{field} needs a CUDA GPU and the bitsandbytes package: set {field}: false"
     with pytest.raises(RuntimeError, match=what_to_do):
         recipe.load_for_training(tiny_dir)
+    with pytest.raises(RuntimeError, match=what_to_do):
+        recipe.load_for_inference(tiny_dir)
+
+
+@pytest.mark.parametrize("model, train, message", [
+    ({"load_in_4bit": True}, {}, "model.load_in_4bit: expected false while train.use_gpu is false"),
+    ({"load_in_8bit": True}, {}, "model.load_in_8bit: expected false while train.use_gpu is false"),
+    ({"load_in_4bit": True, "load_in_8bit": True}, {"use_gpu": True}, "model.load_in_4bit: expected false while "
+                                                                      "model.load_in_8bit is true"),
+    ({"load_in_4bit": "nf4"}, {}, 'model.load_in_4bit: expected true or false, got "nf4"'),
+])
+def test_quantisation_settings_are_refused_where_they_cannot_run(tiny_dir, tmp_path, model, train, message):
+    from medvl.spec import SpecError
+
+    raw = job(tiny_dir, tmp_path, **model)
+    raw["train"].update(train)
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw)
+
+
+def test_4bit_is_lora_only_and_qlora_settings_are_nf4_with_double_quantisation(tiny_dir, tmp_path):
+    from medvl.models.lora import quantisation_config
+    from medvl.validation import validate
+
+    raw = job(tiny_dir, tmp_path, load_in_4bit=True)
+    raw["train"].update(use_gpu=True, finetune="full")
+    with pytest.raises(Exception, match="model.load_in_4bit: expected it unset with train.finetune full"):
+        validate(parse_spec(raw))
+    raw["train"]["finetune"] = "lora"
+    assert validate(parse_spec(raw)).model.quantisation == "4bit"
+    config = quantisation_config("4bit", torch.bfloat16)
+    assert (config.load_in_4bit, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant,
+            config.bnb_4bit_compute_dtype) == (True, "nf4", True, torch.bfloat16)
+    assert quantisation_config("8bit", torch.float32).load_in_8bit
 
 
 def test_tiny_preset_saves_a_loadable_checkpoint(tiny_dir):
@@ -296,3 +334,33 @@ def test_end_to_end_on_ray_lowers_the_loss_and_writes_metrics(tmp_path, ray_loca
     assert (Path(summary["model_dir"]) / "adapter_model.safetensors").is_file()
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 8
+
+
+def test_a_prompt_is_read_after_the_image_tokens_and_only_the_answer_is_returned(tiny_dir, records, tmp_path):
+    """The zero_shot baseline: BLIP-2 continues ``[image]×Q [bos] prompt`` (what its zero-shot use looks like)."""
+    from medvl.models.base import GenerationSettings
+    from medvl.models.blip2 import prompt_ids
+
+    recipe = Blip2Recipe(parse_spec(job(tiny_dir, tmp_path)))
+    loaded = recipe.load_for_inference(tiny_dir)
+    batch = tensors(recipe, tiny_dir, records[:3])
+    seen = []
+    generate = loaded.module.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs.get("input_ids"))
+        return generate(**kwargs)
+
+    loaded.module.generate = spy
+    prompt = "findings:"
+    settings = GenerationSettings(num_beams=1, max_new_tokens=5)
+    plain = recipe.generate_scored(loaded, batch, settings)
+    prompted = recipe.generate_scored(loaded, batch, GenerationSettings(1, 5, prompt=prompt))
+    config = loaded.module.config
+    expected = [config.image_token_index] * config.num_query_tokens + [config.text_config.bos_token_id] + \
+        loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert seen[0] is None  # no prompt: generate starts from its own [image]×Q [bos]
+    assert seen[1].tolist() == [expected] * 3 == prompt_ids(config, loaded.tokenizer, prompt).tolist() * 3
+    assert len(prompted.texts) == 3 and all(0 < p <= 1 for p in prompted.mean_token_probs)
+    assert all(not text.startswith(prompt) for text in prompted.texts)  # the prompt is not echoed back
+    assert prompted.mean_token_probs != plain.mean_token_probs  # the prompt changed what the model read

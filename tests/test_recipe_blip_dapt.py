@@ -1,4 +1,5 @@
-"""BLIP DAPT: the three losses fall, hard negatives, EMA teacher and adaptive task weights, the save layout."""
+"""BLIP DAPT: the three losses fall, hard negatives, the ITC queue of momentum features, EMA teacher and the
+distillation terms' adaptive weights, the save layout."""
 from __future__ import annotations
 
 import io
@@ -15,6 +16,7 @@ from medvl.models.base import GenerationSettings
 from medvl.models.blip_caption import save_tiny_blip
 from medvl.models.blip_dapt import (
     HEADS_FILE,
+    MOMENTUM_FILE,
     TEACHER_FILE,
     DaptPreprocessor,
     caption_of,
@@ -22,8 +24,10 @@ from medvl.models.blip_dapt import (
     group_index,
     hard_negatives,
     load_dapt_model,
+    vision_states,
 )
 from medvl.models.distill import (
+    distillation_mses,
     distilled_total,
     ema_momentum,
     ema_update,
@@ -71,9 +75,9 @@ def dapt_recipe(distill: bool = False, **model):
     }))
 
 
-def colour_batch(recipe, source: str) -> dict[str, torch.Tensor]:
+def colour_batch(recipe, source: str, groups: list[str] | None = None) -> dict[str, torch.Tensor]:
     captions = [f"{name} square" for name in COLOURS]
-    out = recipe.preprocessor(source)(shard_rows(captions, captions))
+    out = recipe.preprocessor(source)(shard_rows(captions, groups or captions))
     return {name: torch.as_tensor(out[name]) for name in recipe.tensor_columns}
 
 
@@ -90,7 +94,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def eval_losses(model, batch) -> list[float]:
     model.eval()
     with torch.no_grad():
-        losses, _ = model.student.task_losses(batch, EVERY_NEGATIVE)
+        losses = model.student.task_losses(batch, EVERY_NEGATIVE).losses
     model.train()
     return losses.tolist()
 
@@ -168,15 +172,52 @@ def test_adaptive_weights_sum_to_one_and_favour_the_lagging_task():
     assert smoothed.tolist() == pytest.approx([1.1, 1.0, 0.95])
 
 
-def test_distilled_total_by_hand_and_teacher_gets_no_gradient():
-    student = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
-    teacher = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
-    total = distilled_total(student, teacher, torch.tensor([0.2, 0.3, 0.5]))
-    assert total.item() == pytest.approx(3 * (0.2 * 1 + 0.3 * (2 + 1) + 0.5 * (3 + 4)))  # 13.8
+def test_distilled_total_weights_the_distillation_terms_only():
+    task = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    distillation = torch.tensor([4.0, 5.0, 6.0], requires_grad=True)
+    total = distilled_total(task, distillation, torch.tensor([0.2, 0.3, 0.5]))
+    assert total.item() == pytest.approx((1 + 2 + 3) + (0.2 * 4 + 0.3 * 5 + 0.5 * 6))  # 6 + 5.3
     total.backward()
-    assert teacher.grad is None
-    # d/dL_s of K·w·(L_s + (L_s − L_t)²) = K·w·(1 + 2(L_s − L_t))
-    assert student.grad.tolist() == pytest.approx([3 * 0.2 * 1, 3 * 0.3 * 3, 3 * 0.5 * 5])
+    assert task.grad.tolist() == [1.0, 1.0, 1.0]  # every task loss at weight 1
+    assert distillation.grad.tolist() == pytest.approx([0.2, 0.3, 0.5])
+
+
+def test_distillation_mses_by_hand_and_the_teacher_gets_no_gradient():
+    student = {"a": torch.tensor([[1.0, 2.0]], requires_grad=True), "b": torch.tensor([0.0, 3.0], requires_grad=True)}
+    teacher = {"a": torch.tensor([[0.0, 0.0]], requires_grad=True), "b": torch.tensor([1.0, 1.0], requires_grad=True)}
+    mses = distillation_mses(student, teacher, ("a", "b"))
+    assert mses.tolist() == pytest.approx([(1 + 4) / 2, (1 + 4) / 2])
+    mses.sum().backward()
+    assert teacher["a"].grad is None and teacher["b"].grad is None
+    assert student["a"].grad[0].tolist() == pytest.approx([1.0, 2.0])  # d/ds mean((s−t)²) = 2(s−t)/n
+
+
+def test_total_loss_with_distillation_matches_a_hand_computation(tiny_source):
+    """Σ task losses + Σ w·MSE, recomputed from the student's and the teacher's own outputs."""
+    recipe = dapt_recipe(distill=True)
+    batch = colour_batch(recipe, tiny_source)
+    torch.manual_seed(0)
+    model = recipe.load_for_training(tiny_source)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in (1, 2, 3):  # the teacher now trails the student: every term is non-zero
+        recipe.loss(model, batch)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        recipe.after_optimizer_step(model, step, 10)
+    model.eval()  # hardest negatives and no ratio update: the same computation twice
+    with torch.no_grad():
+        out = model(**batch)
+        student = model.student.task_losses(batch)
+        teacher = model.teacher.task_losses(batch, student.negatives)
+    mse = {task: ((student.outputs[task] - teacher.outputs[task]) ** 2).mean().item() for task in ("itc", "itm", "lm")}
+    ratios = model.ratio_ema.tolist()
+    weights = [math.exp(r) / sum(math.exp(q) for q in ratios) for r in ratios]
+    expected = sum(student.losses.tolist()) + sum(w * mse[t] for w, t in zip(weights, ("itc", "itm", "lm")))
+    assert all(value > 1e-6 for value in mse.values()), mse
+    assert ratios != [1.0, 1.0, 1.0]  # the weights moved away from equal
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert [out[f"mse_{t}"].item() for t in ("itc", "itm", "lm")] == pytest.approx(list(mse.values()), rel=1e-5)
+    assert out["loss"].item() > sum(student.losses.tolist())
 
 
 def test_distillation_teacher_is_frozen_follows_the_ema_and_weights_sum_to_one(tiny_source):
@@ -206,6 +247,122 @@ def test_distillation_teacher_is_frozen_follows_the_ema_and_weights_sum_to_one(t
     _, extras = recipe.loss(model, batch)
     weights = [extras[f"weight_{t}"] for t in ("itc", "itm", "lm")]
     assert sum(weights) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ ITC queue
+
+
+def queue_recipe(size: int, **model):
+    return dapt_recipe(itc_queue_size=size, **model)
+
+
+def student_features(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's normalised ITC features and temperature (tiny BLIP has no dropout: deterministic)."""
+    net = model.student
+    image = vision_states(net.blip.vision_model, batch["pixel_values"])[:, 0]
+    text = net.blip.text_encoder(input_ids=batch["text_input_ids"],
+                                 attention_mask=batch["text_attention_mask"]).last_hidden_state[:, 0]
+    scale = net.logit_scale.clamp(max=math.log(100.0)).exp()
+    return (torch.nn.functional.normalize(net.vision_proj(image), dim=-1),
+            torch.nn.functional.normalize(net.text_proj(text), dim=-1), scale)
+
+
+def test_queued_negatives_enter_the_itc_loss(tiny_source):
+    recipe = queue_recipe(8)
+    first = colour_batch(recipe, tiny_source, groups=["a1", "a2", "a3", "a4"])
+    second = colour_batch(recipe, tiny_source, groups=["b1", "b2", "b3", "b4"])
+    torch.manual_seed(0)
+    model = recipe.load_for_training(tiny_source)
+    model.train()
+    assert int(model.momentum.queue_filled) == 0
+    with torch.no_grad():
+        model(**first)  # the first batch's momentum features join the queue
+        assert int(model.momentum.queue_filled) == 4
+        queued_images, queued_texts = model.momentum.image_queue[:4].clone(), model.momentum.text_queue[:4].clone()
+        keys = model.momentum.keys(second)
+        torch.manual_seed(1)
+        with_queue = model(**second)
+
+        # by hand: the second batch against its own momentum features, then the 4 queued ones (other groups)
+        image, text, scale = student_features(model, second)
+        all_texts = torch.cat([keys.texts[:4], queued_texts])
+        all_images = torch.cat([keys.images[:4], queued_images])
+        positives = torch.zeros(4, 8, dtype=torch.bool)
+        positives[range(4), range(4)] = True
+        expected = contrastive_loss(scale * image @ all_texts.T, positives, scale * text @ all_images.T, positives)
+        in_batch_only = contrastive_loss(scale * image @ keys.texts[:4].T, positives[:, :4],
+                                         scale * text @ keys.images[:4].T, positives[:, :4])
+    assert with_queue["loss_itc"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert with_queue["loss_itc"].item() > in_batch_only.item() + 1e-4  # 4 more negatives in every softmax
+    assert int(model.momentum.queue_filled) == 8
+
+
+def test_queued_features_of_the_same_group_are_positives_and_the_queue_is_a_ring(tiny_source):
+    recipe = queue_recipe(6)
+    batch = colour_batch(recipe, tiny_source, groups=["a", "b", "c", "d"])
+    torch.manual_seed(0)
+    model = recipe.load_for_training(tiny_source)
+    model.train()
+    with torch.no_grad():
+        model(**batch)
+        keys = model.momentum.keys(batch)
+        assert keys.groups.tolist() == [group_index(g) for g in "abcd"] * 2  # the batch, then its queued copy
+        model(**batch)  # 8 features into 6 rows: the ring wraps
+    assert int(model.momentum.queue_filled) == 6 and int(model.momentum.queue_ptr) == 2
+    assert model.momentum.group_queue.tolist() == [group_index(g) for g in "cdcdab"]
+
+
+def test_momentum_encoders_follow_the_student_and_validation_contrasts_in_batch(tiny_source):
+    recipe = queue_recipe(16)
+    batch = colour_batch(recipe, tiny_source)
+    torch.manual_seed(0)
+    model = recipe.load_for_training(tiny_source)
+    assert not any(p.requires_grad for p in model.momentum.parameters())
+    momentum_before = model.momentum.vision_proj.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    recipe.loss(model, batch)[0].backward()
+    optimizer.step()
+    recipe.after_optimizer_step(model, 1, 10)
+    student = model.student.vision_proj.weight.detach()
+    assert torch.allclose(model.momentum.vision_proj.weight, 0.995 * momentum_before + 0.005 * student, atol=1e-7)
+
+    plain = dapt_recipe().load_for_training(tiny_source)
+    plain.student.load_state_dict(model.student.state_dict())
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert model(**batch)["loss_itc"].item() == pytest.approx(plain(**batch)["loss_itc"].item(), rel=1e-6)
+
+
+def test_save_restores_the_momentum_encoders_and_the_queue(tiny_source, tmp_path: Path):
+    recipe = queue_recipe(8, distill=True)
+    batch = colour_batch(recipe, tiny_source)
+    torch.manual_seed(0)
+    model = recipe.load_for_training(tiny_source)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in (1, 2):
+        recipe.loss(model, batch)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        recipe.after_optimizer_step(model, step, 10)
+    recipe.save(model, tiny_source, tmp_path)
+    assert (tmp_path / MOMENTUM_FILE).is_file()
+    fresh = recipe.load_for_training(tiny_source)
+    recipe.restore(fresh, tmp_path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    assert int(fresh.momentum.queue_filled) == 8
+    assert load_dapt_model(str(tmp_path), distill=False).momentum is None  # inference needs no queue
+
+
+def test_the_vit_runs_at_another_resolution_than_its_checkpoint(tiny_source):
+    """DAPT at 224 px from a 384 px checkpoint: position embeddings interpolated (here 32 px → 64 px)."""
+    recipe = dapt_recipe()
+    model = recipe.load_for_training(tiny_source)
+    pixels = torch.randn(2, 3, 2 * SIZE, 2 * SIZE)
+    assert vision_states(model.student.blip.vision_model, pixels).shape[1] == 1 + (2 * SIZE // 16) ** 2
+    batch = colour_batch(recipe, tiny_source)
+    batch["pixel_values"] = torch.nn.functional.interpolate(batch["pixel_values"], scale_factor=2)
+    assert torch.isfinite(recipe.loss(model, batch)[0])
 
 
 def test_preprocessor_falls_back_to_question_and_answer_and_marks_groups(tiny_source):

@@ -62,6 +62,13 @@ def minimal(**sections) -> dict:
         (minimal(serve={"autoscaling_min_replicas": 3, "autoscaling_max_replicas": 2}),
          "serve.autoscaling_min_replicas: expected at most serve.autoscaling_max_replicas (2), got 3"),
         (minimal(serve={"max_batch_size": 8, "max_ongoing_requests": 4}), "serve.max_ongoing_requests: expected 0 or at least"),
+        (minimal(train={"lr": 1e-4, "warmup_start_lr": 1e-3}), "train.warmup_start_lr: expected at most train.lr (0.0001), got 0.001"),
+        (minimal(train={"lr": 1e-4, "min_lr": 2e-4}), "train.min_lr: expected at most train.lr (0.0001), got 0.0002"),
+        (minimal(train={"min_lr": -1e-9}), "train.min_lr: expected a number ≥ 0, got -1e-09"),
+        (minimal(model={"itc_queue_size": -256}), "model.itc_queue_size: expected a number ≥ 0, got -256"),
+        (minimal(model={"itc_queue_size": "big"}), 'model.itc_queue_size: expected a number ≥ 0, got "big"'),
+        (minimal(tune={"eval_every_steps": 2.5}), "tune.eval_every_steps: expected a number ≥ 0, got 2.5"),
+        (minimal(eval={"prompt": 3}), "eval.prompt: expected a string, got 3"),
     ],
 )
 def test_malformed_spec_names_the_field(raw: dict, message: str):
@@ -113,3 +120,28 @@ def test_yaml_nan_and_infinity_are_refused_with_the_field_named(tmp_path: Path):
         load_spec(path)
     with pytest.raises(SpecError, match=r"^serve\.batch_wait_timeout_s: expected a finite number, got inf"):
         load_spec(path, ["data.split_fractions=[0.8, 0.1, 0.1]", "serve.batch_wait_timeout_s=.inf"])
+
+
+def test_output_dir_in_a_string_value_is_the_specs_output_dir(tmp_path: Path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\noutput_dir: out\ndata:\n  shards: ${output_dir}/a\n"  # inside {…}, quote it
+                    "stages: [{kind: prepare, name: other, set: {data.shards: '${output_dir}/b'}}, prepare]\n")
+    spec = load_spec(path)
+    assert spec.shards_location == "out/a" and spec.for_stage(spec.stages[0]).shards_location == "out/b"
+    moved = load_spec(path, ["output_dir=/tmp/elsewhere"])
+    assert moved.for_stage(moved.stages[0]).shards_location == "/tmp/elsewhere/b"
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"recipe": "blip_caption", "itc_queue_size": 256},
+     "model.itc_queue_size: recipe blip_caption does not read it (it is for blip_dapt); leave it unset, got 256"),
+    ({"recipe": "softprompt_llm", "load_in_4bit": True},
+     "model.load_in_4bit: recipe softprompt_llm does not read it (it is for blip2)"),
+])
+def test_validate_refuses_a_new_model_option_on_a_recipe_that_does_not_read_it(model, message):
+    from medvl.validation import validate
+
+    raw = minimal(model=model, train={"use_gpu": True})
+    with pytest.raises(SpecError) as info:
+        validate(parse_spec(raw))
+    assert str(info.value).startswith(message), str(info.value)

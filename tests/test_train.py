@@ -78,6 +78,8 @@ def test_two_workers_lower_the_loss_and_the_checkpoint_reloads(trained):
     assert summary["epochs"] == [{"epoch": e, "samples": trained_rows, "distinct_samples": trained_rows}
                                  for e in range(2)]
     assert summary["steps"] == summary["planned_steps"] and summary["resumed_at_steps"] == []
+    assert summary["trainable_params"] == summary["total_params"] > 0  # full fine-tuning: the report says so
+    assert summary["trainable_percent"] == 100.0
 
 
 def test_medvl_eval_writes_metrics_predictions_report_and_attention_overlays(trained):

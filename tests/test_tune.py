@@ -79,6 +79,18 @@ def test_trial_spec_applies_the_sampled_values_in_its_own_folder(tmp_path: Path)
     assert trial.output_dir == str(tmp_path / "run" / "tune" / "trials" / "t1")
     assert trial.shards_location == str(tmp_path / "run" / "shards")  # the search's shards, not the trial's
     assert [s.kind for s in trial.stages] == ["train"]
+    assert trial.train.eval_every_steps == 2  # tune.eval_every_steps unset: train's
+
+
+def test_the_shipped_search_validates_where_asha_judges_without_an_override(tmp_path: Path):
+    """jobs/mimic_blip2_lora.yaml's trials validate every 250 steps, ASHA's grace period and first rung."""
+    from medvl.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "jobs" / "mimic_blip2_lora.yaml")
+    assert spec.tune.eval_every_steps == 250 == spec.tune.grace_period != spec.train.eval_every_steps
+    trial = trial_spec(base_trial_spec(spec), {"train.lr": 1e-4}, tmp_path / "t1")
+    assert trial.train.eval_every_steps == 250
+    assert spec.tune.max_steps % trial.train.eval_every_steps == 0  # every rung (250, 750, 2250) on a validation
 
 
 def test_concurrency_fits_the_cluster_or_names_the_field(tmp_path: Path):

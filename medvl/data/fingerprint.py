@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from medvl.spec import DataSpec
+from medvl.spec import FORMAT_OPTIONS, DataSpec
 
 SHARD_FORMAT_VERSION = 2  # 2: leakage report, train|val carving, filtered/repaired counts, path checks
 INPUTS_FILE = "prepare_inputs.json"
@@ -37,6 +37,8 @@ def prepare_inputs(data: DataSpec) -> dict:
         "leakage_check": data.leakage_check,
         "language": data.language,
     }
+    if data.format != "synthetic":  # the dataset filters and the split choice change which rows land where
+        settings.update({name: getattr(data, name) for name in FORMAT_OPTIONS}, resplit=data.resplit)
     if data.format == "synthetic":
         settings.update(task=data.task, synthetic_images=data.synthetic_images,
                         synthetic_image_size=data.synthetic_image_size)

@@ -1,14 +1,15 @@
 """The prepare stage: a dataset in its published layout (or the synthetic generator) → shards + manifest."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Iterator
 
 from medvl.data.fingerprint import prepare_inputs
 from medvl.data.leakage import describe_overlap
-from medvl.data.records import ReaderItem
+from medvl.data.records import ReaderItem, Record
 from medvl.data.shards import write_shards
-from medvl.spec import JobSpec
+from medvl.spec import FORMAT_OPTIONS, DataSpec, JobSpec
 from medvl.tracking.progress import Progress
 
 # A skip reason taking more than this share of a dataset's rows is printed as a warning, not only counted.
@@ -25,7 +26,17 @@ def source_items(spec: JobSpec) -> Iterator[ReaderItem]:
         )
     from medvl.data.readers import ReaderOptions, read_dataset
 
-    return read_dataset(data.format, data.source, ReaderOptions(language=data.language))
+    options = ReaderOptions(language=data.language, frontal_only=data.frontal_only,
+                            modalities=tuple(data.modalities), max_studies=data.max_studies)
+    items = read_dataset(data.format, data.source, options)
+    return without_splits(items) if data.resplit else items
+
+
+def without_splits(items: Iterator[ReaderItem]) -> Iterator[ReaderItem]:
+    """``data.resplit``: records lose the dataset's split, so prepare assigns one by group_id (the patient, where
+    the dataset has one) with data.split_fractions, as for data that ships none."""
+    for item in items:
+        yield dataclasses.replace(item, split="") if isinstance(item, Record) else item
 
 
 def run_prepare_stage(spec: JobSpec) -> dict:
@@ -38,6 +49,9 @@ def run_prepare_stage(spec: JobSpec) -> dict:
     print(f"[medvl prepare] {spec.data.format} → {location}", flush=True)
     total = spec.data.synthetic_images if spec.data.format == "synthetic" else None  # readers do not know theirs
     progress = Progress("prepare", total=total, unit="rows", every_s=spec.tracking.progress_every_s)
+    ignored = [name for name in FORMAT_OPTIONS if getattr(spec.data, name) != getattr(DataSpec(), name)]
+    if spec.data.format == "synthetic" and ignored:
+        print(f"[medvl prepare] synthetic data ignores data.{', data.'.join(ignored)} (dataset filters)", flush=True)
     manifest = write_shards(
         source_items(spec),
         location,

@@ -3,19 +3,22 @@
 Generation runs where the cluster's accelerators are: a Ray Data pool of ``eval.workers`` actors
 (:class:`Generator`), each holding the model in ``model.dtype`` on ``eval.num_gpus`` / ``eval.num_cpus``,
 streams the split through ``map_batches`` (decode, tokenise, generate, draw attention). The driver only gathers
-the predictions and scores them (the metrics need the whole set, and METEOR's JVM). The untrained baseline rides
-along in the same pass: each actor holds both models and generates with both on every batch, so the data is
-read and decoded once and no second pool starts. The shuffled-images baseline needs no generation at all.
+the predictions and scores them (the metrics need the whole set, and METEOR's JVM). The untrained and zero-shot baselines
+ride along in the same pass: each actor holds every model (one copy of each folder) and generates with each on
+every batch, so the data is read and decoded once and no second pool starts. The shuffled-images baseline needs no generation at all.
 
 Writes to the stage's folder (paths: :class:`medvl.runs.RunLayout`, local or on object storage): the metrics
 (flat keys), the predictions (id, reference, prediction, answer type, mean token probability), a report
 (headline metrics and the worst examples), attention overlays for the first ``eval.attention_maps`` samples of
 the split, what the evaluation cost (wall time, samples generated per second, which model)
-and, when ``eval.baselines`` asks for them, a comparison of the trained model with the untrained one
-and with images shuffled across references (a model that ignores the image scores the same either way).
+and, when ``eval.baselines`` asks for them, a comparison of the trained model with the untrained one, with the
+untrained one prompted (``zero_shot``: it generates after ``eval.prompt``, as a pretrained model is used without
+fine-tuning) and with images shuffled across references (a model that ignores the image scores the same either
+way).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -37,7 +40,7 @@ from medvl.spec import JobSpec, SpecError, StageSpec
 from medvl.storage import Location
 from medvl.tracking.progress import Progress, stage_label
 
-TRAINED, UNTRAINED = "trained", "untrained"
+TRAINED, UNTRAINED, ZERO_SHOT = "trained", "untrained", "zero_shot"
 
 
 @dataclass
@@ -54,10 +57,11 @@ class Predictions:
 # --------------------------------------------------------------------------------------------- generation
 
 
-def generate_predictions(spec: JobSpec, models: dict[str, str], label: str = "eval") -> dict[str, Predictions]:
+def generate_predictions(spec: JobSpec, models: dict[str, str], label: str = "eval",
+                         prompts: dict[str, str] | None = None) -> dict[str, Predictions]:
     """Every model of ``models`` (name → folder, URL or hub id) generating on the eval split in one pass of the
-    actor pool; the first model's predictions also carry the attention overlays. ``label`` names the progress
-    line."""
+    actor pool, after its prompt in ``prompts`` where it has one; the first model's predictions also carry the
+    attention overlays. ``label`` names the progress line."""
     settings = spec.eval
     dataset = read_split(spec.shards_location, settings.split, spec.data.endpoint_url)
     # Blocks in shard order (the actors still work in parallel): eval.max_samples takes the split's first rows.
@@ -67,7 +71,8 @@ def generate_predictions(spec: JobSpec, models: dict[str, str], label: str = "ev
     order = split_ids(spec, settings.max_samples)  # the split's ids in shard order
     generated = dataset.map_batches(
         Generator,
-        fn_constructor_args=(spec, models, frozenset(order[: settings.attention_maps]), _filesystems(spec, models)),
+        fn_constructor_args=(spec, models, frozenset(order[: settings.attention_maps]), _filesystems(spec, models),
+                             prompts or {}),
         batch_size=settings.batch_size,
         batch_format="numpy",
         compute=_actor_pool(settings.workers),
@@ -137,28 +142,32 @@ class Generator:
     """
 
     def __init__(self, spec: JobSpec, models: dict[str, str], attention_ids: frozenset[str],
-                 filesystems: dict[str, object] | None = None):
+                 filesystems: dict[str, object] | None = None, prompts: dict[str, str] | None = None):
         torch.set_num_threads(max(1, math.ceil(spec.eval.num_cpus)))
         self.recipe = build_recipe(spec)
-        self.settings = GenerationSettings.from_eval(spec.eval)
+        settings = GenerationSettings.from_eval(spec.eval)
         self.device = torch.device("cuda" if spec.eval.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.attention_ids = attention_ids
         self.models = {}
+        loaded_by_location: dict[str, tuple] = {}  # the untrained and zero-shot baselines share one copy
         for name, location in models.items():
-            local = local_model(location, spec.data.endpoint_url, (filesystems or {}).get(name))
-            loaded = self.recipe.load_for_inference(local)  # in model.dtype
-            if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
-                loaded.to(self.device)
-            self.models[name] = (loaded, self.recipe.preprocessor(local))
+            if location not in loaded_by_location:
+                local = local_model(location, spec.data.endpoint_url, (filesystems or {}).get(name))
+                loaded = self.recipe.load_for_inference(local)  # in model.dtype
+                if not spec.model.quantisation:  # bitsandbytes places 8- and 4-bit weights itself
+                    loaded.to(self.device)
+                loaded_by_location[location] = (loaded, self.recipe.preprocessor(local))
+            prompt = (prompts or {}).get(name, "")
+            self.models[name] = (*loaded_by_location[location], dataclasses.replace(settings, prompt=prompt))
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {}
-        for name, (loaded, preprocess) in self.models.items():
+        for name, (loaded, preprocess, settings) in self.models.items():
             batch = preprocess(rows)  # drops rows whose image does not decode (the same rows for every model)
             ids = [str(i) for i in batch["id"]]
             tensors = {k: torch.as_tensor(batch[k]).to(self.device) for k in self.recipe.tensor_columns}
             with torch.inference_mode():
-                generated = self.recipe.generate_scored(loaded, tensors, self.settings) if ids else None
+                generated = self.recipe.generate_scored(loaded, tensors, settings) if ids else None
                 extras = self.recipe.extra_eval_metrics(loaded.module, tensors) if ids else {}
             if not out:
                 out["id"] = ids
@@ -271,9 +280,11 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     layout.stage(stage.name).mkdir()
     started = time.perf_counter()
     models = {TRAINED: model_dir}
-    if "untrained" in spec.eval.baselines and untrained_dir:
-        models[UNTRAINED] = untrained_dir
-    generated = generate_predictions(spec, models, label=stage_label("eval", stage.name))
+    for baseline in (UNTRAINED, ZERO_SHOT):
+        if baseline in spec.eval.baselines and untrained_dir:
+            models[baseline] = untrained_dir
+    generated = generate_predictions(spec, models, label=stage_label("eval", stage.name),
+                                     prompts={ZERO_SHOT: spec.eval.prompt})
     generating_s = time.perf_counter() - started
     preds = generated[TRAINED]
     metrics = score(spec, recipe, preds, java) | preds.extra_metrics
@@ -287,6 +298,8 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     comparison = {"trained": metrics}
     if UNTRAINED in generated:
         comparison["untrained"] = score(spec, recipe, generated[UNTRAINED], java)
+    if ZERO_SHOT in generated:
+        comparison["zero_shot"] = score(spec, recipe, generated[ZERO_SHOT], java)
     if "shuffled_images" in spec.eval.baselines:
         comparison["shuffled_images"] = score(spec, recipe, shuffled_references(preds, spec.data.seed), java)
     if len(comparison) > 1:

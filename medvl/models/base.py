@@ -36,10 +36,12 @@ TensorBatch = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How to decode: eval takes them from ``eval``, serve from ``serve`` (falling back to eval's)."""
+    """How to decode: eval takes them from ``eval``, serve from ``serve`` (falling back to eval's). ``prompt``:
+    text the model reads before generating (the zero_shot baseline; recipes whose card says ``prompted``)."""
 
     num_beams: int
     max_new_tokens: int
+    prompt: str = ""
 
     @classmethod
     def from_eval(cls, settings: EvalSpec) -> GenerationSettings:
@@ -139,7 +141,19 @@ class Recipe(ABC):
         return str(row["answer"] if self.task == "vqa" else row["text"])
 
 
-def frozen_report(model: torch.nn.Module) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable_params": trainable, "total_params": total}
+def parameter_report(model: torch.nn.Module) -> dict[str, int | float]:
+    """Trainable and total parameters, and the trainable share in percent (a ZeRO-3 partitioned parameter counts
+    with its full size; a parameter shared by two modules, such as tied embeddings, once)."""
+    trainable = total = 0
+    for parameter in model.parameters():  # unique parameters
+        size = getattr(parameter, "ds_numel", parameter.numel())
+        total += size
+        trainable += size if parameter.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_percent": 100.0 * trainable / total if total else 0.0}
+
+
+def describe_parameters(report: dict[str, int | float]) -> str:
+    """``trainable parameters: 5,242,880 of 3,749,922,816 (0.140 %)``."""
+    return (f"trainable parameters: {report['trainable_params']:,} of {report['total_params']:,} "
+            f"({report['trainable_percent']:.3f} %)")

@@ -6,7 +6,8 @@
   default ``q_proj``/``k_proj``), matched by a regex scoped to ``language_model.`` so that a name shared with
   the Q-Former or the vision tower never gets an adapter. Only the adapters train: the vision encoder, the
   Q-Former, its projection and every base weight stay frozen, which is what lets a 2.7B model fine-tune on one
-  GPU (optionally with the base in 8-bit, ``model.load_in_8bit``; CUDA + bitsandbytes only).
+  GPU (optionally with the base in 8-bit, ``model.load_in_8bit``, or in 4-bit NF4 as QLoRA trains,
+  ``model.load_in_4bit``; CUDA + bitsandbytes only, both refused elsewhere with what to do).
 * ``frozen_vision`` — the language model, the Q-Former, its query tokens and the projection train; the ViT
   stays frozen (:func:`apply_blip2_policy`).
 * ``full`` — everything trains, the ViT too. Full fine-tuning of 3.7B parameters needs ZeRO-3 across GPUs
@@ -56,7 +57,8 @@ from medvl.models.lora import (
     is_adapter_folder,
     load_adapter_weights,
     lora_config,
-    require_8bit_support,
+    quantisation_config,
+    require_quantisation_support,
     scoped_targets,
     target_modules,
     widen_frozen_head,
@@ -196,23 +198,31 @@ def language_ids(config: Blip2Config, tokenizer) -> tuple[int, int, int]:
     return text.bos_token_id, text.eos_token_id, pad
 
 
+def prompt_ids(config: Blip2Config, tokenizer, prompt: str) -> torch.Tensor:
+    """``[image]×Q [bos] prompt``, one row: what generation continues after, as BLIP-2's zero-shot prompting does."""
+    tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    image = [config.image_token_index] * config.num_query_tokens
+    return torch.tensor([[*image, config.text_config.bos_token_id, *tokens]])
+
+
 def blip2_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_index: int) -> torch.Tensor:
     return input_ids.masked_fill((attention_mask == 0) | (input_ids == image_token_index), -100)
 
 
-def load_blip2(source: str, load_in_8bit: bool, dtype: torch.dtype = torch.float32) -> Blip2ForConditionalGeneration:
-    """The base model from a hub id or folder, in ``dtype`` (8-bit on the current GPU when asked)."""
+def load_blip2(source: str, load_in_8bit: bool, dtype: torch.dtype = torch.float32,
+               load_in_4bit: bool = False) -> Blip2ForConditionalGeneration:
+    """The base model from a hub id or folder, in ``dtype`` (8- or 4-bit on the current GPU when asked; the 4-bit
+    weights compute in ``dtype``)."""
     if not Blip2Config.from_pretrained(source).use_decoder_only_language_model:
         raise ValueError(f"model.name_or_path: the blip2 recipe needs a decoder-only (OPT) BLIP-2 checkpoint, "
                          f"got {source!r}")
-    if not load_in_8bit:
+    quantisation = "8bit" if load_in_8bit else "4bit" if load_in_4bit else ""
+    if not quantisation:
         return Blip2ForConditionalGeneration.from_pretrained(source, dtype=dtype)
-    require_8bit_support()
-    from transformers import BitsAndBytesConfig
-
+    require_quantisation_support(quantisation)
     return Blip2ForConditionalGeneration.from_pretrained(
         source,
-        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        quantization_config=quantisation_config(quantisation, dtype),
         device_map={"": torch.cuda.current_device()},
         dtype=dtype,
     )
@@ -228,12 +238,13 @@ def apply_blip2_policy(model: torch.nn.Module, policy: str) -> None:
         parameter.requires_grad = policy == "full" or not name.startswith(VISION_PREFIX)
 
 
-def check_policy(policy: str, load_in_8bit: bool) -> None:
+def check_policy(policy: str, load_in_8bit: bool, load_in_4bit: bool = False) -> None:
     if policy not in POLICIES:
         raise ValueError(f"train.finetune: expected lora, frozen_vision or full for the blip2 recipe, got {policy!r}")
-    if load_in_8bit and policy != "lora":
-        raise ValueError(f"model.load_in_8bit: expected false with train.finetune {policy} (8-bit weights cannot "
-                         "train; only LoRA adapters beside them can), got true")
+    for bits, asked in (("8", load_in_8bit), ("4", load_in_4bit)):
+        if asked and policy != "lora":
+            raise ValueError(f"model.load_in_{bits}bit: expected false with train.finetune {policy} ({bits}-bit "
+                             "weights cannot train; only LoRA adapters beside them can), got true")
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -269,14 +280,15 @@ class Blip2Recipe(Recipe):
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
         policy, settings = self.spec.train.finetune, self.spec.model
-        check_policy(policy, settings.load_in_8bit)
-        base = load_blip2(base_model_source(model_source), settings.load_in_8bit, weight_dtype(self.spec))
+        check_policy(policy, settings.load_in_8bit, settings.load_in_4bit)
+        base = load_blip2(base_model_source(model_source), settings.load_in_8bit, weight_dtype(self.spec),
+                          load_in_4bit=settings.load_in_4bit)
         if policy != "lora":
             if is_adapter_folder(model_source):  # a LoRA stage's output: fold its adapter in, then train it all
                 base = PeftModel.from_pretrained(base, model_source).merge_and_unload()
             apply_blip2_policy(base, policy)
             return base
-        if settings.load_in_8bit:
+        if settings.quantisation:
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         targets = target_modules(settings, base.config.text_config.model_type)
         # get_peft_model / PeftModel.from_pretrained(is_trainable=True) freeze every non-adapter weight.
@@ -284,7 +296,9 @@ class Blip2Recipe(Recipe):
                             trainable=True)
 
     def load_for_inference(self, model_dir: str) -> LoadedModel:
-        model = load_blip2(base_model_source(model_dir), self.spec.model.load_in_8bit, weight_dtype(self.spec))
+        settings = self.spec.model
+        model = load_blip2(base_model_source(model_dir), settings.load_in_8bit, weight_dtype(self.spec),
+                           load_in_4bit=settings.load_in_4bit)
         if is_adapter_folder(model_dir):  # else a plain folder: fully fine-tuned, or an untrained base
             model = PeftModel.from_pretrained(model, model_dir)
         return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(model_dir))
@@ -301,12 +315,20 @@ class Blip2Recipe(Recipe):
         return output.loss, {}
 
     def generate_scored(self, loaded: LoadedModel, batch: TensorBatch, settings: GenerationSettings) -> Generated:
+        """Findings after ``[image]×Q [bos]``, or after ``[image]×Q [bos] prompt`` when ``settings.prompt`` is set
+        (only the generated tokens are returned)."""
         model = loaded.module
         blip2 = model.get_base_model() if isinstance(model, PeftModel) else model
+        pixel_values = batch["pixel_values"].to(_model_device(model))
+        prompt = {}
+        if settings.prompt:
+            ids = prompt_ids(_config(model), loaded.tokenizer, settings.prompt).to(pixel_values.device)
+            prompt = {"input_ids": ids.repeat(len(pixel_values), 1)}
+            prompt["attention_mask"] = torch.ones_like(prompt["input_ids"])
         return generate_scored(
             model.generate, blip2.language_model, loaded.tokenizer, _config(model).text_config.eos_token_id,
-            pixel_values=batch["pixel_values"].to(_model_device(model)), num_beams=settings.num_beams,
-            max_new_tokens=settings.max_new_tokens,
+            pixel_values=pixel_values, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
+            **prompt,
         )
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:

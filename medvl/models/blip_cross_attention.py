@@ -17,7 +17,8 @@ import torch
 def decoder_cross_attention(vision_model: torch.nn.Module, text_decoder: torch.nn.Module, pixel_values: torch.Tensor,
                             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
     """(B, rows, cols) maps, each summing to 1, for texts already tokenised as ``[bos] tokens [sep]``."""
-    image_embeds = vision_model(pixel_values=pixel_values).last_hidden_state
+    resized = pixel_values.shape[-1] != vision_model.config.image_size  # e.g. a 384 px checkpoint run at 224
+    image_embeds = vision_model(pixel_values=pixel_values, interpolate_pos_encoding=resized).last_hidden_state
     output = text_decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                           output_attentions=True, return_dict=True)
     if not output.cross_attentions:

@@ -4,17 +4,21 @@ The teacher is a frozen copy of the student whose weights trail it: after every 
 ``θ_t ← τ·θ_t + (1 − τ)·θ_s``, with the momentum τ rising linearly over training (0.95 → 0.995 by default),
 so early on the teacher follows the student closely and later it averages over a long window.
 
-Each task k (ITC, ITM, LM) adds a distillation term ``(L_s,k − L_t,k)²`` with the teacher's loss detached:
-the student is pulled towards the teacher's loss *level* where it does worse than its own recent past, and
-pushed on where it already does better (the term is zero when they agree). Task weights are a softmax over
-tasks of the EMA-smoothed ratios ``L_s,k / L_t,k``: the task whose student lags its teacher most gets the
-most weight. The total is ``K · Σ_k w_k · (L_s,k + (L_s,k − L_t,k)²)``; the factor K (number of tasks)
-makes equal weights reproduce the plain sum of task losses used without distillation, so the learning rate
-means the same with and without it.
+The loss is ``Σ_k L_s,k + Σ_k w_k · MSE_k`` over the tasks k (ITC, ITM, LM): every task loss of the student at
+weight 1, plus a distillation term per task, the mean squared difference between the student's and the
+teacher's outputs for that task (teacher detached; the recipe says which outputs), weighted adaptively. Only the
+distillation terms are weighted: the task losses mean the same with and without distillation, so the learning
+rate does too, and at the first step (the teacher is the student) the loss is exactly their sum.
+
+The weights are a softmax over tasks of the EMA-smoothed loss ratios ``L_s,k / L_t,k``: they sum to 1, and the
+task whose student lags its teacher most is pulled towards the teacher hardest.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
+import torch.nn.functional as F
 
 
 def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
@@ -44,7 +48,12 @@ def task_weights(smoothed_ratios: torch.Tensor) -> torch.Tensor:
     return torch.softmax(smoothed_ratios.detach().float(), dim=0)
 
 
-def distilled_total(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``K · Σ_k w_k · (L_s,k + (L_s,k − L_t,k)²)`` over the K task losses (teacher detached)."""
-    gap = student - teacher.detach()
-    return student.numel() * (weights * (student + gap.square())).sum()
+def distillation_mses(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                      tasks: Iterable[str]) -> torch.Tensor:
+    """Per task, the mean squared difference of the student's and the (detached) teacher's outputs, in fp32."""
+    return torch.stack([F.mse_loss(student[k].float(), teacher[k].detach().float()) for k in tasks])
+
+
+def distilled_total(task_losses: torch.Tensor, distillation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_k L_s,k + Σ_k w_k · MSE_k``: the student's task losses, plus the weighted distillation terms."""
+    return task_losses.sum() + (weights.detach() * distillation).sum()

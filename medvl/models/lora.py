@@ -104,12 +104,28 @@ def widen_frozen_head(language_model: torch.nn.Module, std: float = 0.3) -> None
         head.normal_(0.0, std)
 
 
-def require_8bit_support() -> None:
-    """8-bit loading needs bitsandbytes kernels, which run on CUDA only: fail with what to do instead."""
+def require_quantisation_support(quantisation: str = "8bit") -> None:
+    """8- and 4-bit loading need bitsandbytes kernels, which run on CUDA only: fail with what to do instead."""
     import importlib.util
 
+    field = f"model.load_in_{quantisation}"
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError(
-            "model.load_in_8bit needs a CUDA GPU and the bitsandbytes package: "
-            "set model.load_in_8bit: false, or run on a GPU worker (train.use_gpu: true) with bitsandbytes installed"
+            f"{field} needs a CUDA GPU and the bitsandbytes package: set {field}: false, or run on a GPU worker "
+            "(train.use_gpu: true) with bitsandbytes installed (pip install 'medvl[quantisation]')"
         )
+
+
+def quantisation_config(quantisation: str, compute_dtype: torch.dtype):
+    """bitsandbytes' settings: 8-bit (LLM.int8), or 4-bit NF4 with double quantisation as QLoRA trains."""
+    from transformers import BitsAndBytesConfig
+
+    if quantisation == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantisation == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    raise ValueError(f"quantisation: expected 8bit or 4bit, got {quantisation!r}")
+
+
+require_8bit_support = require_quantisation_support  # the name before 4-bit joined

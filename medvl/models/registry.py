@@ -40,6 +40,7 @@ class RecipeCard:
     data_task: str = ""  # the data.task it needs ("" = either)
     lora_only: tuple[str, ...] = ()  # options that, set, need train.finetune: lora
     model_marker: str = "config.json"  # a file that marks a folder as this recipe's saved model
+    prompted: bool = False  # generates after a text prompt (GenerationSettings.prompt): the zero_shot baseline
 
     def check(self, spec: JobSpec) -> None:
         """Raise :class:`RecipeOptionError` naming the first field this recipe cannot honour."""
@@ -53,6 +54,10 @@ class RecipeCard:
         if self.data_task and spec.data.task != self.data_task:
             raise RecipeOptionError(f"data.task: expected {self.data_task!r} for recipe {self.name}, "
                                     f"got {spec.data.task!r}")
+        if "zero_shot" in spec.eval.baselines and not self.prompted:
+            prompted = [card.name for card in RECIPES.values() if card.prompted]
+            raise RecipeOptionError(f"eval.baselines: zero_shot needs a recipe that generates after a prompt "
+                                    f"({', '.join(prompted)}), got recipe {self.name}")
         defaults = type(model)()
         for name in self.lora_only:
             if getattr(model, name) != getattr(defaults, name) and policy != "lora":
@@ -73,10 +78,11 @@ RECIPES: dict[str, RecipeCard] = {card.name: card for card in (
     RecipeCard("blip_caption", "medvl.models.blip_caption:BlipCaptionRecipe", task="caption", endpoint="caption",
                finetune=("full", "decoder", "encoder")),
     RecipeCard("blip2", "medvl.models.blip2:Blip2Recipe", task="caption", endpoint="report",
-               finetune=("lora", "frozen_vision", "full"), options=(*LORA_OPTIONS, "load_in_8bit"),
-               lora_only=("load_in_8bit",)),
+               finetune=("lora", "frozen_vision", "full"), options=(*LORA_OPTIONS, "load_in_8bit", "load_in_4bit"),
+               lora_only=("load_in_8bit", "load_in_4bit"), prompted=True),
     RecipeCard("blip_dapt", "medvl.models.blip_dapt:BlipDaptRecipe", task="caption", endpoint="caption",
-               finetune=("full", "frozen_vision"), options=("distill", "ema_tau_start", "ema_tau_end")),
+               finetune=("full", "frozen_vision"),
+               options=("distill", "ema_tau_start", "ema_tau_end", "itc_queue_size")),
     RecipeCard("blip_vqa", "medvl.models.blip_vqa:BlipVqaRecipe", task="vqa", endpoint="vqa",
                finetune=("frozen_vision", "full"), data_task="vqa"),
     RecipeCard("softprompt_llm", "medvl.models.softprompt_llm:SoftPromptRecipe", task="caption", endpoint="report",

@@ -95,7 +95,7 @@ class ModelRunner:
         # chest X-ray report / caption models answer with structured findings (medvl.eval.findings)
         self.labeler = CheXpertLabeler() if spec.eval.clinical and self.recipe.task != "vqa" else None
         self.device = torch.device("cuda" if spec.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        if not spec.model.load_in_8bit:  # bitsandbytes places 8-bit weights itself
+        if not spec.model.quantisation:  # bitsandbytes places 8- and 4-bit weights itself
             self.loaded.to(self.device)
         self.preprocess = self.recipe.preprocessor(self.local_checkpoint)
         self.suspect = False  # a query failed alone since the last probe

@@ -88,7 +88,7 @@ def join(trains: list[dict], evals: list[tuple[dict, dict]], run: str) -> list[R
 
 def rows_from_folder(folder: Location) -> list[Row]:
     """Rows of one ``output_dir`` (every stage folder in it) or of one stage folder, local or on object storage."""
-    stage_dirs = [folder] if _is_stage(folder) else sorted(p for p in folder.iterdir() if _is_stage(p))
+    stage_dirs = [folder] if _is_stage(folder) else [p for p in folder.iterdir() if _is_stage(p)]  # by name
     trains, evals = [], []
     for stage_dir in stage_dirs:
         if (stage_dir / SUMMARY_FILE).is_file():

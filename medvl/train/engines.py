@@ -30,13 +30,13 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
 from medvl.models.base import Recipe
 from medvl.models.cache import local_model, remote_name
 from medvl.models.checkpointing import enable_gradient_checkpointing
 from medvl.models.precision import PRECISION_DTYPES, autocast, keep_trainable_in_fp32, training_precision
 from medvl.spec import JobSpec
+from medvl.train.schedule import warmup_cosine
 
 DEEPSPEED_TAG = "zero"  # DeepSpeed's sub-folder inside a checkpoint
 DEEPSPEED_MARKER = "medvl_deepspeed.json"  # says "consolidate me" to the export
@@ -53,7 +53,8 @@ def build_engine(spec: JobSpec, recipe: Recipe, model_source: str, total_steps: 
 def _optimizer_and_scheduler(spec: JobSpec, parameters: list[torch.nn.Parameter], total_steps: int):
     settings = spec.train
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    scheduler = warmup_cosine(optimizer, settings.lr, int(settings.warmup_ratio * total_steps), total_steps,
+                              start_lr=settings.warmup_start_lr, min_lr=settings.min_lr)
     return optimizer, scheduler
 
 

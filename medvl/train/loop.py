@@ -27,12 +27,12 @@ import torch
 import torch.distributed as dist
 
 from medvl.data.position import ROW_KEY, write_position
-from medvl.models.base import Recipe
+from medvl.models.base import Recipe, describe_parameters, parameter_report
 from medvl.models.cache import local_model
 from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec
 from medvl.train.engines import DdpEngine, ZeroEngine, build_engine
-from medvl.train.reporting import StepMeter, parameter_counts
+from medvl.train.reporting import StepMeter
 
 TRAINING_STATE = "training_state.pt"
 
@@ -80,8 +80,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = engine.model
     state, epoch_trained = TrainState(), []
     device = ray.train.torch.get_device()
-    meter = StepMeter(config.get("progress_board"), spec.tracking.log_every_steps, rank, device,
-                      parameter_counts(engine.unwrapped))
+    parameters = parameter_report(engine.unwrapped)
+    meter = StepMeter(config.get("progress_board"), spec.tracking.log_every_steps, rank, device, parameters)
+    meter.note(describe_parameters(parameters))
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -176,7 +177,7 @@ def _validate_and_report(run: WorkerRun, state: TrainState, running: list[float]
         "val_loss": val_loss,
         "lr": run.engine.lr(),
         "stopped_early": state.stopped_early,
-        **run.meter.report_metrics(),
+        **run.meter.report_metrics(),  # costs, and the trainable / total parameters
     }
     if not validated:
         state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})

@@ -25,16 +25,6 @@ from medvl.tracking.mlflow_store import StageLog
 from medvl.tracking.progress import Progress
 
 
-def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Trainable and total parameters (a ZeRO-3 partitioned parameter counts with its full size)."""
-    trainable = total = 0
-    for parameter in model.parameters():
-        size = getattr(parameter, "ds_numel", parameter.numel())
-        total += size
-        trainable += size if parameter.requires_grad else 0
-    return {"trainable_params": trainable, "total_params": total}
-
-
 def batch_size_and_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """Rows in a batch and the text tokens it trains on (attention masks summed; else the id tensors' size)."""
     rows = next(iter(batch.values())).shape[0] if batch else 0
@@ -84,7 +74,7 @@ class StepMeter:
     every: int
     rank: int
     device: torch.device
-    parameters: dict[str, int] = field(default_factory=dict)
+    parameters: dict[str, int | float] = field(default_factory=dict)  # models.base.parameter_report
     interval: _Counts = field(default_factory=_Counts)
     total: _Counts = field(default_factory=_Counts)
     _clock: float = field(default_factory=time.perf_counter)

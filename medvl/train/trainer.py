@@ -44,7 +44,7 @@ from medvl.train.reporting import TrainingView
 
 # What the last report of the workers says the run cost (see medvl.train.reporting), copied into the summary.
 COST_FIELDS = ("train_time_s", "samples_trained", "samples_per_s", "tokens_per_s", "step_time_s",
-               "trainable_params", "total_params", "peak_memory_mb", "peak_gpu_memory_mb")
+               "trainable_params", "total_params", "trainable_percent", "peak_memory_mb", "peak_gpu_memory_mb")
 
 
 @dataclass

@@ -36,6 +36,8 @@ def trial_spec(base: dict, config: dict[str, Any], trial_dir: Location) -> JobSp
     train = raw["train"]
     if tune["max_steps"]:
         train["max_steps"] = min(train["max_steps"] or tune["max_steps"], tune["max_steps"])
+    if tune["eval_every_steps"]:  # validations are where ASHA judges a trial
+        train["eval_every_steps"] = tune["eval_every_steps"]
     if tune["cpus_per_trial"]:
         train["cpus_per_worker"] = tune["cpus_per_trial"] / train["workers"]
     if train["storage_path"]:  # a shared (e.g. S3) location: one run folder per trial inside it

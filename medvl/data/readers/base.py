@@ -41,6 +41,8 @@ class ReaderOptions:
     require_image: bool = True  # False: a missing image file gives a Record with image=b"" (text-only use)
     frontal_only: bool = False  # MIMIC-CXR: keep only PA/AP views (needs mimic-cxr-2.0.0-metadata.csv)
     include_non_radiology: bool = False  # ROCO v1: also read the */non-radiology folders
+    modalities: tuple[str, ...] = ()  # ROCOv2: keep only these modalities (see roco.MODALITY_CUIS); () = all
+    max_studies: int = 0  # MIMIC-CXR: stop after this many studies with a record; 0 = all
 
 
 def clean_text(text: str) -> str:

@@ -8,6 +8,8 @@ DICOM layout). The report of a study is ``files/p../p<subject>/s<study>.txt``, l
 study folder. The optional ``mimic-cxr-2.0.0-metadata.csv[.gz]`` gives ``ViewPosition`` (PA, AP,
 LATERAL, LL…), stored as ``meta["view_position"]`` ("" without it); ``ReaderOptions.frontal_only`` keeps
 PA and AP only. One record per image; ``group_id`` is the subject, so a patient never spans two splits.
+``ReaderOptions.max_studies`` stops at that many studies that gave a record, in the split CSV's order (the
+official CSV lists patients in order, so the first N studies are the first patients', every split included).
 
 Section choice, in :func:`extract_findings`: a FINDINGS header (``FINDINGS:``, ``FINDING:``, on its own
 line or inline) starts the section; the next known section header (INDICATION, HISTORY, TECHNIQUE,
@@ -79,6 +81,7 @@ def _read(root: Path, split_csv: Path, metadata_csv: Path | None, options: Reade
     metadata = open_csv_rows(metadata_csv) if metadata_csv else []
     views = {row.get("dicom_id"): row.get("ViewPosition") or "" for row in metadata}
     study, findings = None, None  # the split CSV lists a study's images together: cache one study
+    kept_studies: set[str] = set()
     for line_no, row in enumerate(open_csv_rows(split_csv), start=2):
         # DictReader fills the missing fields of a short row with None
         dicom_id, study_id, subject_id, split = ((row.get(k) or "").strip() for k in SPLIT_COLUMNS)
@@ -89,6 +92,8 @@ def _read(root: Path, split_csv: Path, metadata_csv: Path | None, options: Reade
         view = views.get(dicom_id, "")
         if options.frontal_only and view not in FRONTAL_VIEWS:
             yield Skipped(dicom_id, "not_frontal")
+            continue
+        if options.max_studies and study_id not in kept_studies and len(kept_studies) >= options.max_studies:
             continue
         study_dir = Path("files") / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}"
         if study != study_dir:
@@ -106,6 +111,7 @@ def _read(root: Path, split_csv: Path, metadata_csv: Path | None, options: Reade
         if has_replacement(findings):  # reports are read with errors="replace"
             yield Repaired(dicom_id, "undecodable_text")
         meta = {"study_id": study_id, "subject_id": subject_id, "view_position": view}
+        kept_studies.add(study_id)
         yield Record(id=dicom_id, group_id=subject_id, image=image, text=findings, split=split, meta=meta)
 
 

@@ -11,7 +11,12 @@ each with tab-separated lists keyed by ROCO id: ``captions.txt`` (``ID<TAB> capt
 (``cuis_tp_test_revised.txt``…); :func:`~medvl.data.readers.base.find_file` finds either name.
 
 ROCOv2 (Zenodo, Rückert et al., Sci Data 2024) has ``{train,valid,test}_captions.csv`` (``ID,Caption``),
-``{split}_concepts.csv`` (``ID,CUIs`` with CUIs separated by ``;``) and images ``<split>/<ID>.jpg``.
+``{split}_concepts.csv`` (``ID,CUIs`` with CUIs separated by ``;``), ``{split}_concepts_manual.csv`` (the same
+layout: the manually curated modality, body-region and direction concepts) and images ``<split>/<ID>.jpg``.
+``meta["cuis"]`` holds both lists. ``ReaderOptions.modalities`` keeps only images carrying a CUI of one of the
+named modalities (:data:`MODALITY_CUIS`); an image with no concepts at all (a split released without its
+concepts files) has no known modality and is left out too. Like MIMIC-CXR's ``frontal_only``, a filtered image
+is not a skipped row: it is simply not part of the selection.
 
 Neither has patient ids, so ``group_id`` is the image id; both have official splits, which are kept.
 Text files are read with undecodable bytes replaced (U+FFFD); a kept row whose id or caption shows one is
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from medvl.data.readers.base import ReaderOptions, clean_text, find_file, has_replacement, read_image, require_dir
@@ -30,6 +35,15 @@ from medvl.data.records import ReaderOutput, Record, Repaired, Skipped
 ROCO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 ROCOV2_SPLITS = {"train": "train", "valid": "val", "test": "test"}
 SEMTYPE_CODE = re.compile(r"T\d{3}")
+# data.modalities → the UMLS CUIs that mark an image of that modality in ROCOv2's concepts files
+MODALITY_CUIS = {
+    "ct": ("C0040405",),  # X-Ray Computed Tomography
+    "mri": ("C0024485",),  # Magnetic Resonance Imaging
+    "xray": ("C1306645", "C0034571"),  # Plain x-ray; Roentgenography (radiography)
+    "ultrasound": ("C0041618",),  # Ultrasonography
+    "angiography": ("C0002978",),  # Angiogram
+    "pet": ("C0032743",),  # Positron-Emission Tomography
+}
 
 
 def read_roco(source: str, options: ReaderOptions) -> ReaderOutput:
@@ -131,8 +145,19 @@ def read_rocov2(source: str, options: ReaderOptions) -> ReaderOutput:
     return (item for split in splits for item in _read_rocov2_split(root, split, options))
 
 
+def modality_cuis(modalities: Iterable[str]) -> frozenset[str]:
+    """The CUIs of the named modalities; ValueError naming an unknown one."""
+    unknown = [m for m in modalities if m not in MODALITY_CUIS]
+    if unknown:
+        raise ValueError(f"unknown modality {unknown[0]!r}; known: {', '.join(MODALITY_CUIS)}")
+    return frozenset(cui for m in modalities for cui in MODALITY_CUIS[m])
+
+
 def _read_rocov2_split(root: Path, split: str, options: ReaderOptions) -> Iterator[Record | Skipped]:
     concepts = _read_concepts(root / f"{split}_concepts.csv")
+    for image_id, cuis in _read_concepts(root / f"{split}_concepts_manual.csv").items():
+        concepts[image_id] = list(dict.fromkeys(concepts.get(image_id, []) + cuis))
+    wanted = modality_cuis(options.modalities)
     with open(root / f"{split}_captions.csv", encoding="utf-8-sig", errors="replace", newline="") as f:
         rows = csv.reader(f)
         next(rows)
@@ -142,6 +167,8 @@ def _read_rocov2_split(root: Path, split: str, options: ReaderOptions) -> Iterat
             image_id = row[0].strip()
             if len(row) != 2 or not image_id:
                 yield Skipped(image_id or f"{split}_captions.csv:{rows.line_num}", "malformed_row")
+                continue
+            if wanted and wanted.isdisjoint(concepts.get(image_id, ())):
                 continue
             caption = clean_text(row[1])
             if not caption:
