@@ -9,6 +9,7 @@ Every path and file name under ``output_dir`` is spelled here and nowhere else::
     <train stage>/run_spec.json      the settings of an unfinished run (a rerun resumes only with the same ones)
     <eval stage>/metrics.json, predictions.jsonl, report.md, attention/<id>.png
     <eval stage>/eval_summary.json   which model was scored, wall time, samples/s
+    <model folder>/calibration.json  the model's confidence temperature, fitted by eval (eval.calibrate)
     <job name>.json                  trained vs baselines (eval.baselines)
     <tune stage>/search/             Tune's experiment (a rerun resumes it), search_settings.json beside it
     <tune stage>/trials/<trial id>/  each trial's own output_dir (a train stage named "train")
@@ -69,6 +70,7 @@ BEST_DIR = "best"
 BEST_SPEC_FILE = "job.yaml"
 
 EVAL_SUMMARY_FILE = "eval_summary.json"
+CALIBRATION_FILE = "calibration.json"  # beside a model's weights: its confidence temperature (eval.calibrate)
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS_DIR = "mlartifacts"
 TENSORBOARD_DIR = "tensorboard"

@@ -216,6 +216,11 @@ class EvalSpec:
     # METEOR and the PTB tokenizer run on Java: without `java`, true fails before generating, false scores
     # every other metric (tokenized in Python) and writes meteor_unavailable with the reason
     require_java: bool = True
+    # Temperature scaling (medvl.eval.calibration): fit the model's confidence temperature on the first
+    # calibration_samples validation rows unless its folder has one, report token-level ECE before and after on
+    # the eval split, and score every confidence with it. Recipes without a teacher-forced view skip it.
+    calibrate: bool = True
+    calibration_samples: int = checked(256, positive)
 
 
 def above_one(value: float) -> bool:

@@ -58,10 +58,12 @@ class Predictions:
 
 
 def generate_predictions(spec: JobSpec, models: dict[str, str], label: str = "eval",
-                         prompts: dict[str, str] | None = None) -> dict[str, Predictions]:
+                         prompts: dict[str, str] | None = None,
+                         temperatures: dict[str, float] | None = None) -> dict[str, Predictions]:
     """Every model of ``models`` (name → folder, URL or hub id) generating on the eval split in one pass of the
-    actor pool, after its prompt in ``prompts`` where it has one; the first model's predictions also carry the
-    attention overlays. ``label`` names the progress line."""
+    actor pool, after its prompt in ``prompts`` where it has one, its confidences scored at its calibration
+    temperature in ``temperatures`` (1.0 when absent); the first model's predictions also carry the attention
+    overlays. ``label`` names the progress line."""
     settings = spec.eval
     dataset = read_split(spec.shards_location, settings.split, spec.data.endpoint_url)
     # Blocks in shard order (the actors still work in parallel): eval.max_samples takes the split's first rows.
@@ -72,7 +74,7 @@ def generate_predictions(spec: JobSpec, models: dict[str, str], label: str = "ev
     generated = dataset.map_batches(
         Generator,
         fn_constructor_args=(spec, models, frozenset(order[: settings.attention_maps]), _filesystems(spec, models),
-                             prompts or {}),
+                             prompts or {}, temperatures or {}),
         batch_size=settings.batch_size,
         batch_format="numpy",
         compute=_actor_pool(settings.workers),
@@ -142,7 +144,8 @@ class Generator:
     """
 
     def __init__(self, spec: JobSpec, models: dict[str, str], attention_ids: frozenset[str],
-                 filesystems: dict[str, object] | None = None, prompts: dict[str, str] | None = None):
+                 filesystems: dict[str, object] | None = None, prompts: dict[str, str] | None = None,
+                 temperatures: dict[str, float] | None = None):
         torch.set_num_threads(max(1, math.ceil(spec.eval.num_cpus)))
         self.recipe = build_recipe(spec)
         settings = GenerationSettings.from_eval(spec.eval)
@@ -158,7 +161,8 @@ class Generator:
                     loaded.to(self.device)
                 loaded_by_location[location] = (loaded, self.recipe.preprocessor(local))
             prompt = (prompts or {}).get(name, "")
-            self.models[name] = (*loaded_by_location[location], dataclasses.replace(settings, prompt=prompt))
+            self.models[name] = (*loaded_by_location[location], dataclasses.replace(
+                settings, prompt=prompt, confidence_temperature=(temperatures or {}).get(name, 1.0)))
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {}
@@ -283,11 +287,13 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     for baseline in (UNTRAINED, ZERO_SHOT):
         if baseline in spec.eval.baselines and untrained_dir:
             models[baseline] = untrained_dir
+    calibration = calibrate(spec, recipe, model_dir) if spec.eval.calibrate else {}
+    temperatures = {TRAINED: calibration["temperature"]} if calibration else {}
     generated = generate_predictions(spec, models, label=stage_label("eval", stage.name),
-                                     prompts={ZERO_SHOT: spec.eval.prompt})
+                                     prompts={ZERO_SHOT: spec.eval.prompt}, temperatures=temperatures)
     generating_s = time.perf_counter() - started
     preds = generated[TRAINED]
-    metrics = score(spec, recipe, preds, java) | preds.extra_metrics
+    metrics = score(spec, recipe, preds, java) | preds.extra_metrics | calibration
     metrics["mean_token_prob"] = float(np.mean(preds.confidences)) if preds.confidences else 0.0
     metrics["n"] = len(preds.predictions)
     write_outputs(layout, stage.name, metrics, preds)
@@ -311,6 +317,68 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
             "generate_time_s": generating_s, "samples_per_s": len(preds.predictions) / max(generating_s, 1e-9)}
     layout.eval_summary(stage.name).write_text(json.dumps(cost, indent=2))
     return metrics
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def calibrate(spec: JobSpec, recipe: Recipe, model_dir: str) -> dict[str, float]:
+    """The model's confidence temperature (fitted on the validation split and saved beside the model unless it
+    has one there) and token-level ECE / NLL on the eval split before and after it; {} when the recipe has no
+    teacher-forced view. Runs on the driver over ``eval.calibration_samples`` rows of each split."""
+    from medvl.eval.calibration import (calibration_record, fit_temperature, read_temperature,
+                                        token_calibration)
+
+    if type(recipe).target_logits is Recipe.target_logits:
+        print(f"[medvl eval] eval.calibrate: the {spec.model.recipe} recipe has no teacher-forced view; "
+              "confidences stay uncalibrated", flush=True)
+        return {}
+    local = local_model(model_dir, spec.data.endpoint_url)
+    loaded = recipe.load_for_inference(local)
+    preprocess = recipe.preprocessor(local)
+    limit = spec.eval.calibration_samples
+    temperature = read_temperature(local)
+    if temperature is None:
+        temperature, fitted = fit_temperature(_target_logits(spec, "val", limit, recipe, loaded.module, preprocess))
+        saved = _calibration_location(spec, model_dir)
+        if saved is not None:
+            saved.write_text(calibration_record(temperature, fitted, "val"))
+        print(f"[medvl eval] calibration: temperature {temperature:.3f} fitted on {fitted.tokens} validation "
+              f"tokens (NLL {fitted.mean_nll(1.0):.4f} → {fitted.mean_nll(temperature):.4f})", flush=True)
+    return token_calibration(_target_logits(spec, spec.eval.split, limit, recipe, loaded.module, preprocess),
+                             temperature)
+
+
+def _calibration_location(spec: JobSpec, model_dir: str) -> Location | None:
+    """Where the temperature is saved: beside the weights of a model folder (local or on object storage); None
+    for a hub id (nothing of ours to write into)."""
+    from medvl.runs import CALIBRATION_FILE
+
+    if not storage.is_remote(model_dir) and not Location.of(model_dir).is_dir():
+        return None
+    return Location.of(model_dir, spec.data.endpoint_url) / CALIBRATION_FILE
+
+
+def _split_batches(spec: JobSpec, split: str, limit: int, preprocess):
+    """Preprocessed batches of eval.batch_size over the first ``limit`` rows of ``split``, read on this process."""
+    location, endpoint = spec.shards_location, spec.data.endpoint_url
+    fs, _ = storage.filesystem_for(location, endpoint)
+    left = limit
+    for path in shard_paths(read_manifest(location, endpoint), location, split, endpoint):
+        table = pq.read_table(path, filesystem=fs)
+        for start in range(0, min(table.num_rows, left), spec.eval.batch_size):
+            rows = table.slice(start, min(spec.eval.batch_size, left - start)).to_pydict()
+            yield preprocess({name: np.asarray(values, dtype=object) for name, values in rows.items()})
+        left -= min(table.num_rows, left)
+        if left <= 0:
+            return
+
+
+def _target_logits(spec: JobSpec, split: str, limit: int, recipe: Recipe, model: torch.nn.Module, preprocess):
+    """(logits, reference tokens) of each batch, under teacher forcing."""
+    for batch in _split_batches(spec, split, limit, preprocess):
+        with torch.inference_mode():
+            yield recipe.target_logits(model, {k: torch.as_tensor(batch[k]) for k in recipe.tensor_columns})
 
 
 def write_outputs(layout: RunLayout, stage: str, metrics: dict, preds: Predictions) -> None:

@@ -25,15 +25,19 @@ class Generated:
 
 
 def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, eos_token_id: int, /,
-                    **generate_kwargs: Any) -> Generated:
+                    confidence_temperature: float = 1.0, **generate_kwargs: Any) -> Generated:
     """Run ``generate`` (any HF-style generate function) and score what it chose with ``scorer``.
 
     ``scorer`` is the module whose ``compute_transition_scores`` matches the scores (the text decoder / language
     model actually generating). Only the new tokens are decoded, whatever prompt ``generate`` echoes back.
+    ``confidence_temperature`` divides the scores before they are normalised (temperature scaling: a step's
+    scores are its logits up to a constant per row, so this is softmax(logits / T)); generation is untouched.
     """
     output = generate(**generate_kwargs, output_scores=True, return_dict_in_generate=True)
+    scores = output.scores if confidence_temperature == 1.0 else tuple(s / confidence_temperature
+                                                                        for s in output.scores)
     log_probs = scorer.compute_transition_scores(
-        output.sequences, output.scores, getattr(output, "beam_indices", None), normalize_logits=True
+        output.sequences, scores, getattr(output, "beam_indices", None), normalize_logits=True
     )
     new_tokens = output.sequences[:, -log_probs.shape[1]:]
     texts = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
