@@ -18,6 +18,7 @@ costs nothing while requests succeed.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
@@ -26,6 +27,7 @@ import torch
 
 from medvl.data.images import encode_png
 from medvl.data.records import SHARD_COLUMNS
+from medvl.eval.calibration import read_temperature
 from medvl.eval.chexpert import CheXpertLabeler
 from medvl.eval.findings import structured_findings
 from medvl.models.base import GenerationSettings
@@ -91,6 +93,10 @@ class ModelRunner:
         self.base_loads = 1  # how often a base model was loaded here (tests: once per replica)
         # adapter name → peft's adapter name; the first came in with the base as peft's "default"
         self.resident = {next(iter(self.adapters)): "default"} if self.adapters else {}
+        # each model's (adapter's) calibration temperature, saved beside it by eval (1.0: none saved); it scales
+        # the confidences reported, never what is generated
+        self.temperature = read_temperature(self.local_checkpoint) or 1.0
+        self.temperatures = {name: self.temperature for name in self.resident}
         self._model_lock = threading.RLock()  # one adapter switch + generation at a time
         # chest X-ray report / caption models answer with structured findings (medvl.eval.findings)
         self.labeler = CheXpertLabeler() if spec.eval.clinical and self.recipe.task != "vqa" else None
@@ -113,6 +119,7 @@ class ModelRunner:
             peft_name = f"adapter_{len(self.resident)}_{abs(hash(name)) % 10**8}"
             folder = local_model(self.adapters[name]["folder"], self.spec.data.endpoint_url)  # s3:// → local cache
             self.loaded.module.load_adapter(folder, adapter_name=peft_name)
+            self.temperatures[name] = read_temperature(folder) or 1.0
             self.loaded.module.to(self.device)
             self.resident[name] = peft_name
             logger.info("medvl: adapter %s loaded (%d resident)", name, len(self.resident))
@@ -131,6 +138,7 @@ class ModelRunner:
         with self._model_lock:
             self.load_adapter(name)
             self.loaded.module.set_adapter(self.resident[name])
+            self.temperature = self.temperatures[name]
             return self.answer(queries)
 
     def answer(self, queries: list[Query]) -> list[dict | RequestError]:
@@ -186,7 +194,8 @@ class ModelRunner:
             if not kept:
                 return results
             tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
-            generated = self.recipe.generate_scored(self.loaded, tensors, self.generation)
+            generation = dataclasses.replace(self.generation, confidence_temperature=self.temperature)
+            generated = self.recipe.generate_scored(self.loaded, tensors, generation)
             maps = self.attention([queries[i].attention for i in kept], tensors, generated.texts)
             for row, i in enumerate(kept):
                 results[i] = {"text": generated.texts[row], "mean_token_prob": generated.mean_token_probs[row],
