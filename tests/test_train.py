@@ -104,6 +104,8 @@ def test_medvl_eval_writes_metrics_predictions_report_and_attention_overlays(tra
     assert metrics["temperature"] == json.loads((Path(raw["output_dir"]) / "train" / "model" /
                                                  "calibration.json").read_text())["temperature"]
     assert {"token_ece_before", "token_ece_after", "token_nll_before", "token_nll_after"} <= set(metrics)
+    if metrics["temperature"] != 1.0:  # the finding ECE of the confidences before the temperature, beside it
+        assert isinstance(metrics["ce_finding_ece_before"], float)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(0.0 < row["mean_token_prob"] < 1.0 for row in rows)
     assert metrics["mean_token_prob"] == pytest.approx(sum(r["mean_token_prob"] for r in rows) / 12)

@@ -52,6 +52,7 @@ class Predictions:
     confidences: list[float] = field(default_factory=list)  # mean token probability of each prediction
     extra_metrics: dict[str, float] = field(default_factory=dict)  # recipe-specific (see Recipe.extra_eval_metrics)
     overlays: dict[str, bytes] = field(default_factory=dict)  # id → attention overlay PNG (first eval.attention_maps)
+    uncalibrated_confidences: list[float] = field(default_factory=list)  # at temperature 1 (eval.calibrate)
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -131,7 +132,8 @@ def _gathered(columns: dict[str, list], model: str, rank: dict[str, int], first:
     ids = column("id")
     overlays = {i: png for i, png in zip(ids, column("overlay_png")) if png} if first else {}
     return Predictions(ids, column("reference"), column(prefix + "prediction"), column("answer_type"),
-                       [float(p) for p in column(prefix + "mean_token_prob")], extras, overlays)
+                       [float(p) for p in column(prefix + "mean_token_prob")], extras, overlays,
+                       [float(p) for p in column(prefix + "uncalibrated_mean_token_prob")])
 
 
 class Generator:
@@ -183,6 +185,8 @@ class Generator:
                 raise RuntimeError(f"eval models kept different rows of a batch ({name}): {ids} vs {out['id']}")
             out[f"{name}.prediction"] = generated.texts if ids else []
             out[f"{name}.mean_token_prob"] = generated.mean_token_probs if ids else []
+            out[f"{name}.uncalibrated_mean_token_prob"] = (generated.uncalibrated_mean_token_probs
+                                                           or generated.mean_token_probs) if ids else []
             for key, value in extras.items():
                 out[f"{name}.extra.{key}"] = [float(value)] * len(ids)
         return {name: _column(values) for name, values in out.items()}
@@ -240,12 +244,16 @@ def score(spec: JobSpec, recipe: Recipe, preds: Predictions, java: bool = True) 
         from medvl.eval.vqa_metrics import normalize_answer, vqa_scores
 
         correct = [normalize_answer(r) == normalize_answer(h) for r, h in zip(refs, hyps)]
-        return vqa_scores(refs, hyps, preds.answer_types) | vqa_calibration(correct, preds.confidences)
+        metrics = vqa_scores(refs, hyps, preds.answer_types) | vqa_calibration(correct, preds.confidences)
+        if _calibrated(preds):
+            metrics["vqa_ece_before"] = vqa_calibration(correct, preds.uncalibrated_confidences)["vqa_ece"]
+        return metrics
     from medvl.eval.caption_metrics import caption_scores
 
     metrics = dict(caption_scores(refs, hyps, java=java))
     if spec.eval.clinical:
-        metrics.update(clinical_scores(refs, hyps, preds.confidences))
+        metrics.update(clinical_scores(refs, hyps, preds.confidences,
+                                       preds.uncalibrated_confidences if _calibrated(preds) else None))
     if spec.eval.semantic:
         from medvl.eval.embedding_metrics import bertscore, embedding_cosine
 
@@ -255,15 +263,26 @@ def score(spec: JobSpec, recipe: Recipe, preds: Predictions, java: bool = True) 
     return metrics
 
 
-def clinical_scores(references: list[str], predictions: list[str], confidences: list[float]) -> dict:
+def _calibrated(preds: Predictions) -> bool:
+    return bool(preds.uncalibrated_confidences) and preds.uncalibrated_confidences != preds.confidences
+
+
+def clinical_scores(references: list[str], predictions: list[str], confidences: list[float],
+                    uncalibrated: list[float] | None = None) -> dict:
+    """CheXpert clinical efficacy, hallucination, laterality and finding calibration (``ce_finding_ece_before``
+    from the ``uncalibrated`` confidences too, when given)."""
     from medvl.eval.calibration import finding_calibration
     from medvl.eval.chexpert import CheXpertLabeler
     from medvl.eval.clinical_metrics import clinical_efficacy, hallucination_rate, laterality_error_rate
 
     labeler = CheXpertLabeler()
     ref_labels, gen_labels = labeler.label_many(references), labeler.label_many(predictions)
-    return (clinical_efficacy(ref_labels, gen_labels) | hallucination_rate(ref_labels, gen_labels)
-            | laterality_error_rate(references, predictions) | finding_calibration(ref_labels, gen_labels, confidences))
+    metrics = (clinical_efficacy(ref_labels, gen_labels) | hallucination_rate(ref_labels, gen_labels)
+               | laterality_error_rate(references, predictions)
+               | finding_calibration(ref_labels, gen_labels, confidences))
+    if uncalibrated is not None:
+        metrics["ce_finding_ece_before"] = finding_calibration(ref_labels, gen_labels, uncalibrated)["ce_finding_ece"]
+    return metrics
 
 
 def shuffled_references(preds: Predictions, seed: int = 0) -> Predictions:

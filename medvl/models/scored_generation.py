@@ -22,6 +22,8 @@ class Generated:
     # per text, each generated token's probability and where it ends in the text (for per-sentence confidence)
     token_probs: list[list[float]] = field(default_factory=list)
     token_ends: list[list[int]] = field(default_factory=list)
+    # the mean token probabilities at temperature 1 (equal to mean_token_probs without a calibration temperature)
+    uncalibrated_mean_token_probs: list[float] = field(default_factory=list)
 
 
 def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, eos_token_id: int, /,
@@ -45,7 +47,13 @@ def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, e
     probs = log_probs.to(torch.float64).exp()
     token_probs = [probs[row][counted[row]].tolist() for row in range(len(texts))]
     token_ends = [token_end_offsets(tokenizer, new_tokens[row][counted[row]].tolist()) for row in range(len(texts))]
-    return Generated(texts, mean_token_probabilities(log_probs, new_tokens, eos_token_id), token_probs, token_ends)
+    means = mean_token_probabilities(log_probs, new_tokens, eos_token_id)
+    uncalibrated = means
+    if confidence_temperature != 1.0:
+        raw = scorer.compute_transition_scores(output.sequences, output.scores, getattr(output, "beam_indices", None),
+                                               normalize_logits=True)
+        uncalibrated = mean_token_probabilities(raw, new_tokens, eos_token_id)
+    return Generated(texts, means, token_probs, token_ends, uncalibrated)
 
 
 def token_end_offsets(tokenizer: Any, tokens: list[int]) -> list[int]:
