@@ -289,6 +289,8 @@ class ServeSpec:
     # serve_multiplexed_model_id header.
     adapters: list[str] = field(default_factory=list)
     max_adapters_per_replica: int = checked(4, positive)  # kept loaded per replica (least recently used go)
+    # the weights' dtype in the replica, for serving in another precision than trained/evaluated ("" = model.dtype)
+    dtype: Literal["", "auto", "bfloat16", "float16", "float32"] = ""
 
 
 @dataclass

@@ -404,6 +404,21 @@ def test_a_calibration_temperature_beside_the_model_scales_its_confidence_not_it
     assert after["mean_token_prob"] != pytest.approx(before["mean_token_prob"])
 
 
+def test_serve_dtype_loads_the_replicas_weights_in_it_and_a_bad_one_is_refused(models, tmp_path: Path):
+    import torch
+
+    from medvl.serve.requests import Query
+    from medvl.serve.runner import ModelRunner
+
+    raw = job("blip_caption", models["blip_caption"], tmp_path, dtype="bfloat16")
+    runner = ModelRunner(parse_spec(raw), models["blip_caption"])
+    assert next(runner.loaded.module.parameters()).dtype == torch.bfloat16
+    assert runner_for("blip_caption", models, tmp_path).loaded.module.dtype == torch.float32  # "" = model.dtype
+    assert isinstance(runner.answer([Query(png())])[0]["text"], str)
+    with pytest.raises(SpecError, match=r"^serve\.dtype: expected one of"):
+        parse_spec(job("blip_caption", models["blip_caption"], tmp_path, dtype="fp8"))
+
+
 @pytest.mark.slow
 def test_medvl_serve_answers_then_exits_0_on_sigterm(models, tmp_path: Path):
     """The model is the train stage's (its train_summary.json names the adapter), served on its base."""

@@ -51,6 +51,13 @@ def serving_generation(spec: JobSpec) -> GenerationSettings:
                               spec.serve.max_new_tokens or spec.eval.max_new_tokens)
 
 
+def serving_spec(spec: JobSpec) -> JobSpec:
+    """The spec a replica loads its model with: ``serve.dtype``, when set, in place of ``model.dtype``."""
+    if not spec.serve.dtype:
+        return spec
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=spec.serve.dtype))
+
+
 def _row(per_row: list, row: int) -> list:
     return per_row[row] if row < len(per_row) else []
 
@@ -81,6 +88,7 @@ class ModelRunner:
     """
 
     def __init__(self, spec: JobSpec, checkpoint: str, adapters: list[dict] | None = None):
+        spec = serving_spec(spec)
         self.adapters = {a["name"]: a for a in adapters or []}
         if self.adapters:
             checkpoint = next(iter(self.adapters.values()))["folder"]
