@@ -160,7 +160,7 @@ class ModelStates:
 
 
 def model_states(strategy: str, total: int, trainable: int, largest_layer: int, gpus: int,
-                 sixteen_bit: bool, weight_bytes: int, frozen_fp32: int = 0) -> ModelStates:
+                 sixteen_bit: bool, weight_bytes: float, frozen_fp32: int = 0) -> ModelStates:
     """Per-GPU model-state bytes (see the table in the module docstring). DDP only: ``weight_bytes`` per frozen
     weight (``model.dtype``), except ``frozen_fp32`` frozen weights HF keeps in fp32 whatever the dtype."""
     n, psi, t, big = gpus, float(total), float(trainable), float(largest_layer)
@@ -299,7 +299,7 @@ def _blip2(spec: JobSpec) -> MetaModel:
     from medvl.models.blip2 import apply_blip2_policy, check_policy
     from medvl.models.lora import lora_config, scoped_targets, target_modules
 
-    check_policy(spec.train.finetune, spec.model.load_in_8bit)
+    check_policy(spec.train.finetune, spec.model.load_in_8bit, spec.model.load_in_4bit)
     model = _blip_on_meta(spec, "Blip2ForConditionalGeneration")
     config = model.config
     if spec.train.finetune == "lora":  # as Blip2Recipe.load_for_training: peft freezes every non-adapter weight
@@ -527,14 +527,24 @@ def planned_precision(spec: JobSpec) -> str:
     return low.get(spec.model.dtype, "bf16")
 
 
+# Bytes per frozen weight that bitsandbytes holds quantised (LoRA only). Its per-block scales (~0.03 B a weight for
+# NF4 with double quantisation) and the layers it leaves in model.dtype (embeddings, norms) are not counted.
+QUANTISED = {"8bit": ("int8", 1.0), "4bit": ("nf4", 0.5)}
+
+
 def planned_weight_dtype(spec: JobSpec) -> str:
-    """``model.dtype`` as :func:`medvl.models.precision.weight_dtype` resolves it on a bf16 GPU."""
+    """``model.dtype`` as :func:`medvl.models.precision.weight_dtype` resolves it on a bf16 GPU (or the quantised
+    format of ``model.load_in_8bit`` / ``load_in_4bit``)."""
+    if spec.model.quantisation:
+        return QUANTISED[spec.model.quantisation][0]
     if spec.model.dtype != "auto":
         return spec.model.dtype
     return {"fp16": "float16", "fp32": "float32"}.get(spec.train.precision, "bfloat16")
 
 
-def weight_bytes_of(spec: JobSpec) -> int:
+def weight_bytes_of(spec: JobSpec) -> float:
+    if spec.model.quantisation:
+        return QUANTISED[spec.model.quantisation][1]
     return 4 if planned_weight_dtype(spec) == "float32" else 2
 
 
@@ -555,7 +565,7 @@ def plan_spec(spec: JobSpec, gpus: list[int] | None = None, stage: str = "train"
     total = sum(p.numel() for p in parameters.values())
     trainable = sum(p.numel() for p in parameters.values() if p.requires_grad)
     largest = largest_layer_params(meta.model)
-    frozen_fp32 = frozen_fp32_params(meta.model) if weight_bytes_of(spec) == 2 else 0
+    frozen_fp32 = frozen_fp32_params(meta.model) if weight_bytes_of(spec) < 4 else 0
     trains = [tower_trains(tower, parameters) for tower in meta.towers]
     precision = planned_precision(spec)
     fp32 = precision == "fp32"

@@ -27,13 +27,17 @@ A tune stage writes a ``train_summary.json`` too, so "the model of stage X" mean
 here is a :class:`medvl.storage.Location`, read and written through its filesystem, so the stages are written
 once for both and nothing lands in a local folder named after the URL. Model folders on object storage are
 fetched to a local cache where they are loaded (:mod:`medvl.models.cache`). The driver's own files (the MLflow
-store, TensorBoard events, ``medvl.log``) need a local disk: for an ``output_dir`` on object storage they go to
-:attr:`RunLayout.driver_dir`.
+store, TensorBoard events, ``medvl.log``) need a local disk: for an ``output_dir`` on object storage a command
+works on a local copy that goes back to ``output_dir`` when it ends (:func:`driver_files`).
 """
 from __future__ import annotations
 
 import json
-import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,7 +79,6 @@ MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS_DIR = "mlartifacts"
 TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "medvl.log"
-RUNS_VARIABLE = "MEDVL_RUNS_DIR"  # the driver's own files of a run whose output_dir is on object storage
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
 
@@ -148,13 +151,14 @@ class RunLayout:
     # ---- what the driver records and shows: files of this machine (SQLite, an appended log, event files)
     @property
     def driver_dir(self) -> Path:
-        """Where the driver keeps its own files: ``output_dir`` itself when it is local; for one on object
-        storage a local folder named after its URL (``$MEDVL_RUNS_DIR``, else ``~/.cache/medvl/runs``), since
-        SQLite and an appended log cannot live on an object store (a team points ``tracking.uri`` at a server)."""
+        """Where the driver keeps its own files: ``output_dir`` itself when it is local; for one on object storage
+        the local working copy that :func:`driver_files` keeps while a command runs."""
         if self.root.is_local:
             return Path(self.root.path)
-        base = Path(os.environ.get(RUNS_VARIABLE) or Path.home() / ".cache" / "medvl" / "runs")
-        return base / self.root.url.replace("://", "/", 1)
+        if self.root.url not in _WORKING_COPIES:
+            raise RuntimeError(f"{self.root.url}: the driver's files of an output_dir on object storage are only "
+                               "reachable inside runs.driver_files()")
+        return _WORKING_COPIES[self.root.url]
 
     @property
     def mlflow_db(self) -> Path:
@@ -170,6 +174,55 @@ class RunLayout:
     @property
     def log_file(self) -> Path:
         return self.driver_dir / LOG_FILE
+
+
+# Remote output_dir URL → the local working copy of its driver files while a command runs (see driver_files).
+_WORKING_COPIES: dict[str, Path] = {}
+DRIVER_FILES = (MLFLOW_DB, MLFLOW_ARTIFACTS_DIR, TENSORBOARD_DIR, LOG_FILE)
+
+
+@contextmanager
+def driver_files(layout: RunLayout) -> Iterator[Path]:
+    """The folder of the driver's own files for one command (:attr:`RunLayout.driver_dir`).
+
+    SQLite (the MLflow store) and an appended log need a local disk, but an ``output_dir`` on object storage
+    must hold everything the run wrote. So a command works on a temporary local copy: what an earlier command
+    left (``mlflow.db``, ``mlartifacts/``, ``tensorboard/``, ``medvl.log``) is fetched first and the copy goes
+    back to ``output_dir`` when the command ends, however it ends; then the copy is removed. The trade-offs: a
+    process killed with SIGKILL loses this command's log lines and runs, and two commands running at once on one
+    ``output_dir`` keep the last one's store (point ``tracking.uri`` at an MLflow server to share one).
+    """
+    if layout.root.is_local:
+        yield layout.driver_dir
+        return
+    copy = Path(tempfile.mkdtemp(prefix="medvl-driver-"))
+    for name in DRIVER_FILES:
+        remote = layout.root / name
+        if remote.is_dir():
+            remote.download(copy / name)
+        elif remote.is_file():
+            (copy / name).write_bytes(remote.read_bytes())
+    _WORKING_COPIES[layout.root.url] = copy
+    try:
+        yield copy
+    finally:
+        del _WORKING_COPIES[layout.root.url]
+        _upload_driver_files(layout, copy)
+
+
+def _upload_driver_files(layout: RunLayout, copy: Path) -> None:
+    try:
+        for name in DRIVER_FILES:
+            local = copy / name
+            if local.is_dir():
+                (layout.root / name).upload(local)
+            elif local.is_file():
+                (layout.root / name).write_bytes(local.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - the run's outputs are written; keep the copy for the user
+        print(f"[medvl] could not copy the driver's files to {layout.root}: {exc!r}; they are in {copy}",
+              file=sys.stderr, flush=True)
+        return
+    shutil.rmtree(copy, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ stages themselves only write their files.
 """
 from __future__ import annotations
 
-from medvl.runs import RunLayout, TuneLayout, read_summary, stage_model
+from medvl.runs import RunLayout, TuneLayout, driver_files, read_summary, stage_model
 from medvl.spec import JobSpec, StageSpec
 
 # A train stage's summary fields logged as its run's final metrics (and the first three on the parent run).
@@ -24,7 +24,7 @@ def run_stages(spec: JobSpec, kinds: tuple[str, ...] | None = None, model_dir: s
 
     layout = RunLayout.for_spec(spec)
     selected = [stage for stage in spec.stages if kinds is None or stage.kind in kinds]
-    with routed_output(layout.log_file):
+    with driver_files(layout), routed_output(layout.log_file):
         print(f"[medvl] {spec.name}: Ray's and the other libraries' output goes to {layout.log_file}", flush=True)
         tracked = any(stage.kind != "serve" for stage in selected)  # serving: no run
         tracker, status = None, "FAILED"

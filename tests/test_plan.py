@@ -181,6 +181,15 @@ def test_blip2_qformer_stays_fp32_under_ddp_with_bf16_weights():
     assert fp32 * GIB == 4 * (frozen + 5_242_880)
 
 
+def test_quantised_base_weights_are_planned_at_their_bits():
+    states = {bits: plan_spec(load_spec(BLIP2_LORA, [f"model.load_in_{bits}bit=true"])) for bits in (8, 4)}
+    bf16 = plan_spec(load_spec(BLIP2_LORA, ["model.dtype=bfloat16"])).memory_gib["ddp"].weights
+    assert (states[8].weight_dtype, states[4].weight_dtype) == ("int8", "nf4")
+    eight, four = (states[bits].memory_gib["ddp"].weights for bits in (8, 4))
+    assert four < eight < bf16
+    assert eight * GIB == 1 * 3_744_761_856 + 4 * 5_242_880 + 3 * (bf16 * GIB - 2 * 3_744_761_856 - 4 * 5_242_880) / 2
+
+
 # --------------------------------------------------------------------------------------------- activations
 
 

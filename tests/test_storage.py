@@ -147,3 +147,31 @@ def test_serve_checkpoint_may_name_a_stage_or_model_folder_on_s3(bucket, tmp_pat
 
     with pytest.raises(SpecError, match="serve.checkpoint: expected a model folder"):
         served(f"{run}/nothing-here")
+
+
+def test_the_driver_files_of_an_output_dir_on_s3_go_back_to_it_and_leave_no_local_copy(bucket):
+    from medvl.runs import driver_files
+
+    layout = RunLayout.of(f"s3://{BUCKET}/runs/job", bucket)
+    (layout.root / "medvl.log").write_text("first command\n")  # what an earlier command left
+    with driver_files(layout) as copy:
+        assert layout.driver_dir == copy and layout.log_file.read_text() == "first command\n"
+        with open(layout.log_file, "a") as log:
+            log.write("second command\n")
+        layout.mlflow_db.write_bytes(b"SQLite format 3\x00")
+        layout.tensorboard("train").mkdir(parents=True)
+        (layout.tensorboard("train") / "events.out").write_bytes(b"e")
+    assert not copy.exists()
+    assert (layout.root / "medvl.log").read_text() == "first command\nsecond command\n"
+    assert (layout.root / "mlflow.db").read_bytes() == b"SQLite format 3\x00"
+    assert (layout.root / "tensorboard" / "train" / "events.out").read_bytes() == b"e"
+    with pytest.raises(RuntimeError, match="only reachable inside runs.driver_files"):
+        layout.driver_dir
+
+
+def test_a_local_output_dir_is_its_own_driver_folder(tmp_path: Path):
+    from medvl.runs import driver_files
+
+    layout = RunLayout.of(tmp_path / "job")
+    with driver_files(layout) as folder:
+        assert folder == tmp_path / "job" == layout.log_file.parent

@@ -47,7 +47,9 @@ def run_prepare_stage(spec: JobSpec) -> dict:
         return read_manifest(spec.shards_location, spec.data.endpoint_url)
     location = spec.shards_location
     print(f"[medvl prepare] {spec.data.format} → {location}", flush=True)
-    total = spec.data.synthetic_images if spec.data.format == "synthetic" else None  # readers do not know theirs
+    # Only synthetic captions know their row count up front (synthetic VQA asks 4-6 questions an image; readers
+    # of published datasets find out as they read).
+    total = spec.data.synthetic_images if spec.data.format == "synthetic" and spec.data.task == "caption" else None
     progress = Progress("prepare", total=total, unit="rows", every_s=spec.tracking.progress_every_s)
     ignored = [name for name in FORMAT_OPTIONS if getattr(spec.data, name) != getattr(DataSpec(), name)]
     if spec.data.format == "synthetic" and ignored:
