@@ -49,7 +49,6 @@ def ray_start_command(temp_dir: str, dashboard_port: int, gcs_port: int) -> list
 @contextmanager
 def running_head() -> Iterator[Head]:
     """Start a head, wait until its Jobs API answers (up to 300 s), yield it, then end all it started."""
-    import psutil
     from ray.job_submission import JobSubmissionClient
 
     root = tempfile.mkdtemp(prefix="medvl-rh-", dir="/tmp")  # short: Ray's socket paths live under it
@@ -81,22 +80,30 @@ def running_head() -> Iterator[Head]:
             time.sleep(1)
         yield Head(dashboard=address, gcs_address=f"127.0.0.1:{gcs_port}", root=root)
     finally:
-        # Everything this head started descends from it; some actors (Ray Data's) leave its process group.
-        family = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started…
-        try:
-            head.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass  # …but waits ~30 s on a raylet that drains its workers: not worth CI's time
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for process in family:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        head.wait()
-        psutil.wait_procs(family, timeout=10)
+        stop_ray_start(head, wait_s=5)  # ~30 s more on a raylet that drains its workers: not worth CI's time
         shutil.rmtree(root, ignore_errors=True)
+
+
+def stop_ray_start(process: subprocess.Popen, wait_s: float = 10) -> None:
+    """End a `ray start --block` node: SIGTERM (it stops what it started), then its whole process group and every
+    process it started (some actors, Ray Data's, leave its process group)."""
+    import psutil
+
+    family = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+    psutil.wait_procs(family, timeout=10)

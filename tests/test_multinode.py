@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from ray_head import stop_ray_start
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "medvl-multinode"
@@ -66,30 +66,6 @@ def wait_started(process: subprocess.Popen, log: Path, timeout_s: float = 300) -
         time.sleep(1)
 
 
-def stop(process: subprocess.Popen) -> None:
-    """End a node: SIGTERM to `ray start --block` (it stops what it started), then its whole process group."""
-    import psutil
-
-    family = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for child in family:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    process.wait()
-    psutil.wait_procs(family, timeout=10)
-
-
 @pytest.fixture
 def cluster(s3_endpoint):
     """Two nodes joined into one cluster; yields (GCS address, the job's environment, the test's root folder)."""
@@ -113,7 +89,7 @@ def cluster(s3_endpoint):
         yield f"127.0.0.1:{head_port}", env, root
     finally:
         for process in reversed(nodes):
-            stop(process)
+            stop_ray_start(process)
         shutil.rmtree(root, ignore_errors=True)
 
 
