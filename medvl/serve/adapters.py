@@ -55,7 +55,11 @@ def _top_trials(spec: JobSpec, count: int) -> list[dict]:
     tune_stages = [s.name for s in spec.stages if s.kind == "tune"]
     if not tune_stages:
         raise SpecError(f'serve.adapters: expected a tune stage in the spec for "top:{count}", got none')
-    layout = TuneLayout(RunLayout.of(spec.output_dir).stage(tune_stages[-1]))
+    search = spec.for_stage(next(s for s in spec.stages if s.name == tune_stages[-1]))
+    if search.train.finetune != "lora":
+        raise SpecError(f'serve.adapters: "top:{count}" serves the LoRA adapters of a search, got stage '
+                        f"{tune_stages[-1]!r} training train.finetune {search.train.finetune}")
+    layout = TuneLayout(RunLayout.for_spec(spec).stage(tune_stages[-1]))
     if not layout.trial_models.is_file():
         raise SpecError(f'serve.adapters: "top:{count}" needs the finished search of stage {tune_stages[-1]!r} '
                         f"({layout.trial_models} is missing): run it first")
