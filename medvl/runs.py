@@ -9,6 +9,7 @@ Every path and file name under ``output_dir`` is spelled here and nowhere else::
     <train stage>/run_spec.json      the settings of an unfinished run (a rerun resumes only with the same ones)
     <eval stage>/metrics.json, predictions.jsonl, report.md, attention/<id>.png
     <eval stage>/eval_summary.json   which model was scored, wall time, samples/s
+    <model folder>/calibration.json  the model's confidence temperature, fitted by eval (eval.calibrate)
     <job name>.json                  trained vs baselines (eval.baselines)
     <tune stage>/search/             Tune's experiment (a rerun resumes it), search_settings.json beside it
     <tune stage>/trials/<trial id>/  each trial's own output_dir (a train stage named "train")
@@ -66,12 +67,14 @@ BASE_MODEL_RECORD = "base_model.json"
 TRIAL_STARTS_FILE = "trial_starts.jsonl"
 TRIAL_STARTS_DIR = "trial_starts"  # one object per start (object stores cannot append), gathered into the file
 TRIALS_CSV = "trials.csv"
+TRIAL_MODELS_FILE = "trial_models.json"  # every finished trial's exported model, best first (serve.adapters top:K)
 TRIALS_MD = "trials.md"
 CURVES_PNG = "val_loss_curves.png"
 BEST_DIR = "best"
 BEST_SPEC_FILE = "job.yaml"
 
 EVAL_SUMMARY_FILE = "eval_summary.json"
+CALIBRATION_FILE = "calibration.json"  # beside a model's weights: its confidence temperature (eval.calibrate)
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS_DIR = "mlartifacts"
 TENSORBOARD_DIR = "tensorboard"
@@ -259,6 +262,13 @@ class TuneLayout:
     @property
     def trials_csv(self) -> Location:
         return self.root / TRIALS_CSV
+
+    def trial_model(self, trial_id: str) -> Path:
+        return self.trial(trial_id) / MODEL_DIR
+
+    @property
+    def trial_models(self) -> Path:
+        return self.root / TRIAL_MODELS_FILE
 
     @property
     def trials_md(self) -> Location:

@@ -216,6 +216,11 @@ class EvalSpec:
     # METEOR and the PTB tokenizer run on Java: without `java`, true fails before generating, false scores
     # every other metric (tokenized in Python) and writes meteor_unavailable with the reason
     require_java: bool = True
+    # Temperature scaling (medvl.eval.calibration): fit the model's confidence temperature on the first
+    # calibration_samples validation rows unless its folder has one, report token-level ECE before and after on
+    # the eval split, and score every confidence with it. Recipes without a teacher-forced view skip it.
+    calibrate: bool = True
+    calibration_samples: int = checked(256, positive)
 
 
 def above_one(value: float) -> bool:
@@ -279,6 +284,13 @@ class ServeSpec:
     max_question_chars: int = checked(1000, positive)
     num_beams: int = checked(0, non_negative)  # 0 = eval.num_beams
     max_new_tokens: int = checked(0, non_negative)  # 0 = eval.max_new_tokens
+    # Many LoRA adapters on one base (Ray Serve model multiplexing): adapter folders, or ["top:K"] = the K best
+    # trials of the spec's tune stage; [] = serve.checkpoint alone. A request picks one by "model" / the
+    # serve_multiplexed_model_id header.
+    adapters: list[str] = field(default_factory=list)
+    max_adapters_per_replica: int = checked(4, positive)  # kept loaded per replica (least recently used go)
+    # the weights' dtype in the replica, for serving in another precision than trained/evaluated ("" = model.dtype)
+    dtype: Literal["", "auto", "bfloat16", "float16", "float32"] = ""
 
 
 @dataclass

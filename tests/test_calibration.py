@@ -35,3 +35,39 @@ def test_finding_calibration_scores_each_asserted_finding_with_its_report_confid
     scores = finding_calibration(refs, gens, [0.9, 0.5])
     assert scores["ce_findings_scored"] == 3
     assert scores["ce_finding_ece"] == pytest.approx(2 / 3 * abs(0.5 - 0.9) + 1 / 3 * abs(1.0 - 0.5))
+
+
+def test_token_ece_and_nll_before_and_after_a_temperature_hand_computed():
+    import math
+
+    import torch
+
+    from medvl.eval.calibration import token_calibration
+
+    # token 1: probabilities (0.75, 0.25), reference 0 → right at 0.75; token 2: (0.1, 0.9), reference 0 → wrong
+    # at 0.9. At T = 2 they become (√3/(√3+1), …) and (…, 0.75).
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(9.0)]])
+    targets = torch.tensor([0, 0])
+    scores = token_calibration([(logits, targets)], temperature=2.0)
+    assert scores["token_ece_before"] == pytest.approx(((1 - 0.75) + 0.9) / 2)
+    assert scores["token_ece_after"] == pytest.approx(((1 - 3 ** 0.5 / (3 ** 0.5 + 1)) + 0.75) / 2)
+    assert scores["token_nll_before"] == pytest.approx(-(math.log(0.75) + math.log(0.1)) / 2)
+    assert scores["token_nll_after"] == pytest.approx(-(math.log(3 ** 0.5 / (3 ** 0.5 + 1)) + math.log(0.25)) / 2)
+    assert scores["calibration_tokens"] == 2 and scores["temperature"] == 2.0
+
+
+def test_fitted_temperature_undoes_overconfidence_and_lowers_token_ece():
+    import torch
+
+    from medvl.eval.calibration import fit_temperature, token_calibration
+
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 12, generator=generator) * 1.5
+    targets = torch.multinomial(torch.softmax(true_logits, -1), 1, generator=generator)[:, 0]
+    overconfident = true_logits * 3.0  # the model's logits: 3× too sharp, so T ≈ 3 calibrates it
+    batches = [(overconfident[i:i + 500], targets[i:i + 500]) for i in range(0, 4000, 500)]
+    temperature, fitted = fit_temperature(batches)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    assert fitted.mean_nll(temperature) < fitted.mean_nll(1.0)
+    scores = token_calibration(batches, temperature)
+    assert scores["token_ece_after"] < 0.5 * scores["token_ece_before"]

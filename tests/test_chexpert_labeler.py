@@ -367,3 +367,31 @@ def test_label_csv_names_the_missing_column(tmp_path):
     source.write_text("study,findings\ns1,No effusion.\n")
     with pytest.raises(ValueError, match=r"'report'.*\['study', 'findings'\]"):
         label_csv(str(source), "report", str(tmp_path / "out.csv"))
+
+
+# Negated lists with a sized item, and hedges: written for issue 17 before the rules that pass them, labelled by
+# CheXpert conventions (NegBio negates and hedges every item joined by "or" under one cue).
+@pytest.mark.parametrize("report, expected", [
+    ("No focal consolidation, suspicious pulmonary opacity, large pleural effusion, or pneumothorax is identified.",
+     {CO: 0.0, LO: 0.0, PE: 0.0, PX: 0.0, NF: 1.0}),
+    ("Without evidence of focal consolidation, pulmonary edema, large pleural effusion, or pneumothorax.",
+     {CO: 0.0, ED: 0.0, PE: 0.0, PX: 0.0, NF: 1.0}),
+    ("No pneumothorax, new consolidation, or large effusion.", {PX: 0.0, CO: 0.0, PE: 0.0, NF: 1.0}),
+    ("No definite focal consolidation, large effusion or pneumothorax.", {CO: 0.0, PE: 0.0, PX: 0.0, NF: 1.0}),
+    ("No pulmonary edema, large pleural effusions, or pneumothorax is seen, and the heart is enlarged.",
+     {ED: 0.0, PE: 0.0, PX: 0.0, CM: 1.0}),
+    # not a negated list: the sized item after a comma is stated, and so is what follows a closed list
+    ("No pneumothorax, small left effusion.", {PX: 0.0, PE: 1.0}),
+    ("No pneumothorax or effusion, left lower lobe atelectasis.", {PX: 0.0, PE: 0.0, AT: 1.0}),
+    # hedges
+    ("Left basilar opacity may represent atelectasis or pneumonia.", {LO: 1.0, AT: -1.0, PN: -1.0}),
+    ("Cardiomegaly, possibly with mild edema.", {CM: 1.0, ED: -1.0}),
+    ("Left lower lobe opacity, atelectasis versus consolidation.", {LO: 1.0, AT: -1.0, CO: -1.0}),
+    ("Increased opacity at the right base, which may reflect atelectasis, although superimposed pneumonia cannot "
+     "be excluded.", {LO: 1.0, AT: -1.0, PN: -1.0}),
+    ("Streaky bibasilar opacities, likely atelectasis.", {LO: 1.0, AT: -1.0}),
+    ("There may be a small left pleural effusion.", {PE: -1.0}),
+    ("Left apical pneumothorax is suspected.", {PX: -1.0}),
+])
+def test_negated_lists_and_hedges(labeler, report, expected):
+    assert labeler.label(report) == expected_row(expected)

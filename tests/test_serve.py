@@ -387,6 +387,38 @@ def test_a_dead_model_fails_its_health_check_for_good(models, tmp_path: Path, mo
         runner.check_health()
 
 
+def test_a_calibration_temperature_beside_the_model_scales_its_confidence_not_its_text(models, tmp_path: Path):
+    import shutil
+
+    from medvl.serve.requests import Query
+    from medvl.serve.runner import ModelRunner
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(models["blip_caption"], calibrated)
+    (calibrated / "calibration.json").write_text(json.dumps({"temperature": 0.5}))
+    plain = runner_for("blip_caption", models, tmp_path)
+    sharper = ModelRunner(parse_spec(job("blip_caption", str(calibrated), tmp_path)), str(calibrated))
+    assert (plain.temperature, sharper.temperature) == (1.0, 0.5)
+    (before,), (after,) = plain.answer([Query(png())]), sharper.answer([Query(png())])
+    assert after["text"] == before["text"]
+    assert after["mean_token_prob"] != pytest.approx(before["mean_token_prob"])
+
+
+def test_serve_dtype_loads_the_replicas_weights_in_it_and_a_bad_one_is_refused(models, tmp_path: Path):
+    import torch
+
+    from medvl.serve.requests import Query
+    from medvl.serve.runner import ModelRunner
+
+    raw = job("blip_caption", models["blip_caption"], tmp_path, dtype="bfloat16")
+    runner = ModelRunner(parse_spec(raw), models["blip_caption"])
+    assert next(runner.loaded.module.parameters()).dtype == torch.bfloat16
+    assert runner_for("blip_caption", models, tmp_path).loaded.module.dtype == torch.float32  # "" = model.dtype
+    assert isinstance(runner.answer([Query(png())])[0]["text"], str)
+    with pytest.raises(SpecError, match=r"^serve\.dtype: expected one of"):
+        parse_spec(job("blip_caption", models["blip_caption"], tmp_path, dtype="fp8"))
+
+
 @pytest.mark.slow
 def test_medvl_serve_answers_then_exits_0_on_sigterm(models, tmp_path: Path):
     """The model is the train stage's (its train_summary.json names the adapter), served on its base."""

@@ -100,6 +100,12 @@ def test_medvl_eval_writes_metrics_predictions_report_and_attention_overlays(tra
                 "laterality_error_rate", "hallucination_rate", "mean_token_prob", "ce_finding_ece"):
         assert isinstance(metrics[key], float), key
     assert metrics["n"] == 12 and 0.0 < metrics["mean_token_prob"] < 1.0
+    # eval.calibrate (on by default): the temperature beside the model scored the confidences below
+    assert metrics["temperature"] == json.loads((Path(raw["output_dir"]) / "train" / "model" /
+                                                 "calibration.json").read_text())["temperature"]
+    assert {"token_ece_before", "token_ece_after", "token_nll_before", "token_nll_after"} <= set(metrics)
+    if metrics["temperature"] != 1.0:  # the finding ECE of the confidences before the temperature, beside it
+        assert isinstance(metrics["ce_finding_ece_before"], float)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(0.0 < row["mean_token_prob"] < 1.0 for row in rows)
     assert metrics["mean_token_prob"] == pytest.approx(sum(r["mean_token_prob"] for r in rows) / 12)
@@ -108,6 +114,22 @@ def test_medvl_eval_writes_metrics_predictions_report_and_attention_overlays(tra
     overlays = sorted((out / "attention").glob("*.png"))
     assert [p.name for p in overlays] == sorted(overlay_filename(r["id"]) for r in rows[:2])
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in overlays)
+
+
+def test_temperature_scaling_fitted_on_val_lowers_token_ece_on_the_test_split(trained):
+    from medvl.eval.calibration import read_temperature
+    from medvl.eval.evaluate import calibrate
+    from medvl.models.registry import build_recipe
+
+    raw, _ = trained
+    spec = parse_spec(raw | {"eval": {**raw["eval"], "split": "test", "calibration_samples": 64}})
+    model_dir = Path(raw["output_dir"]) / "train" / "model"
+    (model_dir / "calibration.json").unlink(missing_ok=True)  # fitted here, whichever test ran first
+    scores = calibrate(spec, build_recipe(spec), str(model_dir))
+    assert scores["temperature"] == read_temperature(model_dir) != 1.0  # fitted on val and saved beside it
+    assert scores["calibration_tokens"] > 200
+    assert scores["token_nll_after"] < scores["token_nll_before"]
+    assert scores["token_ece_after"] < scores["token_ece_before"], scores
 
 
 def test_startup_clock_names_each_span_by_the_stamp_that_ends_it(monkeypatch):

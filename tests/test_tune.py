@@ -141,8 +141,9 @@ def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tm
 
     # 6 trials; lr 1e-5 barely moves, so ASHA (judging at step 2, keeping the best half) stops such trials.
     space = {"train.lr": {"grid": [1e-2, 1e-5]}, "model.lora_r": {"grid": [2, 4, 8]}}
-    spec = parse_spec(search_job(tmp_path, space, ["prepare", "tune", "eval"], grace_period=2, reduction_factor=2,
-                                 max_steps=4, max_concurrent_trials=2))
+    raw = search_job(tmp_path, space, ["prepare", "tune", "eval"], grace_period=2, reduction_factor=2, max_steps=4,
+                     max_concurrent_trials=2)
+    spec = parse_spec(raw)
 
     def train_actors() -> set[str]:
         """Alive Ray Train actors (ids); ones an earlier test left behind do not count against this search."""
@@ -185,6 +186,14 @@ def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tm
     with torch.no_grad():
         pixels = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
         assert model.generate(pixel_values=pixels, max_new_tokens=4).shape[0] == 1
+    # Every trial's adapter is exported too, best first: what serve.adapters ["top:K"] serves.
+    from medvl.serve.adapters import resolve_adapters
+
+    trial_models = json.loads((tune_dir / "trial_models.json").read_text())
+    assert [t["trial_id"] for t in trial_models] == [r["trial_id"] for r in rows]
+    assert all((Path(t["model_dir"]) / "adapter_config.json").is_file() for t in trial_models)
+    top = resolve_adapters(parse_spec({**raw, "serve": {"adapters": ["top:2"]}}))
+    assert [a["name"] for a in top] == [r["trial_id"] for r in rows[:2]]
     # …and the eval stage after the tune stage scored it.
     metrics = json.loads((Path(spec.output_dir) / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 8 and "cider" in metrics

@@ -26,7 +26,7 @@ def spec_for(tmp_path: Path, recipe: str = "blip2", **eval_settings):
 def test_the_untrained_model_is_prompted_and_the_trained_one_is_not(tmp_path, monkeypatch):
     calls = []
 
-    def fake_generate(spec, models, label="eval", prompts=None):
+    def fake_generate(spec, models, label="eval", prompts=None, temperatures=None):
         calls.extend((model_dir, (prompts or {}).get(name, "")) for name, model_dir in models.items())
         return {name: Predictions(["a"], ["no effusion."], [f"{model_dir} {(prompts or {}).get(name, '')}".strip()],
                                   [""], [0.5]) for name, model_dir in models.items()}
@@ -35,7 +35,7 @@ def test_the_untrained_model_is_prompted_and_the_trained_one_is_not(tmp_path, mo
     monkeypatch.setattr(evaluate, "score", lambda spec, recipe, preds, java=True: {"prediction": preds.predictions[0]})
     monkeypatch.setattr(evaluate, "java_reason", lambda spec, recipe: None)
     monkeypatch.setattr(evaluate, "write_report", lambda *args: None)
-    spec = validate(spec_for(tmp_path, baselines=["untrained", "zero_shot"], prompt=PROMPT))
+    spec = validate(spec_for(tmp_path, baselines=["untrained", "zero_shot"], prompt=PROMPT, calibrate=False))
     evaluate.run_eval_stage(spec, StageSpec(kind="eval", name="eval"), "trained_dir", untrained_dir="base_dir")
     assert calls == [("trained_dir", ""), ("base_dir", ""), ("base_dir", PROMPT)]
     comparison = json.loads((tmp_path / "zs.json").read_text())

@@ -52,16 +52,19 @@ class Predictions:
     confidences: list[float] = field(default_factory=list)  # mean token probability of each prediction
     extra_metrics: dict[str, float] = field(default_factory=dict)  # recipe-specific (see Recipe.extra_eval_metrics)
     overlays: dict[str, bytes] = field(default_factory=dict)  # id → attention overlay PNG (first eval.attention_maps)
+    uncalibrated_confidences: list[float] = field(default_factory=list)  # at temperature 1 (eval.calibrate)
 
 
 # --------------------------------------------------------------------------------------------- generation
 
 
 def generate_predictions(spec: JobSpec, models: dict[str, str], label: str = "eval",
-                         prompts: dict[str, str] | None = None) -> dict[str, Predictions]:
+                         prompts: dict[str, str] | None = None,
+                         temperatures: dict[str, float] | None = None) -> dict[str, Predictions]:
     """Every model of ``models`` (name → folder, URL or hub id) generating on the eval split in one pass of the
-    actor pool, after its prompt in ``prompts`` where it has one; the first model's predictions also carry the
-    attention overlays. ``label`` names the progress line."""
+    actor pool, after its prompt in ``prompts`` where it has one, its confidences scored at its calibration
+    temperature in ``temperatures`` (1.0 when absent); the first model's predictions also carry the attention
+    overlays. ``label`` names the progress line."""
     settings = spec.eval
     dataset = read_split(spec.shards_location, settings.split, spec.data.endpoint_url)
     # Blocks in shard order (the actors still work in parallel): eval.max_samples takes the split's first rows.
@@ -72,7 +75,7 @@ def generate_predictions(spec: JobSpec, models: dict[str, str], label: str = "ev
     generated = dataset.map_batches(
         Generator,
         fn_constructor_args=(spec, models, frozenset(order[: settings.attention_maps]), _filesystems(spec, models),
-                             prompts or {}),
+                             prompts or {}, temperatures or {}),
         batch_size=settings.batch_size,
         batch_format="numpy",
         compute=_actor_pool(settings.workers),
@@ -129,7 +132,8 @@ def _gathered(columns: dict[str, list], model: str, rank: dict[str, int], first:
     ids = column("id")
     overlays = {i: png for i, png in zip(ids, column("overlay_png")) if png} if first else {}
     return Predictions(ids, column("reference"), column(prefix + "prediction"), column("answer_type"),
-                       [float(p) for p in column(prefix + "mean_token_prob")], extras, overlays)
+                       [float(p) for p in column(prefix + "mean_token_prob")], extras, overlays,
+                       [float(p) for p in column(prefix + "uncalibrated_mean_token_prob")])
 
 
 class Generator:
@@ -142,7 +146,8 @@ class Generator:
     """
 
     def __init__(self, spec: JobSpec, models: dict[str, str], attention_ids: frozenset[str],
-                 filesystems: dict[str, object] | None = None, prompts: dict[str, str] | None = None):
+                 filesystems: dict[str, object] | None = None, prompts: dict[str, str] | None = None,
+                 temperatures: dict[str, float] | None = None):
         torch.set_num_threads(max(1, math.ceil(spec.eval.num_cpus)))
         self.recipe = build_recipe(spec)
         settings = GenerationSettings.from_eval(spec.eval)
@@ -158,7 +163,8 @@ class Generator:
                     loaded.to(self.device)
                 loaded_by_location[location] = (loaded, self.recipe.preprocessor(local))
             prompt = (prompts or {}).get(name, "")
-            self.models[name] = (*loaded_by_location[location], dataclasses.replace(settings, prompt=prompt))
+            self.models[name] = (*loaded_by_location[location], dataclasses.replace(
+                settings, prompt=prompt, confidence_temperature=(temperatures or {}).get(name, 1.0)))
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {}
@@ -179,6 +185,8 @@ class Generator:
                 raise RuntimeError(f"eval models kept different rows of a batch ({name}): {ids} vs {out['id']}")
             out[f"{name}.prediction"] = generated.texts if ids else []
             out[f"{name}.mean_token_prob"] = generated.mean_token_probs if ids else []
+            out[f"{name}.uncalibrated_mean_token_prob"] = (generated.uncalibrated_mean_token_probs
+                                                           or generated.mean_token_probs) if ids else []
             for key, value in extras.items():
                 out[f"{name}.extra.{key}"] = [float(value)] * len(ids)
         return {name: _column(values) for name, values in out.items()}
@@ -236,12 +244,16 @@ def score(spec: JobSpec, recipe: Recipe, preds: Predictions, java: bool = True) 
         from medvl.eval.vqa_metrics import normalize_answer, vqa_scores
 
         correct = [normalize_answer(r) == normalize_answer(h) for r, h in zip(refs, hyps)]
-        return vqa_scores(refs, hyps, preds.answer_types) | vqa_calibration(correct, preds.confidences)
+        metrics = vqa_scores(refs, hyps, preds.answer_types) | vqa_calibration(correct, preds.confidences)
+        if _calibrated(preds):
+            metrics["vqa_ece_before"] = vqa_calibration(correct, preds.uncalibrated_confidences)["vqa_ece"]
+        return metrics
     from medvl.eval.caption_metrics import caption_scores
 
     metrics = dict(caption_scores(refs, hyps, java=java))
     if spec.eval.clinical:
-        metrics.update(clinical_scores(refs, hyps, preds.confidences))
+        metrics.update(clinical_scores(refs, hyps, preds.confidences,
+                                       preds.uncalibrated_confidences if _calibrated(preds) else None))
     if spec.eval.semantic:
         from medvl.eval.embedding_metrics import bertscore, embedding_cosine
 
@@ -251,15 +263,26 @@ def score(spec: JobSpec, recipe: Recipe, preds: Predictions, java: bool = True) 
     return metrics
 
 
-def clinical_scores(references: list[str], predictions: list[str], confidences: list[float]) -> dict:
+def _calibrated(preds: Predictions) -> bool:
+    return bool(preds.uncalibrated_confidences) and preds.uncalibrated_confidences != preds.confidences
+
+
+def clinical_scores(references: list[str], predictions: list[str], confidences: list[float],
+                    uncalibrated: list[float] | None = None) -> dict:
+    """CheXpert clinical efficacy, hallucination, laterality and finding calibration (``ce_finding_ece_before``
+    from the ``uncalibrated`` confidences too, when given)."""
     from medvl.eval.calibration import finding_calibration
     from medvl.eval.chexpert import CheXpertLabeler
     from medvl.eval.clinical_metrics import clinical_efficacy, hallucination_rate, laterality_error_rate
 
     labeler = CheXpertLabeler()
     ref_labels, gen_labels = labeler.label_many(references), labeler.label_many(predictions)
-    return (clinical_efficacy(ref_labels, gen_labels) | hallucination_rate(ref_labels, gen_labels)
-            | laterality_error_rate(references, predictions) | finding_calibration(ref_labels, gen_labels, confidences))
+    metrics = (clinical_efficacy(ref_labels, gen_labels) | hallucination_rate(ref_labels, gen_labels)
+               | laterality_error_rate(references, predictions)
+               | finding_calibration(ref_labels, gen_labels, confidences))
+    if uncalibrated is not None:
+        metrics["ce_finding_ece_before"] = finding_calibration(ref_labels, gen_labels, uncalibrated)["ce_finding_ece"]
+    return metrics
 
 
 def shuffled_references(preds: Predictions, seed: int = 0) -> Predictions:
@@ -283,11 +306,13 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     for baseline in (UNTRAINED, ZERO_SHOT):
         if baseline in spec.eval.baselines and untrained_dir:
             models[baseline] = untrained_dir
+    calibration = calibrate(spec, recipe, model_dir) if spec.eval.calibrate else {}
+    temperatures = {TRAINED: calibration["temperature"]} if calibration else {}
     generated = generate_predictions(spec, models, label=stage_label("eval", stage.name),
-                                     prompts={ZERO_SHOT: spec.eval.prompt})
+                                     prompts={ZERO_SHOT: spec.eval.prompt}, temperatures=temperatures)
     generating_s = time.perf_counter() - started
     preds = generated[TRAINED]
-    metrics = score(spec, recipe, preds, java) | preds.extra_metrics
+    metrics = score(spec, recipe, preds, java) | preds.extra_metrics | calibration
     metrics["mean_token_prob"] = float(np.mean(preds.confidences)) if preds.confidences else 0.0
     metrics["n"] = len(preds.predictions)
     write_outputs(layout, stage.name, metrics, preds)
@@ -311,6 +336,68 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
             "generate_time_s": generating_s, "samples_per_s": len(preds.predictions) / max(generating_s, 1e-9)}
     layout.eval_summary(stage.name).write_text(json.dumps(cost, indent=2))
     return metrics
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def calibrate(spec: JobSpec, recipe: Recipe, model_dir: str) -> dict[str, float]:
+    """The model's confidence temperature (fitted on the validation split and saved beside the model unless it
+    has one there) and token-level ECE / NLL on the eval split before and after it; {} when the recipe has no
+    teacher-forced view. Runs on the driver over ``eval.calibration_samples`` rows of each split."""
+    from medvl.eval.calibration import (calibration_record, fit_temperature, read_temperature,
+                                        token_calibration)
+
+    if type(recipe).target_logits is Recipe.target_logits:
+        print(f"[medvl eval] eval.calibrate: the {spec.model.recipe} recipe has no teacher-forced view; "
+              "confidences stay uncalibrated", flush=True)
+        return {}
+    local = local_model(model_dir, spec.data.endpoint_url)
+    loaded = recipe.load_for_inference(local)
+    preprocess = recipe.preprocessor(local)
+    limit = spec.eval.calibration_samples
+    temperature = read_temperature(local)
+    if temperature is None:
+        temperature, fitted = fit_temperature(_target_logits(spec, "val", limit, recipe, loaded.module, preprocess))
+        saved = _calibration_location(spec, model_dir)
+        if saved is not None:
+            saved.write_text(calibration_record(temperature, fitted, "val"))
+        print(f"[medvl eval] calibration: temperature {temperature:.3f} fitted on {fitted.tokens} validation "
+              f"tokens (NLL {fitted.mean_nll(1.0):.4f} → {fitted.mean_nll(temperature):.4f})", flush=True)
+    return token_calibration(_target_logits(spec, spec.eval.split, limit, recipe, loaded.module, preprocess),
+                             temperature)
+
+
+def _calibration_location(spec: JobSpec, model_dir: str) -> Location | None:
+    """Where the temperature is saved: beside the weights of a model folder (local or on object storage); None
+    for a hub id (nothing of ours to write into)."""
+    from medvl.runs import CALIBRATION_FILE
+
+    if not storage.is_remote(model_dir) and not Location.of(model_dir).is_dir():
+        return None
+    return Location.of(model_dir, spec.data.endpoint_url) / CALIBRATION_FILE
+
+
+def _split_batches(spec: JobSpec, split: str, limit: int, preprocess):
+    """Preprocessed batches of eval.batch_size over the first ``limit`` rows of ``split``, read on this process."""
+    location, endpoint = spec.shards_location, spec.data.endpoint_url
+    fs, _ = storage.filesystem_for(location, endpoint)
+    left = limit
+    for path in shard_paths(read_manifest(location, endpoint), location, split, endpoint):
+        table = pq.read_table(path, filesystem=fs)
+        for start in range(0, min(table.num_rows, left), spec.eval.batch_size):
+            rows = table.slice(start, min(spec.eval.batch_size, left - start)).to_pydict()
+            yield preprocess({name: np.asarray(values, dtype=object) for name, values in rows.items()})
+        left -= min(table.num_rows, left)
+        if left <= 0:
+            return
+
+
+def _target_logits(spec: JobSpec, split: str, limit: int, recipe: Recipe, model: torch.nn.Module, preprocess):
+    """(logits, reference tokens) of each batch, under teacher forcing."""
+    for batch in _split_batches(spec, split, limit, preprocess):
+        with torch.inference_mode():
+            yield recipe.target_logits(model, {k: torch.as_tensor(batch[k]) for k in recipe.tensor_columns})
 
 
 def write_outputs(layout: RunLayout, stage: str, metrics: dict, preds: Predictions) -> None:

@@ -42,6 +42,9 @@ class GenerationSettings:
     num_beams: int
     max_new_tokens: int
     prompt: str = ""
+    # the model's fitted calibration temperature (medvl.eval.calibration): divides the scores of the chosen
+    # tokens' probabilities, never what is chosen
+    confidence_temperature: float = 1.0
 
     @classmethod
     def from_eval(cls, settings: EvalSpec) -> GenerationSettings:
@@ -136,9 +139,22 @@ class Recipe(ABC):
         ``texts``, averaged over heads, layers and tokens, each map summing to 1. None if the recipe has none."""
         return None
 
+    def target_logits(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Teacher forcing: (logits [tokens, vocabulary], reference tokens [tokens]) at every position the loss
+        scores, for temperature scaling (:mod:`medvl.eval.calibration`). None: the recipe has no such view."""
+        return None
+
     def target_text(self, row: dict[str, Any]) -> str:
         """The reference a generation is scored against."""
         return str(row["answer"] if self.task == "vqa" else row["text"])
+
+
+def shifted_targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's (logits, targets) where ``labels`` (-100 = not scored) are read one position ahead, as the
+    HF loss reads them."""
+    logits, labels = logits[:, :-1], labels[:, 1:].to(logits.device)
+    scored = labels != -100
+    return logits[scored], labels[scored]
 
 
 def parameter_report(model: torch.nn.Module) -> dict[str, int | float]:

@@ -50,7 +50,7 @@ from transformers import (
 )
 
 from medvl.data.preprocessing import ImageTextPreprocessor, pad_sequences
-from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch, shifted_targets
 from medvl.models.lora import (
     ADAPTER_WEIGHTS,
     base_model_source,
@@ -328,8 +328,15 @@ class Blip2Recipe(Recipe):
         return generate_scored(
             model.generate, blip2.language_model, loaded.tokenizer, _config(model).text_config.eos_token_id,
             pixel_values=pixel_values, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
-            **prompt,
+            confidence_temperature=settings.confidence_temperature, **prompt,
         )
+
+    def target_logits(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        device = _model_device(model)
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        output = model(pixel_values=batch["pixel_values"].to(device), input_ids=input_ids,
+                       attention_mask=attention_mask)
+        return shifted_targets(output.logits, blip2_labels(input_ids, attention_mask, _config(model).image_token_index))
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
         """An adapter folder under LoRA, a plain BLIP-2 folder otherwise; with the tokenizer and image processor."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BlipForConditionalGeneration
 
-from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch, shifted_targets
 from medvl.models.blip_common import (
     BlipPreprocessor,
     blip_attention_maps,
@@ -68,7 +68,14 @@ class BlipCaptionRecipe(Recipe):
         return generate_scored(
             model.generate, model.text_decoder, loaded.tokenizer, model.config.text_config.sep_token_id,
             pixel_values=batch["pixel_values"], num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
+            confidence_temperature=settings.confidence_temperature,
         )
+
+    def target_logits(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = lm_labels(batch["input_ids"], batch["attention_mask"])
+        output = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"])
+        return shifted_targets(output.logits, labels)
 
     def attention_maps(self, loaded: LoadedModel, batch: TensorBatch, texts: list[str]) -> np.ndarray:
         return blip_attention_maps(loaded.module, loaded.tokenizer, batch["pixel_values"], texts,

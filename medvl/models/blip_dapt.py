@@ -521,6 +521,7 @@ class BlipDaptRecipe(Recipe):
             input_ids=bos, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
             encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
             num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
+            confidence_temperature=settings.confidence_temperature,
         )
 
     def attention_maps(self, loaded: LoadedModel, batch: TensorBatch, texts: list[str]) -> np.ndarray:

@@ -127,7 +127,7 @@ class BlipVqaRecipe(Recipe):
         return generate_scored(
             lambda **kwargs: generate_answers(model, batch, **kwargs), model.text_decoder, loaded.tokenizer,
             model.config.text_config.sep_token_id, num_beams=settings.num_beams,
-            max_new_tokens=settings.max_new_tokens,
+            max_new_tokens=settings.max_new_tokens, confidence_temperature=settings.confidence_temperature,
         )
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:

@@ -340,7 +340,8 @@ class SoftPromptRecipe(Recipe):
         model = loaded.module
         return generate_scored(model.generate, model.lm, loaded.tokenizer, model.eos,
                                pixel_values=batch["pixel_values"], num_beams=settings.num_beams,
-                               max_new_tokens=settings.max_new_tokens)
+                               max_new_tokens=settings.max_new_tokens,
+                               confidence_temperature=settings.confidence_temperature)
 
     def extra_eval_metrics(self, model: torch.nn.Module, batch: TensorBatch) -> dict[str, float]:
         output = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, Request
 from fastapi import Path as PathParameter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
@@ -33,6 +33,7 @@ from medvl.models.lora import adapter_base, is_adapter_folder
 from medvl.runs import MODEL_DIR
 from medvl.serve.auth import authorized, check_digest
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
+from medvl.serve.openai_api import chat_chunks, chat_completion, read_chat_request
 from medvl.serve.requests import OPENAPI_EXTRA, OPENAPI_RESPONSES, Query, RequestError, read_query
 from medvl.serve.runner import ModelDead, ModelRunner
 from medvl.spec import JobSpec, parse_spec
@@ -114,6 +115,16 @@ def model_identity(spec: JobSpec, checkpoint: str, local_checkpoint: str | None 
             "base_model": base, "preset": spec.model.preset}
 
 
+class LoadedAdapter:
+    """What Serve's multiplexing keeps per adapter; Serve calls ``__del__`` when it evicts the adapter."""
+
+    def __init__(self, runner: ModelRunner, name: str):
+        self.runner, self.name = runner, name
+
+    def __del__(self) -> None:
+        self.runner.unload_adapter(self.name)
+
+
 # @serve.ingress copies the class by value while this module is still importing: the module-level names its
 # methods use must be defined above it.
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -125,8 +136,9 @@ class MedvlServer:
         self.spec = spec
         self.key_digest = args.get("api_key_hmac", "")
         torch.set_num_threads(max(1, math.ceil(self.settings.num_cpus)))
-        self.runner = ModelRunner(spec, args["checkpoint"])
-        self.identity = model_identity(spec, args["checkpoint"], self.runner.local_checkpoint)
+        self.runner = ModelRunner(spec, args["checkpoint"], args.get("adapters") or None)
+        self.identity = model_identity(spec, self.runner.checkpoint, self.runner.local_checkpoint)
+        self.max_adapters = self.settings.max_adapters_per_replica
         self.recipe, self.generation = self.runner.recipe, self.runner.generation
         self.infer.set_max_batch_size(self.settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
@@ -175,10 +187,70 @@ class MedvlServer:
             raise RequestError(404, "unsupported_endpoint",
                                f"this model ({self.spec.model.recipe}) answers POST /v1/{self.recipe.endpoint}, "
                                f"not /v1/{endpoint}", supported=f"/v1/{self.recipe.endpoint}")
-        result = await self.infer(await read_query(request, self.settings, self.takes_question))
+        query = await read_query(request, self.settings, self.takes_question)
+        query.model = self.adapter_for(query.model)
+        result = await self.infer(query)
         if isinstance(result, RequestError):
             raise result
+        result.pop("token_ends", None)
         return {**result, "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        """OpenAI's model list, with each adapter's searched values and validation metric."""
+        self.authorize(request)
+        if not self.runner.adapters:
+            return {"object": "list", "data": [{"id": self.identity["model"], "object": "model",
+                                                "owned_by": "medvl", "base_model": self.identity["base_model"]}]}
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "owned_by": "medvl", "base_model": self.identity["base_model"],
+             "searched": a["config"], "metric": a["metric"], "value": a["value"],
+             "loaded_here": name in self.runner.resident}
+            for name, a in self.runner.adapters.items()]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        """OpenAI's chat completions: the image as an ``image_url`` content part, the question as text."""
+        self.authorize(request)
+        chat = await read_chat_request(request, self.settings, self.takes_question)
+        name = self.adapter_for(chat.query.model or chat.model)
+        chat.query.model = name
+        result = await self.infer(chat.query)
+        if isinstance(result, RequestError):
+            raise result
+        if chat.stream:
+            return StreamingResponse(chat_chunks(result, name, chat.max_tokens), media_type="text/event-stream")
+        return chat_completion(result, name, chat.max_tokens)
+
+    def adapter_for(self, asked: str) -> str:
+        """The adapter a request names (body "model", else the serve_multiplexed_model_id header), or the
+        first; 404 naming the available ones for another name."""
+        asked = asked or serve.get_multiplexed_model_id()
+        if not self.runner.adapters:
+            if asked and asked != self.identity["model"]:
+                raise RequestError(404, "unknown_model", f"no model {asked!r} here; available: "
+                                   f"{self.identity['model']}", available=[self.identity["model"]])
+            return ""
+        if not asked:
+            return next(iter(self.runner.adapters))
+        if asked not in self.runner.adapters:
+            available = list(self.runner.adapters)
+            raise RequestError(404, "unknown_model", f"no adapter {asked!r}; available: {', '.join(available)}",
+                               available=available)
+        return asked
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def get_adapter(self, name: str) -> LoadedAdapter:
+        """Serve's LRU over adapters: loads one here, and unloads it (``__del__``) when it is evicted."""
+        await asyncio.to_thread(self.runner.load_adapter, name)
+        return LoadedAdapter(self.runner, name)
+
+    async def use_adapter(self, name: str) -> None:
+        await self.get_adapter(name)
+        # The decorator's limit is fixed where the class is defined; the spec's goes on the wrapper Serve made.
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        if wrapper is not None:
+            wrapper.max_num_models_per_replica = self.max_adapters
 
     @property
     def takes_question(self) -> bool:
@@ -192,7 +264,17 @@ class MedvlServer:
     # The real limits are set in __init__ from the spec (set_max_batch_size / set_batch_wait_timeout_s).
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer(self, queries: list[Query]) -> list[dict | RequestError]:
-        return await asyncio.to_thread(self.runner.answer, queries)
+        if not self.runner.adapters:
+            return await asyncio.to_thread(self.runner.answer, queries)
+        # One adapter at a time: group the batch by adapter, keep each answer in its query's place.
+        answers: list = [None] * len(queries)
+        for name in dict.fromkeys(q.model for q in queries):
+            places = [i for i, q in enumerate(queries) if q.model == name]
+            await self.use_adapter(name)
+            group = await asyncio.to_thread(self.runner.answer_with, name, [queries[i] for i in places])
+            for i, answer in zip(places, group):
+                answers[i] = {**answer, "model": name} if isinstance(answer, dict) else answer
+        return answers
 
 
 def build_app(args: dict) -> Application:

@@ -37,7 +37,7 @@ def deployment_options(settings: ServeSpec) -> dict:
     return options
 
 
-def app_args(spec: JobSpec, checkpoint: str, api_key_digest: str) -> dict:
+def app_args(spec: JobSpec, checkpoint: str, api_key_digest: str, adapters: list[dict] | None = None) -> dict:
     """What :func:`medvl.serve.app.build_app` takes: plain data (it travels in the config file).
 
     The spec keeps what the replica needs (recipe, data and generation settings, serve). The replica only parses
@@ -46,10 +46,10 @@ def app_args(spec: JobSpec, checkpoint: str, api_key_digest: str) -> dict:
     raw = dataclasses.asdict(spec)
     raw["stages"] = [{"kind": "serve", "name": "serve"}]
     raw["output_dir"] = absolute(spec.output_dir)
-    return {"spec": raw, "checkpoint": checkpoint, "api_key_hmac": api_key_digest}
+    return {"spec": raw, "checkpoint": checkpoint, "api_key_hmac": api_key_digest, "adapters": adapters or []}
 
 
-def serve_config(spec: JobSpec, checkpoint: str, api_key_digest: str) -> dict:
+def serve_config(spec: JobSpec, checkpoint: str, api_key_digest: str, adapters: list[dict] | None = None) -> dict:
     """A Serve config (the ``serve build`` layout), validated against Ray's own schema."""
     from ray.serve.schema import ServeDeploySchema
 
@@ -60,7 +60,7 @@ def serve_config(spec: JobSpec, checkpoint: str, api_key_digest: str) -> dict:
             "name": spec.name,
             "route_prefix": "/",
             "import_path": APP_IMPORT_PATH,
-            "args": app_args(spec, checkpoint, api_key_digest),
+            "args": app_args(spec, checkpoint, api_key_digest, adapters),
             "deployments": [{"name": DEPLOYMENT_NAME, **deployment_options(spec.serve)}],
         }],
     }

@@ -24,7 +24,7 @@ from PIL import Image
 from medvl.data.images import PILLOW_FORMATS, is_dicom
 from medvl.spec import ServeSpec
 
-FIELDS = ("image", "question", "attention")
+FIELDS = ("image", "question", "attention", "model")
 # JSON carries the image as base64 (4 characters per 3 bytes), plus the other fields.
 BODY_SLACK_BYTES = 64 * 1024
 
@@ -44,6 +44,7 @@ OPENAPI_EXTRA = {"requestBody": {"required": True, "content": {
             "image": {"type": "string", "description": "the image file (PNG, JPEG or DICOM) in base64, or a data: URL"},
             "question": {"type": "string", "description": "VQA models only"},
             "attention": {"type": "boolean", "description": "add the cross-attention map (BLIP captioning)"},
+            "model": {"type": "string", "description": "the adapter to answer with (GET /v1/models)"},
         }}},
     "multipart/form-data": {"schema": {
         "type": "object", "required": ["image"],
@@ -51,6 +52,7 @@ OPENAPI_EXTRA = {"requestBody": {"required": True, "content": {
             "image": {"type": "string", "format": "binary"},
             "question": {"type": "string"},
             "attention": {"type": "string", "enum": ["true", "false", "1", "0"]},
+            "model": {"type": "string"},
         }}},
 }}}
 REFUSALS = {  # every status a refused request can get (see the README's table)
@@ -80,6 +82,7 @@ class Query:
     image: bytes
     question: str = ""
     attention: bool = False
+    model: str = ""  # the adapter asked for by name ("" = the header's, else the first); see medvl.serve.adapters
 
 
 def max_body_bytes(settings: ServeSpec) -> int:
@@ -156,8 +159,9 @@ def parse_json(body: bytes, settings: ServeSpec, takes_question: bool) -> Query:
                            field="image")
     if not isinstance(image, str):
         raise _wrong_type("image", "a base64 string", image)
-    return _query(decode_base64(image, settings), fields.get("question"), fields.get("attention", False),
-                  settings, takes_question)
+    query = _query(decode_base64(image, settings), fields.get("question"), fields.get("attention", False),
+                   settings, takes_question)
+    return _with_model(query, fields.get("model", ""))
 
 
 def parse_form(form: Any, settings: ServeSpec, takes_question: bool) -> Query:
@@ -177,7 +181,15 @@ def parse_form(form: Any, settings: ServeSpec, takes_question: bool) -> Query:
     question = form.get("question")
     if question is not None and not isinstance(question, str):
         raise _wrong_type("question", "a text field", question)
-    return _query(data, question, attention in ("true", "1"), settings, takes_question)
+    return _with_model(_query(data, question, attention in ("true", "1"), settings, takes_question),
+                       form.get("model", ""))
+
+
+def _with_model(query: Query, model: Any) -> Query:
+    if not isinstance(model, str) or not is_utf8_text(model):
+        raise _wrong_type("model", "an adapter name (GET /v1/models lists them)", model)
+    query.model = model
+    return query
 
 
 def decode_base64(text: str, settings: ServeSpec) -> bytes:

@@ -18,6 +18,7 @@ costs nothing while requests succeed.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
@@ -26,6 +27,9 @@ import torch
 
 from medvl.data.images import encode_png
 from medvl.data.records import SHARD_COLUMNS
+from medvl.eval.calibration import read_temperature
+from medvl.eval.chexpert import CheXpertLabeler
+from medvl.eval.findings import structured_findings
 from medvl.models.base import GenerationSettings
 from medvl.models.cache import local_model
 from medvl.models.registry import build_recipe
@@ -47,6 +51,17 @@ def serving_generation(spec: JobSpec) -> GenerationSettings:
                               spec.serve.max_new_tokens or spec.eval.max_new_tokens)
 
 
+def serving_spec(spec: JobSpec) -> JobSpec:
+    """The spec a replica loads its model with: ``serve.dtype``, when set, in place of ``model.dtype``."""
+    if not spec.serve.dtype:
+        return spec
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=spec.serve.dtype))
+
+
+def _row(per_row: list, row: int) -> list:
+    return per_row[row] if row < len(per_row) else []
+
+
 def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
     """Queries as the shard rows every recipe's preprocessor takes; ``id`` is the position in the batch."""
     n = len(queries)
@@ -64,15 +79,35 @@ def shard_rows(queries: list[Query]) -> dict[str, np.ndarray]:
 
 
 class ModelRunner:
-    """One loaded model and the recipe that preprocesses, generates and (where it can) draws attention for it."""
+    """One loaded model and the recipe that preprocesses, generates and (where it can) draws attention for it.
 
-    def __init__(self, spec: JobSpec, checkpoint: str):
+    With ``adapters`` (records of :mod:`medvl.serve.adapters`) the model is their base, loaded once with the first
+    adapter (which stays: it came with the base), and the others are loaded into the same peft model by name
+    (:meth:`load_adapter`), dropped again (:meth:`unload_adapter`, Serve's LRU decides when) and switched per
+    group of queries: a batch is answered one adapter at a time.
+    """
+
+    def __init__(self, spec: JobSpec, checkpoint: str, adapters: list[dict] | None = None):
+        spec = serving_spec(spec)
+        self.adapters = {a["name"]: a for a in adapters or []}
+        if self.adapters:
+            checkpoint = next(iter(self.adapters.values()))["folder"]
         self.spec, self.checkpoint = spec, checkpoint
         # A checkpoint on object storage is fetched once into this node's cache (replicas after the first reuse it).
         self.local_checkpoint = local_model(checkpoint, spec.data.endpoint_url)
         self.recipe = build_recipe(spec)
         self.generation = serving_generation(spec)
         self.loaded = self.recipe.load_for_inference(self.local_checkpoint)
+        self.base_loads = 1  # how often a base model was loaded here (tests: once per replica)
+        # adapter name → peft's adapter name; the first came in with the base as peft's "default"
+        self.resident = {next(iter(self.adapters)): "default"} if self.adapters else {}
+        # each model's (adapter's) calibration temperature, saved beside it by eval (1.0: none saved); it scales
+        # the confidences reported, never what is generated
+        self.temperature = read_temperature(self.local_checkpoint) or 1.0
+        self.temperatures = {name: self.temperature for name in self.resident}
+        self._model_lock = threading.RLock()  # one adapter switch + generation at a time
+        # chest X-ray report / caption models answer with structured findings (medvl.eval.findings)
+        self.labeler = CheXpertLabeler() if spec.eval.clinical and self.recipe.task != "vqa" else None
         self.device = torch.device("cuda" if spec.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         if not spec.model.quantisation:  # bitsandbytes places 8- and 4-bit weights itself
             self.loaded.to(self.device)
@@ -84,6 +119,35 @@ class ModelRunner:
     @property
     def takes_question(self) -> bool:
         return self.recipe.task == "vqa"
+
+    def load_adapter(self, name: str) -> None:
+        with self._model_lock:
+            if name in self.resident:
+                return
+            peft_name = f"adapter_{len(self.resident)}_{abs(hash(name)) % 10**8}"
+            folder = local_model(self.adapters[name]["folder"], self.spec.data.endpoint_url)  # s3:// → local cache
+            self.loaded.module.load_adapter(folder, adapter_name=peft_name)
+            self.temperatures[name] = read_temperature(folder) or 1.0
+            self.loaded.module.to(self.device)
+            self.resident[name] = peft_name
+            logger.info("medvl: adapter %s loaded (%d resident)", name, len(self.resident))
+
+    def unload_adapter(self, name: str) -> None:
+        with self._model_lock:
+            peft_name = self.resident.get(name)
+            if peft_name is None or peft_name == "default":  # the base's own adapter stays with it
+                return
+            self.loaded.module.delete_adapter(peft_name)
+            del self.resident[name]
+            logger.info("medvl: adapter %s unloaded (%d resident)", name, len(self.resident))
+
+    def answer_with(self, name: str, queries: list[Query]) -> list[dict | RequestError]:
+        """:meth:`answer` with adapter ``name`` active (loaded here first if it is not)."""
+        with self._model_lock:
+            self.load_adapter(name)
+            self.loaded.module.set_adapter(self.resident[name])
+            self.temperature = self.temperatures[name]
+            return self.answer(queries)
 
     def answer(self, queries: list[Query]) -> list[dict | RequestError]:
         """Per query, its answer or the RequestError that refuses it; one query's failure is never another's."""
@@ -107,7 +171,8 @@ class ModelRunner:
             if not self.suspect:
                 return
             try:
-                (result,) = self.run_batch([self.probe_query()])
+                with self._model_lock:
+                    (result,) = self.run_batch([self.probe_query()])
                 if isinstance(result, RequestError):
                     raise RuntimeError(f"the probe image was refused: {result.message}")
             except Exception as error:
@@ -127,7 +192,7 @@ class ModelRunner:
     def run_batch(self, queries: list[Query]) -> list[dict | RequestError]:
         """Per query, its answer or the RequestError that refuses it (a bad image fails alone); raises if the
         batch fails as a whole (see :meth:`answer`)."""
-        with torch.inference_mode():
+        with self._model_lock, torch.inference_mode():
             batch = self.preprocess(shard_rows(queries))
             kept = [int(i) for i in batch["id"]]  # the preprocessor drops rows whose image does not decode
             results: list[dict | RequestError] = [
@@ -137,11 +202,17 @@ class ModelRunner:
             if not kept:
                 return results
             tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
-            generated = self.recipe.generate_scored(self.loaded, tensors, self.generation)
+            generation = dataclasses.replace(self.generation, confidence_temperature=self.temperature)
+            generated = self.recipe.generate_scored(self.loaded, tensors, generation)
             maps = self.attention([queries[i].attention for i in kept], tensors, generated.texts)
             for row, i in enumerate(kept):
                 results[i] = {"text": generated.texts[row], "mean_token_prob": generated.mean_token_probs[row],
                               "batch_size": len(queries)}
+                results[i]["token_ends"] = _row(generated.token_ends, row)  # the OpenAI route streams by token
+                if self.labeler is not None:
+                    results[i].update(structured_findings(
+                        self.labeler, generated.texts[row], _row(generated.token_probs, row),
+                        _row(generated.token_ends, row)))
                 if queries[i].attention:
                     results[i] = maps[row] if isinstance(maps[row], RequestError) else {**results[i], **maps[row]}
         return results

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -146,6 +147,20 @@ def export_best(row: TrialRow, model_dir: Location, recipe, filesystem=None) -> 
         raise RuntimeError(f"trial {row.trial_id} reported no checkpoint with its metric")
     export_checkpoint(ray.train.Checkpoint(row.best_checkpoint, filesystem=filesystem), model_dir, recipe)
     return model_dir
+
+
+def export_trials(rows: list[TrialRow], layout: TuneLayout, recipe, metric: str, filesystem=None) -> list[dict]:
+    """Every trial's best checkpoint as a model folder beside its trial (an adapter is megabytes), listed best
+    first with its searched values and metric in ``trial_models.json``: what ``serve.adapters: top:K`` serves."""
+    exported = []
+    for row in rows:
+        if not row.best_checkpoint or math.isnan(row.best):
+            continue
+        model_dir = export_best(row, layout.trial_model(row.trial_id), recipe, filesystem)
+        exported.append({"trial_id": row.trial_id, "config": row.config, "metric": metric, "value": row.best,
+                         "steps": row.steps, "model_dir": str(model_dir)})
+    layout.trial_models.write_text(json.dumps(exported, indent=1))
+    return exported
 
 
 def best_job_spec(spec: JobSpec, tune_stage: StageSpec, row: TrialRow) -> dict:

@@ -72,6 +72,8 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
     if storage.is_remote(trial_storage):
         filesystem, _ = storage.filesystem_for(trial_storage, spec.data.endpoint_url)
     model_dir = tables.export_best(best, layout.best_model, build_recipe(spec), filesystem)
+    if spec.train.finetune == "lora":  # adapters are megabytes; a whole model per trial would not be
+        tables.export_trials(rows, layout, build_recipe(spec), spec.tune.metric, filesystem)
     tables.write_best_spec(tables.best_job_spec(spec, stage, best), best, spec.tune.metric, layout.best_spec)
     tables.write_summary(tune_dir, stage, best, model_dir, model_source, spec.tune.metric)
     print(f"[medvl tune] {stage.name}: best trial {best.trial_id} ({best.config}) {spec.tune.metric} "

@@ -272,15 +272,21 @@ _COPULA = _COPULA_REQUIRED + "?"
 _CLAUSE_END = re.compile(r"[.?!](?=\s|$)|[;:]|\b(?:but|however|although|though|whereas|except)\b")
 _SEVERITY = (r"mild|mildly|moderate|moderately|severe|small|large|minimal|trace|tiny|new|stable|unchanged|persistent|"
              r"increased|decreased|improved|worsened|interval|left|right|bilateral")
-_FORWARD_STOP = re.compile("|".join((
+_HARD_FORWARD_STOPS = (
     r"\b(?:with|which|who|while|besides|yet|otherwise|status\s+post|there\s+(?:is|are|has|have))\b",
     r",\s*(?:the|there|this|these|it|a|an|and\s+(?:the|there|a|an))\b",
-    rf",\s*(?:{_SEVERITY})\b",
     rf"\band\s+(?:the|there|a|an|is|are|{_SEVERITY})\b",
     # a verb, then a comma or "and": a new clause ("no effusion is seen and pneumothorax ...")
     (r"\b(?:is|are|was|were|seen|noted|identified|demonstrated|present|evident|appreciated|visualized)\b"
     r"[^,;]*?(?:,|\band\b)"),
-)))
+)
+# ", small B" ends "no A" ("no effusion, small pneumothorax") unless a negated list closes later with "or"/"nor"
+# ("no consolidation, large effusion, or pneumothorax": every item is negated, as NegBio's conj rules do).
+_LIST_ITEM_STOP = rf",\s*(?:{_SEVERITY})\b"
+_HARD_FORWARD_STOP = re.compile("|".join(_HARD_FORWARD_STOPS))
+_FORWARD_STOP = re.compile("|".join(_HARD_FORWARD_STOPS + (_LIST_ITEM_STOP,)))
+_LIST_CLOSE = re.compile(r"\b(?:or|nor)\b")
+_WITH_AFTER_HEDGE = re.compile(r"(?:\s+with\b)?")
 _BACKWARD_STOP = re.compile(r"\b(?:is|are|was|were|has|have|had|there|which|who)\b|\band\s+(?:the|there)\b")
 _LIST_WORD = re.compile(r",|\band\b")
 _LIST_AFTER_LAST_COMMA = re.compile(r",[^,]*\b(?:and|or)\b[^,]*$")
@@ -297,6 +303,7 @@ class Cue:
     direction: str
     max_chars: int = 400
     tight: bool = False  # forward scope may not cross a comma or "and" ("resolved effusion", not a list)
+    adjacent: bool = False  # scope may not cross another cue: "or" joins its neighbours, not "opacity may be A or B"
 
 
 # In precedence order: all cues are found in one pass, and where two match at one position the first wins
@@ -341,7 +348,7 @@ _CUES = (
         r"consider\w*", r"differential\b", r"equivocal\b", r"indeterminate\b", r"uncertain\b", r"borderline\b",
         r"favou?r\w*", r"correlat\w*", r"secondary\s+to\b", r"obscur\w*", r"thought\s+to\b",
     ), FORWARD),
-    Cue(UNCERTAINTY, (r"(?:or|versus|vs)\b",), BOTH, 30),
+    Cue(UNCERTAINTY, (r"(?:or|versus|vs)\b",), BOTH, 30, adjacent=True),
 )
 _CUE_REGEX = re.compile(
     r"\b(?:" + "|".join(f"(?P<c{i}>{'|'.join(cue.patterns)})" for i, cue in enumerate(_CUES)) + ")"
@@ -482,15 +489,38 @@ class _Cues:
         for cue, cue_start, cue_end in cues:
             before = cue.direction != BACKWARD and clause[0] <= cue_start and cue_end <= start
             after = cue.direction != FORWARD and end <= cue_start < clause[1]
-            if (before and self._forward_reaches(cue, cue_end, start)) or (
+            if (before and self._forward_reaches(cue, cue_end, start, clause[1])) or (
                     after and self._backward_reaches(cue, end, cue_start)):
+                if cue.adjacent and self._cue_between(*((cue_end, start) if before else (end, cue_start))):
+                    continue
                 return True
         return False
 
-    def _forward_reaches(self, cue: Cue, cue_end: int, start: int) -> bool:
-        if start - cue_end > cue.max_chars or _FORWARD_STOP.search(self.text, cue_end, start):
+    def _cue_between(self, start: int, end: int) -> bool:
+        return any(start <= s and e <= end for family in (self.negation, self.uncertainty, self.normal)
+                   for _, s, e in family)
+
+    def _forward_reaches(self, cue: Cue, cue_end: int, start: int, clause_end: int) -> bool:
+        if start - cue_end > cue.max_chars:
+            return False
+        if cue.family == UNCERTAINTY:  # "possibly with mild edema": the hedge's own "with" does not end its scope
+            cue_end += len(_WITH_AFTER_HEDGE.match(self.text, cue_end)[0])
+        if _FORWARD_STOP.search(self.text, cue_end, start) and not (
+                cue.family == NEGATION and self._in_negated_list(cue_end, start, clause_end)):
             return False
         return not (cue.tight and _LIST_WORD.search(self.text, cue_end, start))
+
+    def _in_negated_list(self, cue_end: int, start: int, clause_end: int) -> bool:
+        """Only list-item stops (", large ...") lie between the cue and the mention, and the list closes with "or"
+        / "nor" at or after the mention, before any hard stop."""
+        if _HARD_FORWARD_STOP.search(self.text, cue_end, start):
+            return False
+        close = _LIST_CLOSE.search(self.text, cue_end, clause_end)
+        if close is None:
+            return False
+        if close.start() < start:  # the mention is the closing item itself, not something after the list
+            return _FORWARD_STOP.search(self.text, close.end(), start) is None
+        return _HARD_FORWARD_STOP.search(self.text, start, close.start()) is None
 
     def _backward_reaches(self, cue: Cue, end: int, cue_start: int) -> bool:
         span = self.text[end:cue_start]

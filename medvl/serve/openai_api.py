@@ -1,0 +1,137 @@
+"""OpenAI-compatible chat completions over the same model: ``POST /v1/chat/completions``.
+
+The request is OpenAI's: ``messages`` whose user content holds the image as an ``image_url`` part (a ``data:`` URL
+or bare base64; no remote URLs: the server fetches nothing) and, for VQA models, the question as a ``text`` part;
+``model`` names the adapter (``GET /v1/models``); ``max_tokens`` cuts the answer after that many generated tokens;
+``temperature`` is accepted and must be 0–2, but generation stays the deployment's (greedy or beam search: the
+answer and its confidence are reproducible); ``stream: true`` answers as server-sent events, one chunk per token,
+then ``data: [DONE]``. Streaming starts once the whole answer is generated (the batch generates together), so it
+saves the client no latency; it exists for clients that only speak streaming.
+
+The answer's ``choices[0].message.content`` is the text; medvl's own fields (``mean_token_prob``, ``findings``,
+``warnings``) ride along under ``medvl``.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from medvl.serve.requests import (Query, RequestError, _query, capped, check_content_length, decode_base64,
+                                  max_body_bytes)
+from medvl.spec import ServeSpec
+
+MEDVL_FIELDS = ("mean_token_prob", "findings", "warnings", "model")
+
+
+@dataclass
+class ChatRequest:
+    query: Query
+    model: str
+    stream: bool
+    max_tokens: int | None
+
+
+async def read_chat_request(request: Any, settings: ServeSpec, takes_question: bool) -> ChatRequest:
+    check_content_length(request.headers.get("content-length"), settings)
+    return parse_chat(await capped(request, max_body_bytes(settings)).body(), settings, takes_question)
+
+
+def parse_chat(body: bytes, settings: ServeSpec, takes_question: bool) -> ChatRequest:
+    try:
+        fields = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise RequestError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(fields, dict) or not isinstance(fields.get("messages"), list) or not fields["messages"]:
+        raise RequestError(400, "missing_field", 'expected a JSON object with a non-empty "messages" list',
+                           field="messages")
+    image, texts = None, []
+    for message in fields["messages"]:
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue  # system / assistant turns carry nothing this model reads
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise RequestError(400, "wrong_type", "a message's content must be a string or a list of parts",
+                               field="content")
+        for part in parts:
+            if not isinstance(part, dict):
+                raise RequestError(400, "wrong_type", "a content part must be an object", field="content")
+            if part.get("type") == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise RequestError(400, "wrong_type", "image_url.url must be a data: URL or base64",
+                                       field="image_url")
+                image = url
+            elif part.get("type") == "text" and isinstance(part.get("text"), str) and part["text"].strip():
+                texts.append(part["text"])
+    if image is None:
+        raise RequestError(400, "missing_field", "a user message needs an image_url content part (a data: URL)",
+                           field="image_url")
+    if image.startswith(("http://", "https://")):
+        raise RequestError(400, "remote_image", "send the image inline (data: URL or base64); the server fetches "
+                           "no URLs", field="image_url")
+    question = " ".join(texts) if takes_question else None
+    query = _query(decode_base64(image, settings), question, False, settings, takes_question)
+    model = fields.get("model", "")
+    if not isinstance(model, str):
+        raise RequestError(400, "wrong_type", '"model" must be a string', field="model")
+    max_tokens = fields.get("max_tokens", fields.get("max_completion_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                   or max_tokens < 1):
+        raise RequestError(400, "wrong_type", '"max_tokens" must be a positive integer', field="max_tokens")
+    temperature = fields.get("temperature", 0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+        raise RequestError(400, "wrong_type", '"temperature" must be a number from 0 to 2', field="temperature")
+    stream = fields.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, "wrong_type", '"stream" must be true or false', field="stream")
+    query.model = model
+    return ChatRequest(query, model, stream, max_tokens)
+
+
+def token_pieces(result: dict, max_tokens: int | None = None) -> list[str]:
+    """The answer's text cut at its tokens' ends (``token_ends``), at most ``max_tokens`` of them."""
+    text, ends = result["text"], result.get("token_ends") or [len(result["text"])]
+    pieces, start = [], 0
+    for end in ends[:max_tokens]:
+        end = min(end, len(text))
+        if end > start:
+            pieces.append(text[start:end])
+            start = end
+    if max_tokens is None and start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def chat_completion(result: dict, model: str, max_tokens: int | None = None) -> dict:
+    pieces = token_pieces(result, max_tokens)
+    truncated = max_tokens is not None and len(result.get("token_ends") or []) > max_tokens
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "model": model or "medvl",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                     "finish_reason": "length" if truncated else "stop"}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": len(pieces), "total_tokens": len(pieces)},
+        "medvl": {k: result[k] for k in MEDVL_FIELDS if k in result},
+    }
+
+
+def chat_chunks(result: dict, model: str, max_tokens: int | None = None) -> Iterator[str]:
+    """Server-sent events: the role, then one chunk per token, then the finish reason and ``[DONE]``."""
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def event(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model or "medvl",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    yield event({"role": "assistant", "content": ""})
+    for piece in token_pieces(result, max_tokens):
+        yield event({"content": piece})
+    yield event({}, "stop", medvl={k: result[k] for k in MEDVL_FIELDS if k in result})
+    yield "data: [DONE]\n\n"

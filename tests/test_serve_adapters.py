@@ -1,0 +1,158 @@
+"""Many LoRA adapters on one base (issue 17): two adapters of one base served by one runner, each request answered
+by the adapter it names, as that adapter alone generates; structured findings equal the labeler's; then one live
+Serve app (slow) that the real `openai` client talks to, streaming and not, and /v1/models listing both."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from medvl.eval.chexpert import CheXpertLabeler
+from medvl.eval.findings import structured_findings
+from medvl.serve.requests import Query
+from medvl.spec import SpecError, parse_spec
+from tests.test_serve import SIZE, TEXTS, free_port, job, png
+
+
+def save_adapter(recipe, base: str, out: Path, seed: int) -> str:
+    """A LoRA adapter whose B matrices are random (peft starts them at zero: every adapter would equal the base)."""
+    model = recipe.load_for_training(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2.0)
+    recipe.save(model, base, out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory) -> dict:
+    """One base, two adapters, and a tune stage's trial_models.json naming them best first (as a search leaves)."""
+    from medvl.models.blip2 import save_tiny_blip2
+    from medvl.models.registry import build_recipe
+    from medvl.runs import RunLayout, TuneLayout
+
+    root = tmp_path_factory.mktemp("adapters")
+    base = save_tiny_blip2(root / "blip2", TEXTS, SIZE)
+    recipe = build_recipe(parse_spec(job("blip2", base, root)))
+    layout = TuneLayout(RunLayout.of(root / "run").stage("tune"))
+    trials = []
+    for i, (trial_id, lr) in enumerate((("trial_a", 1e-2), ("trial_b", 1e-3))):
+        folder = save_adapter(recipe, base, layout.trial_model(trial_id), seed=i)
+        trials.append({"trial_id": trial_id, "config": {"train.lr": lr}, "metric": "val_loss", "value": 1.0 + i,
+                       "steps": 4, "model_dir": folder})
+    layout.trial_models.write_text(json.dumps(trials))
+    raw = job("blip2", base, root / "run", adapters=["top:2"])
+    raw["stages"] = [{"kind": "tune", "name": "tune"}, "serve"]
+    raw["tune"] = {"space": "blip2_lora"}
+    raw["eval"]["max_new_tokens"] = 8
+    return {"raw": raw, "base": base, "folders": [t["model_dir"] for t in trials]}
+
+
+def test_top_k_names_the_best_trials_of_the_tune_stage(search):
+    from medvl.serve.adapters import resolve_adapters
+
+    adapters = resolve_adapters(parse_spec(search["raw"]))
+    assert [(a["name"], a["folder"], a["config"]) for a in adapters] == [
+        ("trial_a", search["folders"][0], {"train.lr": 1e-2}), ("trial_b", search["folders"][1], {"train.lr": 1e-3})]
+    raw = {**search["raw"], "serve": {**search["raw"]["serve"], "adapters": ["top:2", search["folders"][0]]}}
+    with pytest.raises(SpecError, match="serve.adapters"):
+        resolve_adapters(parse_spec(raw))
+
+
+def test_each_adapter_answers_as_it_does_alone_from_one_base(search, monkeypatch):
+    from medvl.models.registry import build_recipe
+    from medvl.serve.adapters import resolve_adapters
+    from medvl.serve.runner import ModelRunner
+
+    spec = parse_spec(search["raw"])
+    loads = []
+    recipe_class = type(build_recipe(spec))
+    original = recipe_class.load_for_inference
+    monkeypatch.setattr(recipe_class, "load_for_inference", lambda self, d: loads.append(d) or original(self, d))
+    runner = ModelRunner(spec, "", resolve_adapters(spec))
+    image = Query(png(colour=(90, 160, 30)))
+    mixed = [runner.answer_with(name, [image])[0]["text"] for name in ("trial_b", "trial_a", "trial_b")]
+    assert len(loads) == 1  # the base, once
+    runner.unload_adapter("trial_b")
+    assert "trial_b" not in runner.resident and runner.answer_with("trial_b", [image])[0]["text"] == mixed[0]
+    alone = [ModelRunner(spec, folder).answer([image])[0]["text"] for folder in search["folders"]]
+    assert mixed == [alone[1], alone[0], alone[1]]
+    assert alone[0] != alone[1], alone  # the adapters differ, so the switch is seen
+
+
+def test_a_report_answer_carries_the_labelers_findings(search):
+    from medvl.serve.runner import ModelRunner
+
+    spec = parse_spec({**search["raw"], "serve": {**search["raw"]["serve"], "adapters": []}})
+    (answer,) = ModelRunner(spec, search["folders"][0]).answer([Query(png())])
+    labels = CheXpertLabeler().label(answer["text"])
+    status = {1.0: "present", -1.0: "uncertain", 0.0: "absent"}
+    assert {k: v["status"] for k, v in answer["findings"].items()} == {
+        k: status[v] for k, v in labels.items() if v is not None}
+
+
+def test_findings_take_the_confidence_of_the_sentence_that_stated_them():
+    text = "Small left pleural effusion. No pneumothorax. Possible right effusion."
+    ends = [len(text[: text.index(".") + 1]), len(text[: text.index("x.") + 2]), len(text)]
+    out = structured_findings(CheXpertLabeler(), text, [0.3, 0.9, 0.6], ends)
+    effusion, pneumothorax = out["findings"]["Pleural Effusion"], out["findings"]["Pneumothorax"]
+    assert (effusion["status"], effusion["confidence"], effusion["side"]) == ("present", 0.3, "left")
+    assert (pneumothorax["status"], pneumothorax["confidence"]) == ("absent", 0.9)
+    assert "Pleural Effusion is stated present with low confidence (0.30)" in out["warnings"]
+    both = structured_findings(CheXpertLabeler(), "Left pleural effusion. Right pleural effusion.")
+    assert both["findings"]["Pleural Effusion"]["side"] == "bilateral"
+    assert any("left and on the right" in w for w in both["warnings"])
+    contradiction = structured_findings(CheXpertLabeler(), "Small right pneumothorax. No pneumothorax.")
+    assert any("both present and absent" in w for w in contradiction["warnings"])
+
+
+@pytest.mark.slow
+def test_live_adapters_models_list_and_the_openai_client(search, ray_local):
+    import requests
+    from openai import OpenAI
+    from ray import serve
+
+    from medvl.serve.adapters import resolve_adapters
+    from medvl.serve.command import application
+
+    spec = parse_spec(search["raw"])
+    adapters = resolve_adapters(spec)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(application(spec, adapters[0]["folder"], "", adapters), name="adapters", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        image = png(colour=(90, 160, 30))
+        by_body = {n: requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode(), "model": n},
+                                    timeout=60).json() for n in ("trial_a", "trial_b")}
+        by_header = requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode()},
+                                  headers={"serve_multiplexed_model_id": "trial_b"}, timeout=60).json()
+        assert all("text" in a for a in by_body.values()), by_body
+        assert by_body["trial_a"]["text"] != by_body["trial_b"]["text"], by_body
+        assert by_header["text"] == by_body["trial_b"]["text"] and by_header["model"] == "trial_b"
+        unknown = requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode(), "model": "x"},
+                                timeout=60)
+        assert unknown.status_code == 404 and unknown.json()["error"]["available"] == ["trial_a", "trial_b"]
+        listed = requests.get(f"{url}/v1/models", timeout=60).json()["data"]
+        assert [(m["id"], m["searched"], m["value"]) for m in listed] == [
+            ("trial_a", {"train.lr": 1e-2}, 1.0), ("trial_b", {"train.lr": 1e-3}, 2.0)]
+
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        chest = (Path(__file__).parent.parent.parent / "shared" / "data" / "cxr_samples" / "00000001_000.png")
+        picture = chest.read_bytes() if chest.is_file() else image
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," +
+                                                        base64.b64encode(picture).decode()}}]
+        completion = client.chat.completions.create(model="trial_a", messages=[{"role": "user", "content": content}],
+                                                    max_tokens=8)
+        assert completion.choices[0].message.content
+        chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
+            model="trial_a", messages=[{"role": "user", "content": content}], stream=True) if c.choices[0].delta.content]
+        assert len(chunks) >= 2 and "".join(chunks) == completion.choices[0].message.content
+    finally:
+        serve.shutdown()
