@@ -154,7 +154,7 @@ def test_a_spec_runs_on_two_nodes_with_every_output_in_the_bucket(cluster, s3_en
     text = log.read_text()
     print(f"multi-node job: {time.monotonic() - started:.0f} s", file=sys.stderr)
     assert job.returncode == 0, text[-6000:]
-    assert "Connecting to existing Ray cluster" in text and "Started a local Ray instance" not in text
+    assert "[medvl] ray: joined" in text and "[medvl] ray: started" not in text
 
     keys = set(bucket_keys(s3_endpoint, "runs/multinode/"))
     run = "runs/multinode/"
@@ -162,7 +162,8 @@ def test_a_spec_runs_on_two_nodes_with_every_output_in_the_bucket(cluster, s3_en
                 "train/run_spec.json", "tune/search_settings.json", "tune/trials.csv", "tune/trials.md",
                 "tune/val_loss_curves.png", "tune/trial_starts.jsonl", "tune/base_model.json",
                 "tune/best/model/model.safetensors", "tune/best/job.yaml", "tune/train_summary.json",
-                "eval/metrics.json", "eval/predictions.jsonl", "eval/report.md", "multinode.json"]
+                "eval/metrics.json", "eval/predictions.jsonl", "eval/report.md", "multinode.json",
+                "medvl.log", "mlflow.db"]  # the driver's own files too (runs.driver_files)
     missing = [key for key in expected if run + key not in keys]
     assert not missing, (missing, sorted(keys))
     assert any(key.startswith(run + "checkpoints/train/checkpoint_") for key in keys)
@@ -179,6 +180,9 @@ def test_a_spec_runs_on_two_nodes_with_every_output_in_the_bucket(cluster, s3_en
     tune_summary = json.loads(boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").get_object(
         Bucket=BUCKET, Key=run + "tune/train_summary.json")["Body"].read())
     assert tune_summary["model_dir"] == f"s3://{BUCKET}/{run}tune/best/model"
+    driver_log = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").get_object(
+        Bucket=BUCKET, Key=run + "medvl.log")["Body"].read().decode()
+    assert "Connecting to existing Ray cluster" in driver_log and "Started a local Ray instance" not in driver_log
 
     # Nothing local outside Ray's temp dir: the driver's working directory is empty, and no output file is
     # anywhere else under the test's folders (HOME and TMPDIR of every process included).

@@ -120,7 +120,9 @@ def test_live_adapters_models_list_and_the_openai_client(search, ray_local):
     from medvl.serve.adapters import resolve_adapters
     from medvl.serve.command import application
 
-    spec = parse_spec(search["raw"])
+    # A real chest radiograph (512 × 512, 183 kB) where ../shared has one: above test_serve's tight limits.
+    spec = parse_spec({**search["raw"], "serve": {**search["raw"]["serve"], "max_image_bytes": 400_000,
+                                                  "max_image_pixels": 512 * 512}})
     adapters = resolve_adapters(spec)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -85,7 +85,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     startup.mark("model")
     parameters = parameter_report(engine.unwrapped)
     meter = StepMeter(config.get("progress_board"), spec.tracking.log_every_steps, rank, device, parameters, startup)
-    meter.note(describe_parameters(parameters))
+    if meter.board is not None:  # a Tune trial has none: its summary records the counts, not a line per trial
+        meter.note(describe_parameters(parameters))
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
