@@ -122,6 +122,12 @@ def build_adapters(count: int, texts: list[str], work: Path) -> tuple[str, list[
     return base, folders
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def adapters_main(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
@@ -137,9 +143,7 @@ def adapters_main(args: argparse.Namespace) -> None:
     adapters = resolve_adapters(spec)
     names = [a["name"] for a in adapters]
     images = [base64.b64encode(r.image).decode() for r in records]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, log_to_driver=False)
     results = {}
     try:
@@ -196,9 +200,7 @@ def main() -> None:
     bodies = [{"image": base64.b64encode(r.image).decode()} for r in records]
     workload = [bodies[i % len(bodies)] for i in range(args.requests)]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, log_to_driver=False)
     results = {}
     try:
