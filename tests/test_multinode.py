@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -155,6 +156,9 @@ def test_a_spec_runs_on_two_nodes_with_every_output_in_the_bucket(cluster, s3_en
     print(f"multi-node job: {time.monotonic() - started:.0f} s", file=sys.stderr)
     assert job.returncode == 0, text[-6000:]
     assert "[medvl] ray: joined" in text and "[medvl] ray: started" not in text
+    assert "\r" not in text  # piped: progress prints plain lines, never redraws
+    assert re.search(r"^\[medvl tune\] 2/2 trials \(100%\), running 0, stopped early 0, finished 2, best val_loss ",
+                     text, re.M)
 
     keys = set(bucket_keys(s3_endpoint, "runs/multinode/"))
     run = "runs/multinode/"

@@ -194,6 +194,29 @@ def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tm
     assert all((Path(t["model_dir"]) / "adapter_config.json").is_file() for t in trial_models)
     top = resolve_adapters(parse_spec({**raw, "serve": {"adapters": ["top:2"]}}))
     assert [a["name"] for a in top] == [r["trial_id"] for r in rows[:2]]
+    # The search is tracked: under the tune stage's run, a child run per trial with its whole spec and its
+    # validations (a trial ASHA stopped has fewer).
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{Path(spec.output_dir) / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    tracked = mlflow.search_runs(experiment_names=["search"])
+    kinds = dict(zip(tracked["run_id"], tracked["tags.medvl.kind"]))
+    tune_run = tracked[tracked["tags.medvl.kind"] == "tune"].iloc[0]
+    assert kinds[tune_run["tags.mlflow.parentRunId"]] == "job"
+    trials = tracked[tracked["tags.medvl.kind"] == "trial"]
+    assert len(trials) == 6 and set(trials["tags.mlflow.parentRunId"]) == {tune_run["run_id"]}
+    assert sorted(zip(trials["params.train.lr"].astype(float), trials["params.model.lora_r"].astype(int))) == sorted(
+        (float(r["train.lr"]), int(r["model.lora_r"])) for r in rows)
+    steps_by_lr_rank = {(float(r["train.lr"]), int(r["model.lora_r"])): int(r["steps"]) for r in rows}
+    for _, trial in trials.iterrows():
+        losses = MlflowClient(uri).get_metric_history(trial["run_id"], "val_loss")
+        steps = steps_by_lr_rank[(float(trial["params.train.lr"]), int(trial["params.model.lora_r"]))]
+        assert [m.step for m in losses] == list(range(2, steps + 1, 2))
+        assert trial["metrics.samples_per_s"] > 0 and trial["metrics.train_loss"] > 0
+    assert {"trials.csv", "trials.md", "val_loss_curves.png"} <= {
+        a.path for a in MlflowClient(uri).list_artifacts(tune_run["run_id"])}
     # …and the eval stage after the tune stage scored it.
     metrics = json.loads((Path(spec.output_dir) / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 8 and "cider" in metrics
