@@ -35,8 +35,10 @@ LABELLED_REPORTS: list[tuple[str, dict[str, float]]] = [
     ("Degenerative changes of the spine. Lungs are clear. Heart size normal.", {CM: 0.0}),
     ("Calcified granuloma in the left upper lobe. No pneumothorax or pleural effusion. Normal heart size.",
      {PX: 0.0, PE: 0.0, CM: 0.0}),
-    ("Chronic-appearing deformity of the right clavicle. The lungs are clear. No pleural effusion.",
-     {FR: 1.0, PE: 0.0}),
+    # Relabelled after the IU X-ray benchmark (benchmarks/labeler_agreement.py): a deformity is not a fracture,
+    # "status post sternotomy" names a procedure, not a device, and blunting is not an effusion mention -- as in
+    # the CheXpert labeler's own lists and in the IU indexers' codes.
+    ("Chronic-appearing deformity of the right clavicle. The lungs are clear. No pleural effusion.", {PE: 0.0}),
     ("Left-sided PICC line tip in the SVC. No pneumothorax.", {NF: 1.0, SD: 1.0, PX: 0.0}),
     ("Low lung volumes with bibasilar atelectasis. No pleural effusion.", {AT: 1.0, PE: 0.0}),
     ("Hyperexpanded lungs consistent with emphysema. No focal airspace disease.", {LO: 0.0}),
@@ -137,7 +139,7 @@ LABELLED_REPORTS: list[tuple[str, dict[str, float]]] = [
     (("There is a left-sided dual lead pacemaker with leads terminating in the right atrium and right ventricle. "
      "Heart size is top normal. No acute osseous abnormalities."), {SD: 1.0, CM: 0.0, NF: 1.0}),
     ("Status post median sternotomy and CABG. Stable mild cardiomegaly. No evidence of pneumonia or edema.",
-     {SD: 1.0, CM: 1.0, PN: 0.0, ED: 0.0}),
+     {CM: 1.0, PN: 0.0, ED: 0.0}),  # relabelled: see the deformity report above
     ("Right upper lobe opacity is new, worrisome for pneumonia in the appropriate clinical setting.",
      {LO: 1.0, PN: -1.0}),
     ("Large right pneumothorax with leftward mediastinal shift.", {PX: 1.0}),
@@ -176,7 +178,7 @@ LABELLED_REPORTS: list[tuple[str, dict[str, float]]] = [
     ("Heart size is normal. There is a 2 cm mass in the left hilum. No pleural effusion.",
      {CM: 0.0, LL: 1.0, PE: 0.0}),
     ("The lungs are clear without consolidation or edema. There is no blunting of the costophrenic angles.",
-     {NF: 1.0, CO: 0.0, ED: 0.0, PE: 0.0}),
+     {NF: 1.0, CO: 0.0, ED: 0.0}),  # relabelled: see the deformity report above
     (("Slight increase in the size of the moderate left pleural effusion with associated atelectasis; underlying "
      "consolidation cannot be excluded."), {PE: 1.0, AT: 1.0, CO: -1.0}),
     ("Minimally displaced fracture of the left clavicle.", {FR: 1.0}),
@@ -395,3 +397,64 @@ def test_label_csv_names_the_missing_column(tmp_path):
 ])
 def test_negated_lists_and_hedges(labeler, report, expected):
     assert labeler.label(report) == expected_row(expected)
+
+
+# Rules from studying the dev half of the IU X-ray benchmark (benchmarks/labeler_agreement.py). Phrases written
+# here, not taken from those reports.
+@pytest.mark.parametrize("report, expected", [
+    # "plate" is a device word, but not inside "endplate"; "supporting" is not "support"; B-lines are not lines
+    ("Mild degenerative endplate sclerosis in the mid thoracic spine.", {SD: None}),
+    ("Findings supporting a chronic process.", {SD: None}),
+    ("A few B-lines at the left base.", {SD: None}),
+    ("Prior median sternotomy.", {SD: None}),  # a procedure, not a device
+    ("Median sternotomy wires are intact.", {SD: 1.0}),
+    ("Overlying ECG leads.", {SD: 1.0}),
+    ("Hyperinflation leads to flattened hemidiaphragms.", {SD: None}),
+    ("Loop recorder generator over the left chest wall.", {SD: 1.0}),
+    ("A spinal cord stimulator is partly imaged.", {SD: 1.0}),
+    ("Bilateral breast implants.", {SD: 1.0}),
+    ("Bilateral breast prostheses.", {SD: 1.0}),
+    ("Suture material at the left lung apex.", {SD: 1.0}),
+    # a tip placed at the cavoatrial junction, SVC or carina is a line or tube, even when its name is redacted
+    ("Left XXXX with its tip at the cavoatrial junction.", {SD: 1.0}),
+    ("XXXX tip 4 cm above the carina.", {SD: 1.0}),
+    ("The tip of the lingula is clear.", {SD: None}),
+])
+def test_device_words(labeler, report, expected):
+    out = labeler.label(report)
+    assert {name: out[name] for name in expected} == expected
+
+
+def test_deformity_is_another_finding_not_a_fracture(labeler):
+    # As in the CheXpert labeler's lists (and the IU indexers' "Deformity" code): it blocks No Finding only.
+    for report in ("Old deformity of the left sixth rib.", "Healed-appearing right clavicle deformity.",
+                   "Mild compression deformity of a lower thoracic vertebral body."):
+        out = labeler.label(report)
+        assert (out[FR], out[NF]) == (None, None), report
+    assert labeler.label("Healed fractures of the left sixth and seventh ribs.")[FR] == 1.0
+
+
+def test_blunting_is_another_finding_not_an_effusion(labeler):
+    out = labeler.label("Blunting of the right costophrenic angle, unchanged.")
+    assert (out[PE], out[NF]) == (None, None)
+    # a hedged effusion said in words stays uncertain
+    assert labeler.label("Blunting of the left costophrenic angle may reflect a small effusion.")[PE] == -1.0
+
+
+def test_cystic_fibrosis_is_not_pleural(labeler):
+    assert labeler.label("Hyperinflation and bronchial wall thickening from cystic fibrosis.")[PO] is None
+    assert labeler.label("Apical pleural fibrosis.")[PO] == 1.0
+
+
+def test_interstitial_prominence_is_an_opacity(labeler):
+    assert labeler.label("Diffuse interstitial prominence.")[LO] == 1.0
+    assert labeler.label("Mild interstitial thickening at both bases.")[LO] == 1.0
+    assert labeler.label("No interstitial prominence.")[LO] == 0.0
+
+
+def test_copula_hedge_looks_forward_too(labeler):
+    # "there is suspected X" is as hedged as "X is suspected"; tight: the hedge does not cross a comma or "and"
+    assert labeler.label("There is suspected left lower lobe consolidation.")[CO] == -1.0
+    assert labeler.label("Pneumothorax is suspected.")[PX] == -1.0
+    out = labeler.label("There is likely a small right effusion, and left basilar atelectasis.")
+    assert (out[PE], out[AT]) == (-1.0, 1.0)
