@@ -458,3 +458,21 @@ def test_copula_hedge_looks_forward_too(labeler):
     assert labeler.label("Pneumothorax is suspected.")[PX] == -1.0
     out = labeler.label("There is likely a small right effusion, and left basilar atelectasis.")
     assert (out[PE], out[AT]) == (-1.0, 1.0)
+
+
+def test_low_lung_volumes_and_curvature_are_other_findings(labeler):
+    # The lists hold hyperinflation and scoliosis; their counterparts rule No Finding out the same way.
+    for report in ("Low lung volumes. Otherwise clear.", "Lung volumes are reduced. No effusion.",
+                   "The lungs are hypoinflated.", "Mild levocurvature of the lumbar spine."):
+        assert labeler.label(report)[NF] is None, report
+    assert labeler.label("Normal lung volumes. No effusion.")[NF] == 1.0
+
+
+def test_uncalcified_nodule_is_a_lesion(labeler):
+    assert labeler.label("A calcified nodule in the right upper lobe.")[LL] is None  # CheXpert's unmention
+    assert labeler.label("An 8 mm uncalcified nodule in the right upper lobe.")[LL] == 1.0
+    assert labeler.label("A non-calcified nodule in the left lower lobe.")[LL] == 1.0
+
+
+def test_not_well_seen_with_a_hyphen_is_uncertain(labeler):
+    assert labeler.label("The small left nodule is not well-seen on this study.")[LL] == -1.0

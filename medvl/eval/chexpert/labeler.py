@@ -127,8 +127,14 @@ _EXTRA_MENTIONS: dict[str, list[tuple[str, ...]]] = {
             r"hyperexpan", r"tortuo", r"pericardial\s+effusion", r"adenopathy", r"bronchiectasis", r"osteophyt",
             r"elevated", r"pectus", r"chronic\s+obstructive", r"spondylo", r"flatten", r"hiatal", r"air\s+trapping",
             r"lobectomy", r"pneumonectomy", r"post[\s-]?surgical", r"post[\s-]?operative\s+change", r"mastectomy",
-            r"hilar\s+(?:enlargement|fullness)", r"enlarged\s+hil",
+            r"hilar\s+(?:enlargement|fullness)", r"enlarged\s+hil", r"hypoinflat", r"under[\s-]?inflat",
         )
+    ] + [  # low lung volumes: the list has the opposite, hyperinflation; a spine curved sideways is scoliosis
+        (FINDING, r"\blow\s+(?:lung\s+)?volumes?"),
+        (FINDING, r"(?:lung\s+)?volumes\s+(?:are\s+|remain\s+)?(?:low|reduced|diminished|decreased)", "volumes"),
+        (FINDING, r"(?:reduced|decreased|diminished)\s+lung\s+volumes?", "volume"),
+        (FINDING, r"(?:dextro|levo)[\s-]?curvature", "curvature"),
+        (FINDING, r"curvature\s+of\s+the\s+(?:\w+\s+)?spine"),
     ],
 }
 _EXTRA_UNMENTIONS: dict[str, list[str]] = {
@@ -203,7 +209,8 @@ def _mention_phrases(phrase_dir: Path, observation: str) -> list[_Phrase]:
 
 
 def _unmention_regex(phrase_dir: Path, observation: str) -> re.Pattern | None:
-    patterns = [phrase_regex(p) for p in _read_phrases(phrase_dir, "unmention", observation)]
+    # From a word start, and not after "non-": "calcified nodule" is not a lesion, an "uncalcified nodule" is.
+    patterns = [r"(?<!non-)\b" + phrase_regex(p) for p in _read_phrases(phrase_dir, "unmention", observation)]
     patterns += _EXTRA_UNMENTIONS.get(observation, [])
     return re.compile(_alternation(patterns)) if patterns else None
 
@@ -312,7 +319,7 @@ _CUES = (
         (rf"{_COPULA}(?:cannot|could\s+not|couldn't|unable\s+to|difficult\s+to|hard\s+to|not\s+possible\s+to)\s+"
         r"(?:be\s+)?(?:\w+ly\s+)?(?:exclude[ds]?|rule[ds]?\s+out|ruled\s+out)\b"),
         rf"{_COPULA}not\s+(?:been\s+)?(?:\w+ly\s+)?(?:excluded|ruled\s+out)\b",
-        (rf"{_COPULA}not\s+(?:well|clearly|optimally|adequately|fully|entirely|completely)\s+"
+        (rf"{_COPULA}not\s+(?:well|clearly|optimally|adequately|fully|entirely|completely)[\s-]+"
         r"(?:seen|visualized|evaluated|assessed|excluded|imaged|characterized)\b"),
         rf"{_COPULA}poorly\s+(?:seen|visualized|evaluated|assessed)\b",
     ), BOTH),
