@@ -165,7 +165,7 @@ LABELLED_REPORTS: list[tuple[str, dict[str, float]]] = [
      "entirely excluded."), {LO: -1.0, PN: -1.0}),
     ("Mild pulmonary edema has resolved. Heart size remains mildly enlarged.", {ED: 0.0, CM: 1.0}),
     (("Lung volumes are low. There is crowding of the bronchovascular markings without focal consolidation. Heart "
-     "size is difficult to assess."), {NF: 1.0, CO: 0.0}),
+     "size is difficult to assess."), {CO: 0.0}),  # relabelled: low volumes are a finding (IU indexers code them)
     ("Widening of the mediastinum is concerning for aortic injury; CT is recommended.", {ECM: 1.0}),
     (("There are diffuse bilateral alveolar opacities with air bronchograms, compatible with ARDS or pulmonary "
      "edema."), {LO: 1.0, ED: -1.0}),
