@@ -476,3 +476,9 @@ def test_uncalcified_nodule_is_a_lesion(labeler):
 
 def test_not_well_seen_with_a_hyphen_is_uncertain(labeler):
     assert labeler.label("The small left nodule is not well-seen on this study.")[LL] == -1.0
+
+
+def test_possibility_and_differential_hedge(labeler):
+    assert labeler.label("The possibility of a small right rib fracture is raised.")[FR] == -1.0
+    assert labeler.label("Aspiration pneumonia is in the differential.")[PN] == -1.0
+    assert labeler.label("Pneumonia is present.")[PN] == 1.0
