@@ -12,6 +12,11 @@ three sets, so expect less on other people's reports and labelling conventions.
 from __future__ import annotations
 
 import csv
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -482,3 +487,66 @@ def test_possibility_and_differential_hedge(labeler):
     assert labeler.label("The possibility of a small right rib fracture is raised.")[FR] == -1.0
     assert labeler.label("Aspiration pneumonia is in the differential.")[PN] == -1.0
     assert labeler.label("Pneumonia is present.")[PN] == 1.0
+
+
+# --- benchmarks/labeler_agreement.py: the MeSH -> CheXpert mapping, on made-up rows in the IU X-ray CSV layout ---
+
+IU_FIXTURE = Path(__file__).parent / "fixtures" / "iu_mesh" / "indiana_reports.csv"
+AGREEMENT_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "labeler_agreement.py"
+
+
+@pytest.fixture(scope="module")
+def agreement():
+    spec = importlib.util.spec_from_file_location("labeler_agreement", AGREEMENT_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class body runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mesh_mapping(agreement):
+    assert agreement.human_labels("normal") == {NF: 1.0}
+    assert agreement.human_labels("No Indexing") is None
+    assert agreement.human_labels("Cardiomegaly/borderline;Pulmonary Artery/enlarged") == {CM: -1.0}
+    assert agreement.human_labels("Cardiomegaly/borderline;Cardiac Shadow/enlarged/mild") == {CM: 1.0}
+    assert agreement.human_labels("Opacity/lung/upper lobe/right/round;Density/ribs/left") == {LO: 1.0, LL: 1.0}
+    assert agreement.human_labels("Density/lung/middle lobe/round") == {LL: 1.0}
+    assert agreement.human_labels("Catheters, Indwelling/right;Technical Quality of Image Unsatisfactory ") == {
+        SD: 1.0, NF: 1.0}
+    assert agreement.human_labels("Thickening/pleura/apex;Cicatrix/lung/apex;Calcified Granuloma") == {
+        PO: 1.0, LO: 1.0}
+    assert agreement.human_labels("Hydropneumothorax/right;Pleural Effusion/left/moderate") == {PX: 1.0, PE: 1.0}
+    # ignored headings are neither positive nor No Finding
+    assert agreement.human_labels("Markings/bronchovascular;Lung/hypoinflation") == {}
+    assert agreement.human_labels("Mediastinum/lymph nodes/enlarged;Cardiac Shadow/enlarged") == {CM: 1.0}
+    assert agreement.human_labels("Mediastinum/prominent") == {ECM: 1.0}
+    assert agreement.human_labels("Cardiac Shadow/obscured") == {}
+
+
+def test_mesh_fixture_split_and_rows(agreement):
+    dev = [row.uid for row in agreement.read_rows(IU_FIXTURE, "dev")]
+    test = [row.uid for row in agreement.read_rows(IU_FIXTURE, "test")]
+    assert dev == [1, 3, 7]  # 5 is not indexed, 9 has no report text
+    assert test == [2, 4, 6, 8, 10]
+    rows = {row.uid: row for row in agreement.read_rows(IU_FIXTURE, "all")}
+    assert rows[3].text.startswith("FINDINGS: A 9 mm nodular opacity") and "\nIMPRESSION: " in rows[3].text
+    assert rows[8].human == {}
+
+
+def test_agreement_conventions(agreement):
+    # the human's /borderline (-1.0) meets the labeler's uncertain: present for lenient, absent for strict
+    pairs = [({CM: -1.0}, {CM: -1.0}), ({PE: 1.0}, {PE: 0.0}), ({}, {PN: -1.0}), ({AT: 1.0}, {AT: 1.0})]
+    lenient = agreement.agreement(pairs, "lenient")
+    assert (lenient[CM].tp, lenient[PE].fn, lenient[PN].fp, lenient[AT].tp) == (1, 1, 1, 1)
+    assert agreement.micro(lenient).scores() == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    strict = agreement.agreement(pairs, "strict")
+    assert (strict[CM].tp, strict[CM].fn, strict[PN].fp) == (0, 0, 0)
+    assert agreement.micro(strict).scores() == pytest.approx((1.0, 0.5, 2 / 3))
+
+
+def test_agreement_script_prints_micro_f1_last(tmp_path):
+    run = [sys.executable, str(AGREEMENT_SCRIPT), "--reports", str(IU_FIXTURE), "--split", "all"]
+    out = subprocess.run(run, capture_output=True, text=True, check=True, timeout=120).stdout.splitlines()
+    assert out[0].startswith("split all: 8 reports") and re.fullmatch(r"micro-F1 [01]\.\d{3}", out[-1])
+    refused = subprocess.run(run[:-1] + ["test", "--errors", "5"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "dev split only" in refused.stderr

@@ -131,7 +131,7 @@ _EXTRA_MENTIONS: dict[str, list[tuple[str, ...]]] = {
         )
     ] + [  # low lung volumes: the list has the opposite, hyperinflation; a spine curved sideways is scoliosis
         (FINDING, r"\blow\s+(?:lung\s+)?volumes?"),
-        (FINDING, r"(?:lung\s+)?volumes\s+(?:are\s+|remain\s+)?(?:low|reduced|diminished|decreased)", "volumes"),
+        (FINDING, r"volumes\s+(?:are\s+|remain\s+)?(?:low|reduced|diminished|decreased)"),
         (FINDING, r"(?:reduced|decreased|diminished)\s+lung\s+volumes?", "volume"),
         (FINDING, r"(?:dextro|levo)[\s-]?curvature", "curvature"),
         (FINDING, r"curvature\s+of\s+the\s+(?:\w+\s+)?spine"),
