@@ -471,6 +471,7 @@ def test_low_lung_volumes_and_curvature_are_other_findings(labeler):
                    "The lungs are hypoinflated.", "Mild levocurvature of the lumbar spine."):
         assert labeler.label(report)[NF] is None, report
     assert labeler.label("Normal lung volumes. No effusion.")[NF] == 1.0
+    assert labeler.label("Normal curvature of the thoracic spine.")[NF] == 1.0
 
 
 def test_uncalcified_nodule_is_a_lesion(labeler):
@@ -550,3 +551,11 @@ def test_agreement_script_prints_micro_f1_last(tmp_path):
     assert out[0].startswith("split all: 8 reports") and re.fullmatch(r"micro-F1 [01]\.\d{3}", out[-1])
     refused = subprocess.run(run[:-1] + ["test", "--errors", "5"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "dev split only" in refused.stderr
+
+
+def test_a_leading_normal_negates_what_follows(labeler):
+    # "normal" found as the backward cue ("heart size normal") must still read forward
+    assert labeler.label("Normal interstitial markings.")[LO] == 0.0
+    assert labeler.label("Interstitial markings are normal.")[LO] == 0.0
+    assert labeler.label("Heart size normal.")[CM] == 0.0
+    assert labeler.label("Normal heart size, prominent interstitial markings.")[LO] == 1.0

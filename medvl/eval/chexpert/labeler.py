@@ -134,7 +134,6 @@ _EXTRA_MENTIONS: dict[str, list[tuple[str, ...]]] = {
         (FINDING, r"volumes\s+(?:are\s+|remain\s+)?(?:low|reduced|diminished|decreased)"),
         (FINDING, r"(?:reduced|decreased|diminished)\s+lung\s+volumes?", "volume"),
         (FINDING, r"(?:dextro|levo)[\s-]?curvature", "curvature"),
-        (FINDING, r"curvature\s+of\s+the\s+(?:\w+\s+)?spine"),
     ],
 }
 _EXTRA_UNMENTIONS: dict[str, list[str]] = {
@@ -342,7 +341,7 @@ _CUES = (
     # "X is normal" negates structures and descriptors only: "cardiomegaly, lungs are normal" must not negate.
     Cue(NORMAL, (rf"{_COPULA}(?:\w+\s+)?(?:normal|unremarkable|within\s+(?:the\s+)?normal\s+limits)\b",),
         BACKWARD, 80),
-    Cue(NORMAL, (r"(?:normal|unremarkable|normal[\s-]sized?)\b",), FORWARD, 30),
+    Cue(NORMAL, (r"(?:normal|unremarkable|normal[\s-]sized?)\b",), FORWARD, 30, tight=True),
     # "X is suspected" and "there is suspected X": the copula form takes the hedge word that the forward cue below
     # would have matched, so it looks both ways (tight: "there is likely atelectasis, and effusion" hedges one).
     Cue(UNCERTAINTY, (
@@ -365,6 +364,10 @@ _CUE_REGEX = re.compile(
     r"\b(?:" + "|".join(f"(?P<c{i}>{'|'.join(cue.patterns)})" for i, cue in enumerate(_CUES)) + ")"
 )
 _CUE_OF_GROUP = {f"c{i}": cue for i, cue in enumerate(_CUES)}
+# A bare "normal" is found as the backward cue (its copula and adverb are optional), which hides the forward one at
+# the same place: it reads both ways ("heart size normal", "normal interstitial markings").
+_BACKWARD_NORMAL, _FORWARD_NORMAL = [cue for cue in _CUES if cue.family == NORMAL]
+_BARE_NORMAL = re.compile(r"(?:normal|unremarkable)$")
 
 _STRUCTURE_BEFORE = re.compile(
     r"\b(?:(?P<negative>normal|unremarkable|normal[\s-]sized?|top[\s-]normal)\s+(?:[\w-]+\s+){0,3}"
@@ -475,6 +478,8 @@ class _Cues:
         for m in _CUE_REGEX.finditer(text):
             cue = _CUE_OF_GROUP[m.lastgroup]
             found[cue.family].append((cue, m.start(), m.end()))
+            if cue is _BACKWARD_NORMAL and _BARE_NORMAL.match(m[0]):
+                found[NORMAL].append((_FORWARD_NORMAL, m.start(), m.end()))
         self.pre_negation_uncertainty = found[PRE_NEGATION_UNCERTAINTY]
         self.negation = found[NEGATION]
         self.normal = found[NORMAL]
