@@ -272,7 +272,8 @@ def main() -> None:
     other = "strict" if args.convention == "lenient" else "lenient"
     other_f1 = micro(agreement(zip((r.human for r in rows), labels), other)).scores()[2]
     counts = agreement(zip((r.human for r in rows), labels), args.convention)
-    print(f"convention {args.convention} (present = {'positive or uncertain' if args.convention == 'lenient' else 'positive'})")
+    present = "positive or uncertain" if args.convention == "lenient" else "positive"
+    print(f"convention {args.convention} (present = {present})")
     print_table(counts)
     total = micro(counts)
     precision, recall, f1 = total.scores()

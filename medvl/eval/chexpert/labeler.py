@@ -353,7 +353,8 @@ _CUES = (
         rf"{_COPULA_REQUIRED}(?:(?:in|within|on)\s+the\s+differential|a\s+differential\s+consideration)\b",
     ), BACKWARD, 80),
     Cue(UNCERTAINTY, (
-        r"(?:may|might|could|would|maybe|perhaps)\b", r"possibl[ey]\b", r"possibilit(?:y|ies)\b", r"probabl[ey]\b", r"(?:un)?likely\b",
+        r"(?:may|might|could|would|maybe|perhaps)\b", r"possibl[ey]\b", r"possibilit(?:y|ies)\b", r"probabl[ey]\b",
+        r"(?:un)?likely\b",
         r"presum\w*", r"question\w*", r"suspici\w*", r"suspect\w*", r"concern\w*", r"worrisome\b", r"suggest\w*",
         r"consider\w*", r"differential\b", r"equivocal\b", r"indeterminate\b", r"uncertain\b", r"borderline\b",
         r"favou?r\w*", r"correlat\w*", r"secondary\s+to\b", r"obscur\w*", r"thought\s+to\b",
