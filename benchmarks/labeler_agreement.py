@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +106,7 @@ def _pleural(modifiers: tuple[str, ...]) -> bool:
 
 
 # MeSH heading -> [(observation, does this code count, given its modifiers)]. Headings not listed are ignored.
-MESH_TO_OBSERVATION: dict[str, list[tuple[str, object]]] = {
+MESH_TO_OBSERVATION: dict[str, list[tuple[str, Callable[[tuple[str, ...]], bool]]]] = {
     "Cardiomegaly": [(CM, _always)],
     "Cardiac Shadow": [(CM, _sized)],
     "Mediastinum": [(ECM, _sized_not_nodes)],
