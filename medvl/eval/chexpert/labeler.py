@@ -25,10 +25,14 @@ patterns are translated into surface rules over the clause that holds the mentio
 Deliberate departures from the original, each to match how people label reports:
 
 * Supplementary phrases (``_EXTRA_MENTIONS``/``_EXTRA_UNMENTIONS``) for wording the lists miss or over-match:
-  "sternotomy wires", "port", "clips" (devices); healed or chronic deformities of ribs/clavicle and compression
-  deformities (fracture); "widened mediastinum"; "hyperexpanded", "tortuous", "pericardial effusion" (other
-  findings); "plate-like atelectasis" is not a device plate, "tuberculosis" not a tube, "Kerley lines" not lines,
-  subcutaneous edema not pulmonary edema. Blunting of a costophrenic angle is an uncertain pleural effusion.
+  "wires", "port", "clips", "leads", "generator", "stimulator", "sutures", "implants", a tip at the SVC / atrium /
+  carina (devices, the last one whatever its redacted name); "widened mediastinum"; "interstitial prominence"
+  (opacity); "hyperexpanded", "tortuous", "pericardial effusion" (other findings); "plate-like atelectasis" and
+  "endplate" are not a device plate, "tuberculosis" not a tube, Kerley / B-lines not lines, "supporting" not a
+  support, subcutaneous edema not pulmonary edema, cystic fibrosis not pleural. As in the original lists (and as
+  the IU X-ray indexers code them), a deformity is not a fracture, "sternotomy" alone is a procedure, not a
+  device, and a blunted costophrenic angle is another finding, not an effusion (benchmarks/labeler_agreement.py
+  measured each of these three the other way round as a loss against human labels).
 * "stable/unchanged silhouette" and "no new X" are not uncertain (the original made them -1); "no change in X"
   leaves X positive; a positive "CHF" does not add an uncertain Cardiomegaly.
 * Sections headed INDICATION, HISTORY, COMPARISON, TECHNIQUE, EXAMINATION, NOTIFICATION, RECOMMENDATION(S) or WET
@@ -81,8 +85,6 @@ _STRUCTURE_PHRASES = {
 _DESCRIPTOR_PHRASES = {"interstitial marking", "interstitial pattern", "reticular pattern", "reticular marking"}
 _HEDGED_PHRASES = {"vascular congestion", "pulmonary congestion", "indistinctness", "vascular prominence"}
 
-_SIDE = r"(?:(?:left|right|bilateral)\s+)?"
-_BONE = r"(?:clavic\w*|ribs?|humer\w*|scapul\w*|stern(?:um|al)|acromi\w*)"
 # (kind, regex[, anchor]) added to the original lists; regexes run on the normalised (lower-case) text. The anchor
 # is a literal every match contains (by default the regex's leading letters); see ``_anchor``.
 _EXTRA_MENTIONS: dict[str, list[tuple[str, ...]]] = {
@@ -93,17 +95,13 @@ _EXTRA_MENTIONS: dict[str, list[tuple[str, ...]]] = {
     "Cardiomegaly": [(STRUCTURE, r"\bheart\b(?!\s+failure)")],
     "Lung Opacity": [
         (FINDING, r"ground[\s-]?glass"),
+        (FINDING, r"interstitial\s+(?:prominence|thickening)"),  # the list's "interstitial marking", in other words
         (FINDING, (r"(?:patchy|hazy|streaky|airspace|air[\s-]space|alveolar|retrocardiac|ill[\s-]defined|basilar|"
                   r"basal|base|lobe|lung)\s+densit"), "densit"),
     ],
     "Edema": [(FINDING, r"kerley")],
     "Pneumothorax": [(FINDING, r"\bptx\b")],
-    "Pleural Effusion": [
-        (FINDING, r"hydropneumothora"),
-        (HEDGED, r"blunt\w*\s+(?:of\s+)?(?:the\s+)?(?:[\w-]+\s+){0,2}?costophrenic"),
-        (HEDGED, r"costophrenic\s+(?:angle\s+|sulcus\s+)?blunting"),
-        (HEDGED, r"costophrenic\s+(?:angles?|sulc\w*)\s+(?:is|are|remains?)\s+(?:\w+\s+)?blunted"),
-    ],
+    "Pleural Effusion": [(FINDING, r"hydropneumothora")],
     "Pleural Other": [
         (FINDING, r"pleural[\s-]+plaque"),
         (FINDING, r"pleur\w*[\s-]+parenchymal\s+scar"),
@@ -111,18 +109,17 @@ _EXTRA_MENTIONS: dict[str, list[tuple[str, ...]]] = {
     ],
     "Fracture": [
         (FINDING, r"\bfx\b"),
-        (FINDING, rf"deformit\w*\s+(?:of|in|involving|at)\s+(?:the\s+)?{_SIDE}(?:[\w-]+\s+){{0,2}}?{_BONE}"),
-        (FINDING, rf"{_BONE}\s+(?:[\w-]+\s+)?deformit", "deformit"),
-        (FINDING, r"compression\s+deformit"),
         (FINDING, r"\bcallus"),
         (FINDING, r"healed\s+(?:[\w-]+\s+){0,2}?ribs?\b"),
         (FINDING, r"loss\s+of\s+(?:vertebral\s+(?:body\s+)?)?height"),
     ],
     "Support Devices": [
         (FINDING, p) for p in (
-            r"sternotomy", r"wires?\b", r"\bclips?\b", r"\bstents?\b", r"\bport\b", r"port[\s-]?a[\s-]?cath",
+            r"wires?\b", r"\bclips?\b", r"\bstents?\b", r"\bport\b", r"port[\s-]?a[\s-]?cath",
             r"endotracheal", r"\bett\b", r"dobhoff", r"swan[\s-]?ganz", r"\becmo\b", r"\blvad\b", r"impella",
-            r"prosthe(?:sis|tic)", r"\bfilter\b", r"tracheostomy", r"\bsheath\b", r"\bshunt\b",
+            r"prosthe(?:sis|ses|tic)", r"\bfilter\b", r"tracheostomy", r"\bsheath\b", r"\bshunt\b",
+            r"\btip\b[^.;:]{0,60}?\b(?:svc|superior\s+vena\s+cava|cavoatrial|caval|right\s+atri\w*|carina)\b",
+            r"\bleads\b(?!\s+to\b)", r"generator", r"stimulator", r"sutures?\b", r"\bimplants?\b",
         )
     ],
     OTHER_FINDING: [
@@ -130,14 +127,20 @@ _EXTRA_MENTIONS: dict[str, list[tuple[str, ...]]] = {
             r"hyperexpan", r"tortuo", r"pericardial\s+effusion", r"adenopathy", r"bronchiectasis", r"osteophyt",
             r"elevated", r"pectus", r"chronic\s+obstructive", r"spondylo", r"flatten", r"hiatal", r"air\s+trapping",
             r"lobectomy", r"pneumonectomy", r"post[\s-]?surgical", r"post[\s-]?operative\s+change", r"mastectomy",
-            r"hilar\s+(?:enlargement|fullness)", r"enlarged\s+hil",
+            r"hilar\s+(?:enlargement|fullness)", r"enlarged\s+hil", r"hypoinflat", r"under[\s-]?inflat",
         )
+    ] + [  # low lung volumes: the list has the opposite, hyperinflation; a spine curved sideways is scoliosis
+        (FINDING, r"\blow\s+(?:lung\s+)?volumes?"),
+        (FINDING, r"volumes\s+(?:are\s+|remain\s+)?(?:low|reduced|diminished|decreased)"),
+        (FINDING, r"(?:reduced|decreased|diminished)\s+lung\s+volumes?", "volume"),
+        (FINDING, r"(?:dextro|levo)[\s-]?curvature", "curvature"),
     ],
 }
 _EXTRA_UNMENTIONS: dict[str, list[str]] = {
     "Support Devices": [
         r"tubercul", r"tuberos", r"guideline", r"outline", r"midline", r"kerley\s+(?:[a-z]\s+)?lines?",
-        r"septal\s+lines?", r"pleural\s+lines?", r"plate[\s-]?like", r"supportive", r"nipple\s+markers?",
+        r"septal\s+lines?", r"pleural\s+lines?", r"\bb[\s-]lines?", r"plate[\s-]?like", r"end[\s-]?plates?",
+        r"support(?:ive|ing)", r"nipple\s+markers?",
         r"valve\s+(?:annul|calcif)", r"(?:aortic|mitral)\s+(?:valve\s+)?(?:annul\w*\s+)?calcif",
         r"calcifi\w*\s+(?:of\s+)?(?:the\s+)?(?:aortic|mitral)\s+valve",
     ],
@@ -146,6 +149,7 @@ _EXTRA_UNMENTIONS: dict[str, list[str]] = {
     "Enlarged Cardiomediastinum": [r"hilar\s+contour"],
     "Pneumonia": [r"(?:prior|previous|old|remote|healed|chronic|granulomatous)\s+(?:[\w-]+\s+)?infect"],
     "Edema": [r"(?:subcutaneous|soft[\s-]tissue)\s+edema"],
+    "Pleural Other": [r"cystic\s+fibrosis"],
 }
 
 
@@ -204,7 +208,8 @@ def _mention_phrases(phrase_dir: Path, observation: str) -> list[_Phrase]:
 
 
 def _unmention_regex(phrase_dir: Path, observation: str) -> re.Pattern | None:
-    patterns = [phrase_regex(p) for p in _read_phrases(phrase_dir, "unmention", observation)]
+    # From a word start, and not after "non-": "calcified nodule" is not a lesion, an "uncalcified nodule" is.
+    patterns = [r"(?<!non-)\b" + phrase_regex(p) for p in _read_phrases(phrase_dir, "unmention", observation)]
     patterns += _EXTRA_UNMENTIONS.get(observation, [])
     return re.compile(_alternation(patterns)) if patterns else None
 
@@ -313,7 +318,7 @@ _CUES = (
         (rf"{_COPULA}(?:cannot|could\s+not|couldn't|unable\s+to|difficult\s+to|hard\s+to|not\s+possible\s+to)\s+"
         r"(?:be\s+)?(?:\w+ly\s+)?(?:exclude[ds]?|rule[ds]?\s+out|ruled\s+out)\b"),
         rf"{_COPULA}not\s+(?:been\s+)?(?:\w+ly\s+)?(?:excluded|ruled\s+out)\b",
-        (rf"{_COPULA}not\s+(?:well|clearly|optimally|adequately|fully|entirely|completely)\s+"
+        (rf"{_COPULA}not\s+(?:well|clearly|optimally|adequately|fully|entirely|completely)[\s-]+"
         r"(?:seen|visualized|evaluated|assessed|excluded|imaged|characterized)\b"),
         rf"{_COPULA}poorly\s+(?:seen|visualized|evaluated|assessed)\b",
     ), BOTH),
@@ -336,14 +341,20 @@ _CUES = (
     # "X is normal" negates structures and descriptors only: "cardiomegaly, lungs are normal" must not negate.
     Cue(NORMAL, (rf"{_COPULA}(?:\w+\s+)?(?:normal|unremarkable|within\s+(?:the\s+)?normal\s+limits)\b",),
         BACKWARD, 80),
-    Cue(NORMAL, (r"(?:normal|unremarkable|normal[\s-]sized?)\b",), FORWARD, 30),
+    Cue(NORMAL, (r"(?:normal|unremarkable|normal[\s-]sized?)\b",), FORWARD, 30, tight=True),
+    # "X is suspected" and "there is suspected X": the copula form takes the hedge word that the forward cue below
+    # would have matched, so it looks both ways (tight: "there is likely atelectasis, and effusion" hedges one).
     Cue(UNCERTAINTY, (
         (rf"{_COPULA_REQUIRED}(?:(?:less\s+)?likely|possible|probable|suspected|questioned|questionable|unlikely|"
         r"considered|a\s+consideration|obscured|suspicious|uncertain|equivocal|indeterminate)\b"),
+    ), BOTH, 80, tight=True),
+    Cue(UNCERTAINTY, (
         r"(?:may|might|could|can)\s+(?:also\s+|still\s+)?(?:be\s+)?(?:present|seen|exist|persist|remain)\b",
+        rf"{_COPULA_REQUIRED}(?:(?:in|within|on)\s+the\s+differential|a\s+differential\s+consideration)\b",
     ), BACKWARD, 80),
     Cue(UNCERTAINTY, (
-        r"(?:may|might|could|would|maybe|perhaps)\b", r"possibl[ey]\b", r"probabl[ey]\b", r"(?:un)?likely\b",
+        r"(?:may|might|could|would|maybe|perhaps)\b", r"possibl[ey]\b", r"possibilit(?:y|ies)\b", r"probabl[ey]\b",
+        r"(?:un)?likely\b",
         r"presum\w*", r"question\w*", r"suspici\w*", r"suspect\w*", r"concern\w*", r"worrisome\b", r"suggest\w*",
         r"consider\w*", r"differential\b", r"equivocal\b", r"indeterminate\b", r"uncertain\b", r"borderline\b",
         r"favou?r\w*", r"correlat\w*", r"secondary\s+to\b", r"obscur\w*", r"thought\s+to\b",
@@ -354,6 +365,10 @@ _CUE_REGEX = re.compile(
     r"\b(?:" + "|".join(f"(?P<c{i}>{'|'.join(cue.patterns)})" for i, cue in enumerate(_CUES)) + ")"
 )
 _CUE_OF_GROUP = {f"c{i}": cue for i, cue in enumerate(_CUES)}
+# A bare "normal" is found as the backward cue (its copula and adverb are optional), which hides the forward one at
+# the same place: it reads both ways ("heart size normal", "normal interstitial markings").
+_BACKWARD_NORMAL, _FORWARD_NORMAL = [cue for cue in _CUES if cue.family == NORMAL]
+_BARE_NORMAL = re.compile(r"(?:normal|unremarkable)$")
 
 _STRUCTURE_BEFORE = re.compile(
     r"\b(?:(?P<negative>normal|unremarkable|normal[\s-]sized?|top[\s-]normal)\s+(?:[\w-]+\s+){0,3}"
@@ -464,6 +479,8 @@ class _Cues:
         for m in _CUE_REGEX.finditer(text):
             cue = _CUE_OF_GROUP[m.lastgroup]
             found[cue.family].append((cue, m.start(), m.end()))
+            if cue is _BACKWARD_NORMAL and _BARE_NORMAL.match(m[0]):
+                found[NORMAL].append((_FORWARD_NORMAL, m.start(), m.end()))
         self.pre_negation_uncertainty = found[PRE_NEGATION_UNCERTAINTY]
         self.negation = found[NEGATION]
         self.normal = found[NORMAL]
