@@ -1,10 +1,15 @@
 """Many LoRA adapters on one base (issue 17): two adapters of one base served by one runner, each request answered
-by the adapter it names, as that adapter alone generates; structured findings equal the labeler's; then one live
-Serve app (slow) that the real `openai` client talks to, streaming and not, and /v1/models listing both."""
+by the adapter it names, as that adapter alone generates; structured findings equal the labeler's; a stream hands
+out text while the model still generates; a request's temperature samples. Then one live Serve app (slow): each
+adapter answers as `medvl eval` of it generates, the real `openai` client talks to it (streaming and not),
+/v1/models lists both and counts one base load per replica, and a killed replica comes back with its adapters."""
 from __future__ import annotations
 
 import base64
 import json
+import queue
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,20 @@ from medvl.eval.findings import structured_findings
 from medvl.serve.requests import Query
 from medvl.spec import SpecError, parse_spec
 from tests.test_serve import SIZE, TEXTS, free_port, job, png
+
+
+EVAL_IMAGE = png(colour=(90, 160, 30))  # served below, and the first image of the eval split
+
+
+def write_eval_split(location: Path, images: list[bytes]) -> None:
+    """A test split of these images (and one validation row: prepare's splits are all there), for `medvl eval`."""
+    from medvl.data.records import Record
+    from medvl.data.shards import write_shards
+
+    rows = [Record(f"img{i}", f"g{i}", image, "small left pleural effusion", split="test")
+            for i, image in enumerate(images)]
+    rows.append(Record("val0", "gv", png(colour=(10, 10, 10)), "cardiomegaly", split="val"))
+    write_shards(rows, str(location), source="test", format="shards")
 
 
 def save_adapter(recipe, base: str, out: Path, seed: int) -> str:
@@ -46,6 +65,7 @@ def search(tmp_path_factory) -> dict:
         trials.append({"trial_id": trial_id, "config": {"train.lr": lr}, "metric": "val_loss", "value": 1.0 + i,
                        "steps": 4, "model_dir": folder})
     layout.trial_models.write_text(json.dumps(trials))
+    write_eval_split(root / "run" / "shards", [EVAL_IMAGE, png()])
     raw = job("blip2", base, root / "run", adapters=["top:2"])
     raw["stages"] = [{"kind": "tune", "name": "tune"}, "serve"]
     raw["tune"] = {"space": "blip2_lora"}
@@ -83,6 +103,71 @@ def test_each_adapter_answers_as_it_does_alone_from_one_base(search, monkeypatch
     alone = [ModelRunner(spec, folder).answer([image])[0]["text"] for folder in search["folders"]]
     assert mixed == [alone[1], alone[0], alone[1]]
     assert alone[0] != alone[1], alone  # the adapters differ, so the switch is seen
+
+
+def single_model_runner(search, folder: int = 0):
+    from medvl.serve.runner import ModelRunner
+
+    spec = parse_spec({**search["raw"], "serve": {**search["raw"]["serve"], "adapters": []}})
+    return ModelRunner(spec, search["folders"][folder])
+
+
+def test_a_stream_hands_out_text_while_the_model_still_generates(search, monkeypatch):
+    """The decoder's next step after the first piece is held until the test has that piece: a stream that only
+    sent text after generation would never release it (the wait would run out and the check below fail)."""
+    runner = single_model_runner(search)
+    decoder = runner.loaded.module.get_base_model().language_model
+    piece_sent, test_saw_it = threading.Event(), threading.Event()
+    original = decoder.forward
+
+    def gated_step(*args, **kwargs):
+        if piece_sent.is_set():
+            test_saw_it.wait(timeout=120)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", gated_step)
+    pieces: queue.Queue = queue.Queue()
+    finished = threading.Event()
+    answers = []
+
+    def on_piece(text: str) -> None:
+        pieces.put(text)
+        piece_sent.set()
+
+    def stream() -> None:
+        answers.append(runner.stream("", Query(EVAL_IMAGE), on_piece))
+        finished.set()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    first = pieces.get(timeout=120)
+    generating_when_first_piece_arrived = not finished.is_set()
+    test_saw_it.set()
+    worker.join()
+    streamed = [first] + [pieces.get_nowait() for _ in range(pieces.qsize())]
+    assert generating_when_first_piece_arrived
+    assert len(streamed) >= 2 and "".join(streamed) == answers[0]["text"]
+    assert answers[0]["text"] == runner.answer([Query(EVAL_IMAGE)])[0]["text"]  # streaming changes no word
+
+
+def test_temperature_zero_is_greedy_and_a_high_temperature_samples(search):
+    from medvl.serve.openai_api import parse_chat
+
+    runner = single_model_runner(search)
+    greedy = runner.answer([Query(EVAL_IMAGE)])[0]
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(EVAL_IMAGE).decode()}}]}]}
+    cold = parse_chat(json.dumps({**body, "temperature": 0}).encode(), runner.spec.serve, False).query
+    hot = parse_chat(json.dumps({**body, "temperature": 2}).encode(), runner.spec.serve, False).query
+    assert (cold.temperature, hot.temperature) == (0.0, 2.0)
+    # one batch mixing both: the cold queries stay greedy, the hot ones are sampled (one group each)
+    answers = runner.answer([cold, hot, hot, cold, hot, hot, hot, hot])
+    assert [answers[i]["text"] for i in (0, 3)] == [greedy["text"]] * 2
+    assert answers[0]["mean_token_prob"] == pytest.approx(greedy["mean_token_prob"], rel=1e-5)  # batch of 2 vs 1
+    sampled = [a["text"] for a in answers if a is not answers[0] and a is not answers[3]]
+    assert len(set(sampled)) >= 2, sampled
+    # the confidence is the model's probability of the sampled tokens, not their probability at temperature 2
+    assert all(0.0 < a["mean_token_prob"] <= 1.0 for a in answers)
 
 
 def test_a_report_answer_carries_the_labelers_findings(search):
