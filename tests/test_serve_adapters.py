@@ -196,8 +196,50 @@ def test_findings_take_the_confidence_of_the_sentence_that_stated_them():
     assert any("both present and absent" in w for w in contradiction["warnings"])
 
 
+def eval_predictions(search, adapter: str, folder: str) -> dict[str, str]:
+    """What `medvl eval` of one adapter generates for each image of the eval split (id → text)."""
+    from medvl.eval.evaluate import run_eval_stage
+    from medvl.runs import RunLayout
+    from medvl.spec import StageSpec
+
+    eval_settings = {**search["raw"]["eval"], "calibrate": False, "semantic": False, "require_java": False,
+                     "worst_examples": 0}
+    spec = parse_spec({**search["raw"], "eval": eval_settings})
+    stage = f"eval_{adapter}"
+    run_eval_stage(spec, StageSpec(kind="eval", name=stage), folder)
+    rows = RunLayout.for_spec(spec).predictions(stage).read_text().splitlines()
+    return {row["id"]: row["prediction"] for row in map(json.loads, rows)}
+
+
+def replica_stats(url: str) -> dict:
+    import requests
+
+    return requests.get(f"{url}/v1/models", timeout=60).json()["replica"]
+
+
+def kill_replica_and_wait_for_its_successor(url: str, app: str, old_replica: str) -> str:
+    """Kill the app's one replica actor as a crash would; Serve starts another. Returns the new replica's id."""
+    import ray
+    import requests
+
+    # Serve names each replica actor "SERVE_REPLICA::<app>#<deployment>#<id>" in its own namespace.
+    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(f"SERVE_REPLICA::{app}#MedvlServer#")]
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 300  # a wait, not an assertion on speed: the replica reloads its model
+    while time.monotonic() < deadline:
+        try:
+            health = requests.get(f"{url}/healthz", timeout=10)
+            if health.status_code == 200 and health.json()["replica"] != old_replica:
+                return health.json()["replica"]
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError("no healthy replica replaced the killed one within 300 s")
+
+
 @pytest.mark.slow
-def test_live_adapters_models_list_and_the_openai_client(search, ray_local):
+def test_live_adapters_answer_as_eval_and_survive_a_replica_restart(search, ray_local):
     import requests
     from openai import OpenAI
     from ray import serve
@@ -209,25 +251,36 @@ def test_live_adapters_models_list_and_the_openai_client(search, ray_local):
     spec = parse_spec({**search["raw"], "serve": {**search["raw"]["serve"], "max_image_bytes": 400_000,
                                                   "max_image_pixels": 512 * 512}})
     adapters = resolve_adapters(spec)
+    evaluated = {a["name"]: eval_predictions(search, a["name"], a["folder"])["img0"] for a in adapters}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(application(spec, adapters[0]["folder"], "", adapters), name="adapters", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        image = png(colour=(90, 160, 30))
-        by_body = {n: requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode(), "model": n},
-                                    timeout=60).json() for n in ("trial_a", "trial_b")}
+        image = EVAL_IMAGE
+
+        def answers_by_body() -> dict[str, dict]:
+            return {n: requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode(),
+                                                                "model": n}, timeout=60).json()
+                    for n in ("trial_a", "trial_b")}
+
+        by_body = answers_by_body()
         by_header = requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode()},
                                   headers={"serve_multiplexed_model_id": "trial_b"}, timeout=60).json()
         assert all("text" in a for a in by_body.values()), by_body
         assert by_body["trial_a"]["text"] != by_body["trial_b"]["text"], by_body
+        assert {n: a["text"] for n, a in by_body.items()} == evaluated  # what `medvl eval` of each generates
         assert by_header["text"] == by_body["trial_b"]["text"] and by_header["model"] == "trial_b"
         unknown = requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode(), "model": "x"},
                                 timeout=60)
         assert unknown.status_code == 404 and unknown.json()["error"]["available"] == ["trial_a", "trial_b"]
-        listed = requests.get(f"{url}/v1/models", timeout=60).json()["data"]
-        assert [(m["id"], m["searched"], m["value"]) for m in listed] == [
+        models = requests.get(f"{url}/v1/models", timeout=60).json()
+        assert [(m["id"], m["searched"], m["value"]) for m in models["data"]] == [
             ("trial_a", {"train.lr": 1e-2}, 1.0), ("trial_b", {"train.lr": 1e-3}, 2.0)]
+        # counted inside the live replica: one base, trial_b loaded into it (trial_a came with the base)
+        first = models["replica"]
+        assert (first["base_loads"], first["adapter_loads"]) == (1, 1), first
+        assert sorted(first["resident"]) == ["trial_a", "trial_b"]
 
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
         chest = (Path(__file__).parent.parent.parent / "shared" / "data" / "cxr_samples" / "00000001_000.png")
@@ -240,5 +293,14 @@ def test_live_adapters_models_list_and_the_openai_client(search, ray_local):
         chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
             model="trial_a", messages=[{"role": "user", "content": content}], stream=True) if c.choices[0].delta.content]
         assert len(chunks) >= 2 and "".join(chunks) == completion.choices[0].message.content
+        sampled = client.chat.completions.create(model="trial_b", messages=[{"role": "user", "content": content}],
+                                                 temperature=1.5)
+        assert sampled.choices[0].message.content is not None
+
+        # A replica restarted by Serve comes back with its adapters, loading its base once.
+        successor = kill_replica_and_wait_for_its_successor(url, "adapters", first["id"])
+        assert {n: a["text"] for n, a in answers_by_body().items()} == evaluated
+        again = replica_stats(url)
+        assert again["id"] == successor != first["id"] and again["base_loads"] == 1, again
     finally:
         serve.shutdown()
