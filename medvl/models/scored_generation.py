@@ -10,10 +10,13 @@ and for its tokens as they are chosen (``stream``). Neither is a recipe's busine
 recipes' ``generate_scored``: the server wraps the call in ``with decoding(temperature=…, on_piece=…)`` and
 :func:`generate_scored`, which every recipe's generation goes through, applies it to the ``generate`` call:
 
-* ``temperature`` > 0: ``do_sample=True``, one beam, no top-k / top-p cut (OpenAI's semantics); 0 leaves the
-  caller's deterministic decoding (greedy or beam search) alone. The reported confidence stays the model's own
-  probability of each chosen token (from the raw logits, scaled by the calibration temperature only), not the
-  probability under the sampling temperature: confidence describes the model, not the dice.
+* ``temperature`` > 0: each token is drawn from softmax(logits / temperature) over the whole vocabulary (OpenAI's
+  semantics: no top-k / top-p cut), one beam; 0 leaves the caller's deterministic decoding (greedy or beam
+  search) alone. The draw is a logits processor (:class:`TemperatureSampling`) under greedy search rather than
+  ``generate``'s ``do_sample``, so it reaches every recipe's ``generate`` alike, also one that fixes
+  ``do_sample=False``. The reported confidence stays the model's own probability of each chosen token (from the
+  raw logits, scaled by the calibration temperature only), not its probability under the sampling temperature:
+  confidence describes the model, not the dice.
 * ``on_piece``: a streamer hands each generated token's text to ``on_piece`` while ``generate`` runs (batch of
   one). Beam search cannot stream (which beam wins is known only at the end): there the streamer is left out
   and the caller gets the whole text at the end.
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -64,6 +68,19 @@ def decoding(temperature: float = 0.0, on_piece: Callable[[str], None] | None = 
         yield
     finally:
         _DECODING.reset(token)
+
+
+class TemperatureSampling(LogitsProcessor):
+    """Draw each row's next token from softmax(scores / temperature) and leave only it possible (every other
+    score -inf), so that greedy search takes the draw. It runs after ``generate``'s own processors."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        drawn = torch.multinomial(probs, num_samples=1)
+        return torch.full_like(scores, float("-inf")).scatter(-1, drawn, 0.0)
 
 
 class PieceStreamer(BaseStreamer):
@@ -112,12 +129,13 @@ def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, e
     chosen = _DECODING.get()
     sampling = chosen.temperature > 0
     if sampling:  # OpenAI's temperature: sample from softmax(logits / T) over the whole vocabulary
-        generate_kwargs |= {"do_sample": True, "temperature": chosen.temperature, "num_beams": 1, "top_k": 0,
-                            "top_p": 1.0, "output_logits": True}
+        processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])
+        processors.append(TemperatureSampling(chosen.temperature))
+        generate_kwargs |= {"num_beams": 1, "logits_processor": processors, "output_logits": True}
     if chosen.on_piece is not None and generate_kwargs.get("num_beams", 1) == 1:
         generate_kwargs["streamer"] = PieceStreamer(tokenizer, chosen.on_piece, chosen.max_tokens)
     output = generate(**generate_kwargs, output_scores=True, return_dict_in_generate=True)
-    # Sampled: the scores are warped by the sampling temperature; the confidence is taken from the raw logits.
+    # Sampled: the processed scores are the draw (0 / -inf); the confidence is taken from the raw logits.
     model_scores = output.logits if sampling else output.scores
     scores = model_scores if confidence_temperature == 1.0 else tuple(s / confidence_temperature
                                                                        for s in model_scores)
