@@ -23,6 +23,7 @@ recipes' ``generate_scored``: the server wraps the call in ``with decoding(tempe
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -83,13 +84,20 @@ class TemperatureSampling(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter(-1, drawn, 0.0)
 
 
-class PieceStreamer(BaseStreamer):
-    """A ``generate`` streamer for a batch of one: each new token's text goes to ``on_piece`` as it is chosen.
+SETTLING_TOKENS = 2  # the newest tokens whose text may still change (see PieceStreamer)
 
-    The text is decoded as :func:`generate_scored` decodes it (special tokens skipped, stripped), so the pieces
-    join to a prefix of the final text: whitespace at the end is held back until text follows it, and a token that
-    ends inside a multi-byte character waits for the next. The first ``put`` is the prompt ``generate`` starts
-    from (possibly empty) and is skipped. ``emitted`` is what was handed out, for the caller to finish from.
+
+class PieceStreamer(BaseStreamer):
+    """A ``generate`` streamer for a batch of one: the text goes to ``on_piece`` as the tokens are chosen.
+
+    The text is decoded as :func:`generate_scored` decodes it (special tokens skipped, stripped), and only its
+    settled part is handed out: the text of all but the last two tokens, as far as it agrees with the text of all
+    of them, without a trailing space or a trailing incomplete character (U+FFFD). Text already sent cannot be
+    taken back, and the newest tokens may still change what comes before them: tokenizers clean up spaces around
+    punctuation ("it ' s" becomes "it's": the space before a token goes once the token after it arrives), and a
+    multi-byte character can span tokens. So the
+    pieces join to a prefix of the final text, and the caller sends the rest when generation ends. The first
+    ``put`` is the prompt ``generate`` starts from (possibly empty) and is skipped.
     """
 
     def __init__(self, tokenizer: Any, on_piece: Callable[[str], None], max_tokens: int | None = None):
@@ -107,9 +115,11 @@ class PieceStreamer(BaseStreamer):
                 return
             self.tokens.append(int(token))
             text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-            if text.endswith("\ufffd") or not text.startswith(self.emitted) or len(text) == len(self.emitted):
+            earlier = self.tokenizer.decode(self.tokens[:-SETTLING_TOKENS], skip_special_tokens=True).strip()
+            settled = os.path.commonprefix([text, earlier]).rstrip()
+            if settled.endswith("\ufffd") or not settled.startswith(self.emitted) or len(settled) == len(self.emitted):
                 continue
-            piece, self.emitted = text[len(self.emitted):], text
+            piece, self.emitted = settled[len(self.emitted):], settled
             self.on_piece(piece)
 
     def end(self) -> None:
