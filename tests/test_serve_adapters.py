@@ -312,8 +312,9 @@ def test_live_adapters_answer_as_eval_and_survive_a_replica_restart(search, ray_
         completion = client.chat.completions.create(model="trial_a", messages=[{"role": "user", "content": content}],
                                                     max_tokens=8)
         assert completion.choices[0].message.content
-        chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
-            model="trial_a", messages=[{"role": "user", "content": content}], stream=True) if c.choices[0].delta.content]
+        stream = client.chat.completions.create(model="trial_a", messages=[{"role": "user", "content": content}],
+                                                stream=True)
+        chunks = [c.choices[0].delta.content for c in stream if c.choices[0].delta.content]
         assert len(chunks) >= 2 and "".join(chunks) == completion.choices[0].message.content
         sampled = client.chat.completions.create(model="trial_b", messages=[{"role": "user", "content": content}],
                                                  temperature=1.5)
