@@ -21,7 +21,7 @@ beam search) unless it asks for a sampling temperature (``Query.temperature`` > 
 then it is sampled at that temperature (:func:`medvl.models.scored_generation.decoding`); queries of one batch
 asking for different temperatures are generated in separate groups. The calibration temperature beside the model
 only rescales the confidences reported, whatever the decoding. :meth:`ModelRunner.stream` answers one query
-while handing its text out token by token.
+while handing its text out as the tokens are generated (:class:`medvl.models.scored_generation.PieceStreamer`).
 
 Counters (:meth:`ModelRunner.stats`, shown by ``GET /v1/models``): how many times this process loaded a base
 model, and how many adapters this runner loaded into it and dropped again, so that "the base is loaded once per
@@ -177,9 +177,10 @@ class ModelRunner:
 
     def stream(self, name: str, query: Query, on_piece: Callable[[str], None],
                max_tokens: int | None = None) -> dict | RequestError:
-        """One query's answer (adapter ``name``, "" = the model alone), its text handed to ``on_piece`` token by
-        token while it is generated (at most ``max_tokens`` tokens' text; under beam search nothing is handed
-        out: the caller streams the final text). Returns what :meth:`answer` returns for it."""
+        """One query's answer (adapter ``name``, "" = the model alone), its settled text handed to ``on_piece``
+        while it is generated (at most ``max_tokens`` tokens' text; under beam search nothing is handed out). The
+        pieces join to a prefix of the answer's text: the caller sends the rest. Returns what :meth:`answer`
+        returns for it."""
         with self._model_lock:
             if name:
                 self._activate(name)
