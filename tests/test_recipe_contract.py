@@ -102,13 +102,21 @@ def test_recipe_trains_saves_loads_generates_and_serves(name: str, tmp_path: Pat
     answers = serve_one_request(spec, str(saved), question=QUESTIONS[0] if recipe.task == "vqa" else "")
     assert isinstance(answers[0], dict), answers[0]
     assert isinstance(answers[0]["text"], str) and 0.0 < answers[0]["mean_token_prob"] <= 1.0
+    sampled, pieces = answers[1]
+    assert isinstance(sampled, dict), sampled  # a sampled, streamed chat request works with every recipe
+    assert sampled["text"].startswith("".join(pieces)) and 0.0 < sampled["mean_token_prob"] <= 1.0
 
 
 def serve_one_request(spec, checkpoint: str, question: str) -> list:
-    """What the Serve replica does with one JSON request, without starting Serve: parse it, then run its batch."""
+    """What the Serve replica does with one JSON request, without starting Serve: parse it, then run its batch;
+    then the same query sampled at temperature 1 and streamed (its answer and the pieces streamed)."""
+    import dataclasses
+
     from medvl.serve.runner import ModelRunner
 
     server = ModelRunner(spec, checkpoint)
     body = {"image": base64.b64encode(png(120)).decode()} | ({"question": question} if question else {})
     query = parse_json(json.dumps(body).encode(), spec.serve, takes_question=server.takes_question)
-    return server.run_batch([query])
+    pieces: list[str] = []
+    streamed = server.stream("", dataclasses.replace(query, temperature=1.0), pieces.append)
+    return [*server.run_batch([query]), (streamed, pieces)]

@@ -1,10 +1,15 @@
 """Many LoRA adapters on one base (issue 17): two adapters of one base served by one runner, each request answered
-by the adapter it names, as that adapter alone generates; structured findings equal the labeler's; then one live
-Serve app (slow) that the real `openai` client talks to, streaming and not, and /v1/models listing both."""
+by the adapter it names, as that adapter alone generates; structured findings equal the labeler's; a stream hands
+out text while the model still generates; a request's temperature samples. Then one live Serve app (slow): each
+adapter answers as `medvl eval` of it generates, the real `openai` client talks to it (streaming and not),
+/v1/models lists both and counts one base load per replica, and a killed replica comes back with its adapters."""
 from __future__ import annotations
 
 import base64
 import json
+import queue
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,20 @@ from medvl.eval.findings import structured_findings
 from medvl.serve.requests import Query
 from medvl.spec import SpecError, parse_spec
 from tests.test_serve import SIZE, TEXTS, free_port, job, png
+
+
+EVAL_IMAGE = png(colour=(90, 160, 30))  # served below, and the first image of the eval split
+
+
+def write_eval_split(location: Path, images: list[bytes]) -> None:
+    """A test split of these images (and one validation row: prepare's splits are all there), for `medvl eval`."""
+    from medvl.data.records import Record
+    from medvl.data.shards import write_shards
+
+    rows = [Record(f"img{i}", f"g{i}", image, "small left pleural effusion", split="test")
+            for i, image in enumerate(images)]
+    rows.append(Record("val0", "gv", png(colour=(10, 10, 10)), "cardiomegaly", split="val"))
+    write_shards(rows, str(location), source="test", format="shards")
 
 
 def save_adapter(recipe, base: str, out: Path, seed: int) -> str:
@@ -46,6 +65,7 @@ def search(tmp_path_factory) -> dict:
         trials.append({"trial_id": trial_id, "config": {"train.lr": lr}, "metric": "val_loss", "value": 1.0 + i,
                        "steps": 4, "model_dir": folder})
     layout.trial_models.write_text(json.dumps(trials))
+    write_eval_split(root / "run" / "shards", [EVAL_IMAGE, png()])
     raw = job("blip2", base, root / "run", adapters=["top:2"])
     raw["stages"] = [{"kind": "tune", "name": "tune"}, "serve"]
     raw["tune"] = {"space": "blip2_lora"}
@@ -85,6 +105,93 @@ def test_each_adapter_answers_as_it_does_alone_from_one_base(search, monkeypatch
     assert alone[0] != alone[1], alone  # the adapters differ, so the switch is seen
 
 
+def single_model_runner(search, folder: int = 0):
+    from medvl.serve.runner import ModelRunner
+
+    spec = parse_spec({**search["raw"], "serve": {**search["raw"]["serve"], "adapters": []}})
+    return ModelRunner(spec, search["folders"][folder])
+
+
+def test_a_stream_hands_out_text_while_the_model_still_generates(search, monkeypatch):
+    """The decoder's next step after the first piece is held until the test has that piece: a stream that only
+    sent text after generation would never release it (the wait would run out and the check below fail)."""
+    runner = single_model_runner(search)
+    decoder = runner.loaded.module.get_base_model().language_model
+    piece_sent, test_saw_it = threading.Event(), threading.Event()
+    original = decoder.forward
+
+    def gated_step(*args, **kwargs):
+        if piece_sent.is_set():
+            test_saw_it.wait(timeout=120)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", gated_step)
+    pieces: queue.Queue = queue.Queue()
+    finished = threading.Event()
+    answers = []
+
+    def on_piece(text: str) -> None:
+        pieces.put(text)
+        piece_sent.set()
+
+    def stream() -> None:
+        answers.append(runner.stream("", Query(EVAL_IMAGE), on_piece))
+        finished.set()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    first = pieces.get(timeout=120)
+    generating_when_first_piece_arrived = not finished.is_set()
+    test_saw_it.set()
+    worker.join()
+    streamed = [first] + [pieces.get_nowait() for _ in range(pieces.qsize())]
+    assert generating_when_first_piece_arrived
+    # live pieces are a prefix of the answer (its last word follows when generation ends: see PieceStreamer)
+    assert len(streamed) >= 2 and answers[0]["text"].startswith("".join(streamed))
+    assert answers[0]["text"] == runner.answer([Query(EVAL_IMAGE)])[0]["text"]  # streaming changes no word
+
+
+class SpacedWords:
+    """A tokenizer's decode as BERT's cleans it up: words joined by spaces, then "it ' s" → "it's", "x ." → "x."."""
+
+    words = ["it", "'", "s", "a", "small", "effusion", "."]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(self.words[i] for i in ids).replace(" ' ", "'").replace(" .", ".")
+
+
+def test_streamed_pieces_are_never_taken_back_by_a_later_token():
+    from medvl.models.scored_generation import PieceStreamer
+
+    pieces: list[str] = []
+    streamer = PieceStreamer(SpacedWords(), pieces.append)
+    streamer.put(torch.tensor([[]], dtype=torch.long))  # the prompt generate starts from
+    for token in range(len(SpacedWords.words)):
+        streamer.put(torch.tensor([token]))
+    final = SpacedWords().decode(range(len(SpacedWords.words)))
+    assert final == "it's a small effusion." and len(pieces) >= 2 and final.startswith("".join(pieces)), pieces
+
+
+def test_temperature_zero_is_greedy_and_a_high_temperature_samples(search):
+    from medvl.serve.openai_api import parse_chat
+
+    runner = single_model_runner(search)
+    greedy = runner.answer([Query(EVAL_IMAGE)])[0]
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(EVAL_IMAGE).decode()}}]}]}
+    cold = parse_chat(json.dumps({**body, "temperature": 0}).encode(), runner.spec.serve, False).query
+    hot = parse_chat(json.dumps({**body, "temperature": 2}).encode(), runner.spec.serve, False).query
+    assert (cold.temperature, hot.temperature) == (0.0, 2.0)
+    # one batch mixing both: the cold queries stay greedy, the hot ones are sampled (one group each)
+    answers = runner.answer([cold, hot, hot, cold, hot, hot, hot, hot])
+    assert [answers[i]["text"] for i in (0, 3)] == [greedy["text"]] * 2
+    assert answers[0]["mean_token_prob"] == pytest.approx(greedy["mean_token_prob"], rel=1e-5)  # batch of 2 vs 1
+    sampled = [a["text"] for a in answers if a is not answers[0] and a is not answers[3]]
+    assert len(set(sampled)) >= 2, sampled
+    # the confidence is the model's probability of the sampled tokens, not their probability at temperature 2
+    assert all(0.0 < a["mean_token_prob"] <= 1.0 for a in answers)
+
+
 def test_a_report_answer_carries_the_labelers_findings(search):
     from medvl.serve.runner import ModelRunner
 
@@ -111,8 +218,50 @@ def test_findings_take_the_confidence_of_the_sentence_that_stated_them():
     assert any("both present and absent" in w for w in contradiction["warnings"])
 
 
+def eval_predictions(search, adapter: str, folder: str) -> dict[str, str]:
+    """What `medvl eval` of one adapter generates for each image of the eval split (id → text)."""
+    from medvl.eval.evaluate import run_eval_stage
+    from medvl.runs import RunLayout
+    from medvl.spec import StageSpec
+
+    eval_settings = {**search["raw"]["eval"], "calibrate": False, "semantic": False, "require_java": False,
+                     "worst_examples": 0}
+    spec = parse_spec({**search["raw"], "eval": eval_settings})
+    stage = f"eval_{adapter}"
+    run_eval_stage(spec, StageSpec(kind="eval", name=stage), folder)
+    rows = RunLayout.for_spec(spec).predictions(stage).read_text().splitlines()
+    return {row["id"]: row["prediction"] for row in map(json.loads, rows)}
+
+
+def replica_stats(url: str) -> dict:
+    import requests
+
+    return requests.get(f"{url}/v1/models", timeout=60).json()["replica"]
+
+
+def kill_replica_and_wait_for_its_successor(url: str, app: str, old_replica: str) -> str:
+    """Kill the app's one replica actor as a crash would; Serve starts another. Returns the new replica's id."""
+    import ray
+    import requests
+
+    # Serve names each replica actor "SERVE_REPLICA::<app>#<deployment>#<id>" in its own namespace.
+    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(f"SERVE_REPLICA::{app}#MedvlServer#")]
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 300  # a wait, not an assertion on speed: the replica reloads its model
+    while time.monotonic() < deadline:
+        try:
+            health = requests.get(f"{url}/healthz", timeout=10)
+            if health.status_code == 200 and health.json()["replica"] != old_replica:
+                return health.json()["replica"]
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError("no healthy replica replaced the killed one within 300 s")
+
+
 @pytest.mark.slow
-def test_live_adapters_models_list_and_the_openai_client(search, ray_local):
+def test_live_adapters_answer_as_eval_and_survive_a_replica_restart(search, ray_local):
     import requests
     from openai import OpenAI
     from ray import serve
@@ -124,25 +273,36 @@ def test_live_adapters_models_list_and_the_openai_client(search, ray_local):
     spec = parse_spec({**search["raw"], "serve": {**search["raw"]["serve"], "max_image_bytes": 400_000,
                                                   "max_image_pixels": 512 * 512}})
     adapters = resolve_adapters(spec)
+    evaluated = {a["name"]: eval_predictions(search, a["name"], a["folder"])["img0"] for a in adapters}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(application(spec, adapters[0]["folder"], "", adapters), name="adapters", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        image = png(colour=(90, 160, 30))
-        by_body = {n: requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode(), "model": n},
-                                    timeout=60).json() for n in ("trial_a", "trial_b")}
+        image = EVAL_IMAGE
+
+        def answers_by_body() -> dict[str, dict]:
+            return {n: requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode(),
+                                                                "model": n}, timeout=60).json()
+                    for n in ("trial_a", "trial_b")}
+
+        by_body = answers_by_body()
         by_header = requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode()},
                                   headers={"serve_multiplexed_model_id": "trial_b"}, timeout=60).json()
         assert all("text" in a for a in by_body.values()), by_body
         assert by_body["trial_a"]["text"] != by_body["trial_b"]["text"], by_body
+        assert {n: a["text"] for n, a in by_body.items()} == evaluated  # what `medvl eval` of each generates
         assert by_header["text"] == by_body["trial_b"]["text"] and by_header["model"] == "trial_b"
         unknown = requests.post(f"{url}/v1/report", json={"image": base64.b64encode(image).decode(), "model": "x"},
                                 timeout=60)
         assert unknown.status_code == 404 and unknown.json()["error"]["available"] == ["trial_a", "trial_b"]
-        listed = requests.get(f"{url}/v1/models", timeout=60).json()["data"]
-        assert [(m["id"], m["searched"], m["value"]) for m in listed] == [
+        models = requests.get(f"{url}/v1/models", timeout=60).json()
+        assert [(m["id"], m["searched"], m["value"]) for m in models["data"]] == [
             ("trial_a", {"train.lr": 1e-2}, 1.0), ("trial_b", {"train.lr": 1e-3}, 2.0)]
+        # counted inside the live replica: one base, trial_b loaded into it (trial_a came with the base)
+        first = models["replica"]
+        assert (first["base_loads"], first["adapter_loads"]) == (1, 1), first
+        assert sorted(first["resident"]) == ["trial_a", "trial_b"]
 
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
         chest = (Path(__file__).parent.parent.parent / "shared" / "data" / "cxr_samples" / "00000001_000.png")
@@ -152,8 +312,18 @@ def test_live_adapters_models_list_and_the_openai_client(search, ray_local):
         completion = client.chat.completions.create(model="trial_a", messages=[{"role": "user", "content": content}],
                                                     max_tokens=8)
         assert completion.choices[0].message.content
-        chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
-            model="trial_a", messages=[{"role": "user", "content": content}], stream=True) if c.choices[0].delta.content]
+        stream = client.chat.completions.create(model="trial_a", messages=[{"role": "user", "content": content}],
+                                                stream=True)
+        chunks = [c.choices[0].delta.content for c in stream if c.choices[0].delta.content]
         assert len(chunks) >= 2 and "".join(chunks) == completion.choices[0].message.content
+        sampled = client.chat.completions.create(model="trial_b", messages=[{"role": "user", "content": content}],
+                                                 temperature=1.5)
+        assert sampled.choices[0].message.content is not None
+
+        # A replica restarted by Serve comes back with its adapters, loading its base once.
+        successor = kill_replica_and_wait_for_its_successor(url, "adapters", first["id"])
+        assert {n: a["text"] for n, a in answers_by_body().items()} == evaluated
+        again = replica_stats(url)
+        assert again["id"] == successor != first["id"] and again["base_loads"] == 1, again
     finally:
         serve.shutdown()

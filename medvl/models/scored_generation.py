@@ -4,13 +4,35 @@ The probability of each chosen token comes from Hugging Face's ``compute_transit
 ``normalize_logits=True``: the softmax of the (processed) logits at that step, also under beam search, where
 ``beam_indices`` say which beam each token came from. Tokens after the first end-of-sequence are padding and do
 not count; the end-of-sequence token itself does (stopping is a choice the model makes too).
+
+Serve-time decoding (:func:`decoding`). A served request may ask for sampling (OpenAI's ``temperature`` > 0)
+and for its tokens as they are chosen (``stream``). Neither is a recipe's business, so neither travels through the
+recipes' ``generate_scored``: the server wraps the call in ``with decoding(temperature=…, on_piece=…)`` and
+:func:`generate_scored`, which every recipe's generation goes through, applies it to the ``generate`` call:
+
+* ``temperature`` > 0: each token is drawn from softmax(logits / temperature) over the whole vocabulary (OpenAI's
+  semantics: no top-k / top-p cut), one beam; 0 leaves the caller's deterministic decoding (greedy or beam
+  search) alone. The draw is a logits processor (:class:`TemperatureSampling`) under greedy search rather than
+  ``generate``'s ``do_sample``, so it reaches every recipe's ``generate`` alike, also one that fixes
+  ``do_sample=False``. The reported confidence stays the model's own probability of each chosen token (from the
+  raw logits, scaled by the calibration temperature only), not its probability under the sampling temperature:
+  confidence describes the model, not the dice.
+* ``on_piece``: a streamer hands each generated token's text to ``on_piece`` while ``generate`` runs (batch of
+  one). Beam search cannot stream (which beam wins is known only at the end): there the streamer is left out
+  and the caller gets the whole text at the end.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 
 
 @dataclass
@@ -26,6 +48,84 @@ class Generated:
     uncalibrated_mean_token_probs: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """Serve-time decoding choices (see the module docstring); the default changes nothing."""
+
+    temperature: float = 0.0  # > 0: sample at this temperature; 0: the caller's greedy / beam search
+    on_piece: Callable[[str], None] | None = None  # streamed text pieces (batch of one)
+    max_tokens: int | None = None  # stream at most this many tokens' text
+
+
+_DECODING: ContextVar[Decoding] = ContextVar("medvl_decoding", default=Decoding())
+
+
+@contextmanager
+def decoding(temperature: float = 0.0, on_piece: Callable[[str], None] | None = None,
+             max_tokens: int | None = None) -> Iterator[None]:
+    """Apply sampling and/or streaming to every :func:`generate_scored` call inside (this thread / context)."""
+    token = _DECODING.set(Decoding(temperature, on_piece, max_tokens))
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
+class TemperatureSampling(LogitsProcessor):
+    """Draw each row's next token from softmax(scores / temperature) and leave only it possible (every other
+    score -inf), so that greedy search takes the draw. It runs after ``generate``'s own processors."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        drawn = torch.multinomial(probs, num_samples=1)
+        return torch.full_like(scores, float("-inf")).scatter(-1, drawn, 0.0)
+
+
+SETTLING_TOKENS = 2  # the newest tokens whose text may still change (see PieceStreamer)
+
+
+class PieceStreamer(BaseStreamer):
+    """A ``generate`` streamer for a batch of one: the text goes to ``on_piece`` as the tokens are chosen.
+
+    The text is decoded as :func:`generate_scored` decodes it (special tokens skipped, stripped), and only its
+    settled part is handed out: the text of all but the last two tokens, as far as it agrees with the text of all
+    of them, without a trailing space or a trailing incomplete character (U+FFFD). Text already sent cannot be
+    taken back, and the newest tokens may still change what comes before them: tokenizers clean up spaces around
+    punctuation ("it ' s" becomes "it's": the space before a token goes once the token after it arrives), and a
+    multi-byte character can span tokens. So the
+    pieces join to a prefix of the final text, and the caller sends the rest when generation ends. The first
+    ``put`` is the prompt ``generate`` starts from (possibly empty) and is skipped.
+    """
+
+    def __init__(self, tokenizer: Any, on_piece: Callable[[str], None], max_tokens: int | None = None):
+        self.tokenizer, self.on_piece, self.max_tokens = tokenizer, on_piece, max_tokens
+        self.tokens: list[int] = []
+        self.emitted = ""
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
+                return
+            self.tokens.append(int(token))
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+            earlier = self.tokenizer.decode(self.tokens[:-SETTLING_TOKENS], skip_special_tokens=True).strip()
+            settled = os.path.commonprefix([text, earlier]).rstrip()
+            if settled.endswith("\ufffd") or not settled.startswith(self.emitted) or len(settled) == len(self.emitted):
+                continue
+            piece, self.emitted = settled[len(self.emitted):], settled
+            self.on_piece(piece)
+
+    def end(self) -> None:
+        pass
+
+
 def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, eos_token_id: int, /,
                     confidence_temperature: float = 1.0, **generate_kwargs: Any) -> Generated:
     """Run ``generate`` (any HF-style generate function) and score what it chose with ``scorer``.
@@ -34,10 +134,21 @@ def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, e
     model actually generating). Only the new tokens are decoded, whatever prompt ``generate`` echoes back.
     ``confidence_temperature`` divides the scores before they are normalised (temperature scaling: a step's
     scores are its logits up to a constant per row, so this is softmax(logits / T)); generation is untouched.
+    Inside :func:`decoding`, the request's sampling and streaming apply (see the module docstring).
     """
+    chosen = _DECODING.get()
+    sampling = chosen.temperature > 0
+    if sampling:  # OpenAI's temperature: sample from softmax(logits / T) over the whole vocabulary
+        processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])
+        processors.append(TemperatureSampling(chosen.temperature))
+        generate_kwargs |= {"num_beams": 1, "logits_processor": processors, "output_logits": True}
+    if chosen.on_piece is not None and generate_kwargs.get("num_beams", 1) == 1:
+        generate_kwargs["streamer"] = PieceStreamer(tokenizer, chosen.on_piece, chosen.max_tokens)
     output = generate(**generate_kwargs, output_scores=True, return_dict_in_generate=True)
-    scores = output.scores if confidence_temperature == 1.0 else tuple(s / confidence_temperature
-                                                                        for s in output.scores)
+    # Sampled: the processed scores are the draw (0 / -inf); the confidence is taken from the raw logits.
+    model_scores = output.logits if sampling else output.scores
+    scores = model_scores if confidence_temperature == 1.0 else tuple(s / confidence_temperature
+                                                                       for s in model_scores)
     log_probs = scorer.compute_transition_scores(
         output.sequences, scores, getattr(output, "beam_indices", None), normalize_logits=True
     )
@@ -50,7 +161,7 @@ def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, e
     means = mean_token_probabilities(log_probs, new_tokens, eos_token_id)
     uncalibrated = means
     if confidence_temperature != 1.0:
-        raw = scorer.compute_transition_scores(output.sequences, output.scores, getattr(output, "beam_indices", None),
+        raw = scorer.compute_transition_scores(output.sequences, model_scores, getattr(output, "beam_indices", None),
                                                normalize_logits=True)
         uncalibrated = mean_token_probabilities(raw, new_tokens, eos_token_id)
     return Generated(texts, means, token_probs, token_ends, uncalibrated)

@@ -11,6 +11,11 @@ Routes (all answers are JSON; errors are ``{"error": {"code", "message", ...}}``
 Requests are validated one by one (:mod:`medvl.serve.requests`) before they join a batch; the batch is decoded
 and generated in one call by :class:`medvl.serve.runner.ModelRunner` (one query's failure fails only that
 query), in a worker thread so that the replica keeps accepting (and refusing) requests while the model runs.
+A streaming chat completion is the exception: it is generated alone, outside the batches, so that its tokens can
+leave while it runs (see :meth:`MedvlServer.chat_completions`).
+
+``GET /v1/models`` also says which replica answered and what it loaded (``replica``: its id and
+:meth:`ModelRunner.stats`): the base model once per replica, adapters as Serve's LRU asks.
 """
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the route methods' signatures in its own
 # module, where FastAPI could not resolve "Request" from a string annotation.
@@ -33,7 +38,7 @@ from medvl.models.lora import adapter_base, is_adapter_folder
 from medvl.runs import MODEL_DIR
 from medvl.serve.auth import authorized, check_digest
 from medvl.serve.config import DEPLOYMENT_NAME, deployment_options
-from medvl.serve.openai_api import chat_chunks, chat_completion, read_chat_request
+from medvl.serve.openai_api import chat_completion, read_chat_request, streamed_chunks
 from medvl.serve.requests import OPENAPI_EXTRA, OPENAPI_RESPONSES, Query, RequestError, read_query
 from medvl.serve.runner import ModelDead, ModelRunner
 from medvl.spec import JobSpec, parse_spec
@@ -139,6 +144,7 @@ class MedvlServer:
         self.runner = ModelRunner(spec, args["checkpoint"], args.get("adapters") or None)
         self.identity = model_identity(spec, self.runner.checkpoint, self.runner.local_checkpoint)
         self.max_adapters = self.settings.max_adapters_per_replica
+        self._generating: set[asyncio.Future] = set()  # streaming generations in flight
         self.recipe, self.generation = self.runner.recipe, self.runner.generation
         self.infer.set_max_batch_size(self.settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
@@ -197,12 +203,15 @@ class MedvlServer:
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
-        """OpenAI's model list, with each adapter's searched values and validation metric."""
+        """OpenAI's model list, with each adapter's searched values and validation metric; ``replica``: the
+        replica that answered, and what it loaded (:meth:`ModelRunner.stats`)."""
         self.authorize(request)
+        replica = {"id": serve.get_replica_context().replica_id.unique_id, **self.runner.stats()}
         if not self.runner.adapters:
-            return {"object": "list", "data": [{"id": self.identity["model"], "object": "model",
-                                                "owned_by": "medvl", "base_model": self.identity["base_model"]}]}
-        return {"object": "list", "data": [
+            return {"object": "list", "replica": replica, "data": [
+                {"id": self.identity["model"], "object": "model", "owned_by": "medvl",
+                 "base_model": self.identity["base_model"]}]}
+        return {"object": "list", "replica": replica, "data": [
             {"id": name, "object": "model", "owned_by": "medvl", "base_model": self.identity["base_model"],
              "searched": a["config"], "metric": a["metric"], "value": a["value"],
              "loaded_here": name in self.runner.resident}
@@ -210,17 +219,47 @@ class MedvlServer:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        """OpenAI's chat completions: the image as an ``image_url`` content part, the question as text."""
+        """OpenAI's chat completions: the image as an ``image_url`` content part, the question as text.
+
+        ``stream: true`` bypasses the ``@serve.batch`` path: the request is generated on its own (under the
+        runner's model lock, so between batches) with a streamer, and each token's text is sent as it is
+        generated. Streaming trades batching for latency to the first token."""
         self.authorize(request)
         chat = await read_chat_request(request, self.settings, self.takes_question)
         name = self.adapter_for(chat.query.model or chat.model)
         chat.query.model = name
+        if chat.stream:
+            return await self.stream_chat(chat.query, name, chat.max_tokens)
         result = await self.infer(chat.query)
         if isinstance(result, RequestError):
             raise result
-        if chat.stream:
-            return StreamingResponse(chat_chunks(result, name, chat.max_tokens), media_type="text/event-stream")
         return chat_completion(result, name, chat.max_tokens)
+
+    async def stream_chat(self, query: Query, name: str, max_tokens: int | None) -> StreamingResponse:
+        """Generate in a worker thread whose streamer posts each piece of text to a queue the response reads.
+        The response starts once the first piece (or the whole answer) is there, so a refused query still gets
+        its 4xx JSON instead of a broken stream."""
+        if name:
+            await self.use_adapter(name)
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+
+        def post(kind: str, value) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+
+        def generate() -> None:
+            try:
+                answer = self.runner.stream(name, query, lambda text: post("piece", text), max_tokens)
+                post("done", {**answer, "model": name} if isinstance(answer, dict) and name else answer)
+            except Exception as error:  # handed to the request, which raises it
+                post("done", error)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(generate))
+        self._generating.add(worker)  # a reference keeps the task alive until it is done
+        worker.add_done_callback(self._generating.discard)
+        first = await pieces.get()
+        if first[0] == "done" and isinstance(first[1], Exception):
+            raise first[1]
+        return StreamingResponse(streamed_chunks(first, pieces, name, max_tokens), media_type="text/event-stream")
 
     def adapter_for(self, asked: str) -> str:
         """The adapter a request names (body "model", else the serve_multiplexed_model_id header), or the

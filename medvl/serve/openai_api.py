@@ -3,20 +3,27 @@
 The request is OpenAI's: ``messages`` whose user content holds the image as an ``image_url`` part (a ``data:`` URL
 or bare base64; no remote URLs: the server fetches nothing) and, for VQA models, the question as a ``text`` part;
 ``model`` names the adapter (``GET /v1/models``); ``max_tokens`` cuts the answer after that many generated tokens;
-``temperature`` is accepted and must be 0–2, but generation stays the deployment's (greedy or beam search: the
-answer and its confidence are reproducible); ``stream: true`` answers as server-sent events, one chunk per token,
-then ``data: [DONE]``. Streaming starts once the whole answer is generated (the batch generates together), so it
-saves the client no latency; it exists for clients that only speak streaming.
+``temperature`` (0–2, OpenAI's semantics): absent or 0 answers with the deployment's deterministic decoding (greedy
+or beam search, ``serve.num_beams``: reproducible), > 0 samples at that temperature (one beam, no top-k / top-p
+cut). It controls only the decoding: the model's calibration temperature (``calibration.json``) still rescales the
+confidence reported, which is the model's own probability of the tokens it chose, whatever the dice.
+
+``stream: true`` answers as server-sent events: the role, then the text as it is generated (one chunk per token's
+new text), then a last chunk with the finish reason and medvl's fields, then ``data: [DONE]``. A streaming request
+does not join a ``@serve.batch`` batch: it is generated alone, with a streamer, so its first chunk leaves after the
+first token (see :meth:`medvl.serve.app.MedvlServer.chat_completions`). Beam search cannot stream (the winning beam
+is known only at the end): under ``serve.num_beams`` > 1 and ``temperature`` 0 the chunks follow the generation.
 
 The answer's ``choices[0].message.content`` is the text; medvl's own fields (``mean_token_prob``, ``findings``,
 ``warnings``) ride along under ``medvl``.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +97,7 @@ def parse_chat(body: bytes, settings: ServeSpec, takes_question: bool) -> ChatRe
     stream = fields.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "wrong_type", '"stream" must be true or false', field="stream")
-    query.model = model
+    query.model, query.temperature = model, float(temperature)
     return ChatRequest(query, model, stream, max_tokens)
 
 
@@ -121,17 +128,54 @@ def chat_completion(result: dict, model: str, max_tokens: int | None = None) -> 
     }
 
 
-def chat_chunks(result: dict, model: str, max_tokens: int | None = None) -> Iterator[str]:
-    """Server-sent events: the role, then one chunk per token, then the finish reason and ``[DONE]``."""
-    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+async def streamed_chunks(first: tuple[str, Any], pieces: asyncio.Queue, model: str,
+                          max_tokens: int | None = None) -> AsyncIterator[str]:
+    """Server-sent events of an answer being generated: ``first``, then what ``pieces`` receives:
+    ``("piece", text)`` while the model generates, then ``("done", answer or exception)``. Whatever of the final
+    text was not streamed live (all of it under beam search) follows as one chunk per token before the finish; a
+    failure after the stream began ends it with an ``error`` event (the status line was already sent)."""
+    events = ChunkEvents(model)
+    yield events.role()
+    sent, (kind, value) = "", first
+    while kind == "piece":
+        sent += value
+        yield events.content(value)
+        kind, value = await pieces.get()
+    if isinstance(value, Exception):
+        body = value.body() if isinstance(value, RequestError) else {"error": {
+            "code": "internal_error", "message": f"the server failed on this request ({type(value).__name__})"}}
+        yield f"data: {json.dumps(body)}\n\n"
+        return
+    rest = token_pieces(value, max_tokens)
+    if sent:  # the live pieces are a prefix of the final text (see PieceStreamer); send what they left out
+        text = "".join(rest)
+        rest = [text[len(sent):]] if text.startswith(sent) and len(text) > len(sent) else []
+    for piece in rest:
+        yield events.content(piece)
+    for event in events.finish(value, max_tokens):
+        yield event
 
-    def event(delta: dict, finish: str | None = None, **extra: Any) -> str:
-        chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model or "medvl",
+
+class ChunkEvents:
+    """One streamed completion's ``chat.completion.chunk`` events (one id and creation time for all)."""
+
+    def __init__(self, model: str):
+        self.model = model or "medvl"
+        self.ident, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def event(self, delta: dict, finish: str | None = None, **extra: Any) -> str:
+        chunk = {"id": self.ident, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(chunk)}\n\n"
 
-    yield event({"role": "assistant", "content": ""})
-    for piece in token_pieces(result, max_tokens):
-        yield event({"content": piece})
-    yield event({}, "stop", medvl={k: result[k] for k in MEDVL_FIELDS if k in result})
-    yield "data: [DONE]\n\n"
+    def role(self) -> str:
+        return self.event({"role": "assistant", "content": ""})
+
+    def content(self, piece: str) -> str:
+        return self.event({"content": piece})
+
+    def finish(self, result: dict, max_tokens: int | None) -> Iterator[str]:
+        truncated = max_tokens is not None and len(result.get("token_ends") or []) > max_tokens
+        yield self.event({}, "length" if truncated else "stop",
+                         medvl={k: result[k] for k in MEDVL_FIELDS if k in result})
+        yield "data: [DONE]\n\n"

@@ -83,6 +83,7 @@ class Query:
     question: str = ""
     attention: bool = False
     model: str = ""  # the adapter asked for by name ("" = the header's, else the first); see medvl.serve.adapters
+    temperature: float = 0.0  # > 0: sampled at this temperature (OpenAI's); 0: the deployment's greedy / beam search
 
 
 def max_body_bytes(settings: ServeSpec) -> int:

@@ -15,12 +15,24 @@ marks the model *suspect*; the next health check (Ray Serve calls the deployment
 seconds, ``/healthz`` calls it too) then generates from a blank image. If that fails as well the model is dead:
 the check raises from then on and Serve replaces the replica. A healthy model is never probed, so the check
 costs nothing while requests succeed.
+
+Decoding. Every query is answered with the deployment's deterministic decoding (``serve.num_beams``: greedy or
+beam search) unless it asks for a sampling temperature (``Query.temperature`` > 0, OpenAI's ``temperature``):
+then it is sampled at that temperature (:func:`medvl.models.scored_generation.decoding`); queries of one batch
+asking for different temperatures are generated in separate groups. The calibration temperature beside the model
+only rescales the confidences reported, whatever the decoding. :meth:`ModelRunner.stream` answers one query
+while handing its text out as the tokens are generated (:class:`medvl.models.scored_generation.PieceStreamer`).
+
+Counters (:meth:`ModelRunner.stats`, shown by ``GET /v1/models``): how many times this process loaded a base
+model, and how many adapters this runner loaded into it and dropped again, so that "the base is loaded once per
+replica" can be checked on a live replica.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import threading
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,12 +45,14 @@ from medvl.eval.findings import structured_findings
 from medvl.models.base import GenerationSettings
 from medvl.models.cache import local_model
 from medvl.models.registry import build_recipe
+from medvl.models.scored_generation import decoding
 from medvl.serve.requests import Query, RequestError
 from medvl.spec import JobSpec
 
 ATTENTION_DECIMALS = 5
 PROBE_QUESTION = "is there an abnormality?"
 logger = logging.getLogger("ray.serve")
+_base_loads_in_process = 0  # see ModelRunner.stats
 
 
 class ModelDead(RuntimeError):
@@ -97,8 +111,8 @@ class ModelRunner:
         self.local_checkpoint = local_model(checkpoint, spec.data.endpoint_url)
         self.recipe = build_recipe(spec)
         self.generation = serving_generation(spec)
-        self.loaded = self.recipe.load_for_inference(self.local_checkpoint)
-        self.base_loads = 1  # how often a base model was loaded here (tests: once per replica)
+        self.loaded = self._load_base(self.local_checkpoint)
+        self.adapter_loads = self.adapter_unloads = 0  # adapters loaded into the base after it / dropped again
         # adapter name → peft's adapter name; the first came in with the base as peft's "default"
         self.resident = {next(iter(self.adapters)): "default"} if self.adapters else {}
         # each model's (adapter's) calibration temperature, saved beside it by eval (1.0: none saved); it scales
@@ -120,6 +134,18 @@ class ModelRunner:
     def takes_question(self) -> bool:
         return self.recipe.task == "vqa"
 
+    def _load_base(self, folder: str):
+        global _base_loads_in_process
+        _base_loads_in_process += 1
+        return self.recipe.load_for_inference(folder)
+
+    def stats(self) -> dict:
+        """``base_loads``: base models loaded by this process (a replica: 1); ``adapter_loads`` /
+        ``adapter_unloads``: adapters loaded into that base after it (the first adapter comes with the base) and
+        dropped again; ``resident``: the adapters loaded now."""
+        return {"base_loads": _base_loads_in_process, "adapter_loads": self.adapter_loads,
+                "adapter_unloads": self.adapter_unloads, "resident": list(self.resident)}
+
     def load_adapter(self, name: str) -> None:
         with self._model_lock:
             if name in self.resident:
@@ -130,6 +156,7 @@ class ModelRunner:
             self.temperatures[name] = read_temperature(folder) or 1.0
             self.loaded.module.to(self.device)
             self.resident[name] = peft_name
+            self.adapter_loads += 1
             logger.info("medvl: adapter %s loaded (%d resident)", name, len(self.resident))
 
     def unload_adapter(self, name: str) -> None:
@@ -139,20 +166,45 @@ class ModelRunner:
                 return
             self.loaded.module.delete_adapter(peft_name)
             del self.resident[name]
+            self.adapter_unloads += 1
             logger.info("medvl: adapter %s unloaded (%d resident)", name, len(self.resident))
 
     def answer_with(self, name: str, queries: list[Query]) -> list[dict | RequestError]:
         """:meth:`answer` with adapter ``name`` active (loaded here first if it is not)."""
         with self._model_lock:
-            self.load_adapter(name)
-            self.loaded.module.set_adapter(self.resident[name])
-            self.temperature = self.temperatures[name]
+            self._activate(name)
             return self.answer(queries)
 
-    def answer(self, queries: list[Query]) -> list[dict | RequestError]:
-        """Per query, its answer or the RequestError that refuses it; one query's failure is never another's."""
+    def stream(self, name: str, query: Query, on_piece: Callable[[str], None],
+               max_tokens: int | None = None) -> dict | RequestError:
+        """One query's answer (adapter ``name``, "" = the model alone), its settled text handed to ``on_piece``
+        while it is generated (at most ``max_tokens`` tokens' text; under beam search nothing is handed out). The
+        pieces join to a prefix of the answer's text: the caller sends the rest. Returns what :meth:`answer`
+        returns for it."""
+        with self._model_lock:
+            if name:
+                self._activate(name)
+            return self.answer([query], on_piece, max_tokens)[0]
+
+    def _activate(self, name: str) -> None:
+        self.load_adapter(name)
+        self.loaded.module.set_adapter(self.resident[name])
+        self.temperature = self.temperatures[name]
+
+    def answer(self, queries: list[Query], on_piece: Callable[[str], None] | None = None,
+               max_tokens: int | None = None) -> list[dict | RequestError]:
+        """Per query, its answer or the RequestError that refuses it; one query's failure is never another's.
+        Queries asking for different sampling temperatures are generated in separate groups."""
+        temperatures = list(dict.fromkeys(q.temperature for q in queries))
+        if len(temperatures) > 1:
+            answers: list = [None] * len(queries)
+            for temperature in temperatures:
+                places = [i for i, q in enumerate(queries) if q.temperature == temperature]
+                for i, answer in zip(places, self.answer([queries[i] for i in places])):
+                    answers[i] = answer
+            return answers
         try:
-            return self.run_batch(queries)
+            return self.run_batch(queries, on_piece, max_tokens)
         except Exception as error:
             if len(queries) > 1:
                 logger.warning("medvl: a batch of %d failed (%s: %s); answering its queries one by one",
@@ -189,9 +241,11 @@ class ModelRunner:
         question = PROBE_QUESTION if self.takes_question else ""
         return Query(encode_png(Image.new("RGB", (size, size), (128, 128, 128))), question)
 
-    def run_batch(self, queries: list[Query]) -> list[dict | RequestError]:
+    def run_batch(self, queries: list[Query], on_piece: Callable[[str], None] | None = None,
+                  max_tokens: int | None = None) -> list[dict | RequestError]:
         """Per query, its answer or the RequestError that refuses it (a bad image fails alone); raises if the
-        batch fails as a whole (see :meth:`answer`)."""
+        batch fails as a whole (see :meth:`answer`). The queries share one sampling temperature; ``on_piece``
+        (a batch of one): see :meth:`stream`."""
         with self._model_lock, torch.inference_mode():
             batch = self.preprocess(shard_rows(queries))
             kept = [int(i) for i in batch["id"]]  # the preprocessor drops rows whose image does not decode
@@ -203,7 +257,8 @@ class ModelRunner:
                 return results
             tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
             generation = dataclasses.replace(self.generation, confidence_temperature=self.temperature)
-            generated = self.recipe.generate_scored(self.loaded, tensors, generation)
+            with decoding(queries[0].temperature, on_piece, max_tokens):
+                generated = self.recipe.generate_scored(self.loaded, tensors, generation)
             maps = self.attention([queries[i].attention for i in kept], tensors, generated.texts)
             for row, i in enumerate(kept):
                 results[i] = {"text": generated.texts[row], "mean_token_prob": generated.mean_token_probs[row],
