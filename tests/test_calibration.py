@@ -110,3 +110,29 @@ def test_every_recipe_gives_the_logits_of_exactly_the_tokens_its_loss_scores(nam
     assert logits.ndim == 2 and logits.shape[0] == targets.shape[0] > 4
     assert F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing(model)).item() == \
         pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_token_tables_of_batches_add_up_to_the_table_of_their_union_and_give_the_per_token_ece():
+    import torch
+
+    from medvl.eval.calibration import TokenStats, temperature_grid
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(300, 20, generator=generator) * 2.0
+    targets = torch.randint(0, 20, (300,), generator=generator)
+    grid = temperature_grid()
+    whole = TokenStats.of(logits, targets, grid)
+    parts = TokenStats.empty(grid)
+    for start in range(0, 300, 70):  # uneven batches, shipped flat as an actor would return them
+        batch = TokenStats.of(logits[start:start + 70], targets[start:start + 70], grid)
+        parts += TokenStats.from_flat(grid, batch.flat)
+    assert parts.tokens == whole.tokens == 300
+    assert parts.table == pytest.approx(whole.table, rel=1e-9)
+    for temperature in (grid[0], 1.0, grid[-1]):
+        probs = torch.softmax(logits / temperature, -1)
+        confidences, correct = probs.max(-1).values.tolist(), (probs.argmax(-1) == targets).tolist()
+        assert parts.ece(temperature) == pytest.approx(expected_calibration_error(confidences, correct), abs=1e-9)
+        nll = torch.nn.functional.cross_entropy(logits / temperature, targets).item()
+        assert parts.mean_nll(temperature) == pytest.approx(nll, rel=1e-5)
+    with pytest.raises(ValueError):
+        parts + TokenStats.empty((1.0,))

@@ -125,7 +125,8 @@ class TokenStats:
     @classmethod
     def from_flat(cls, temperatures: Sequence[float], flat: Sequence[float]) -> TokenStats:
         """The inverse of :attr:`flat` (one row of a Ray Data column)."""
-        return cls(tuple(float(t) for t in temperatures), np.asarray(flat, dtype=np.float64).reshape(len(temperatures), -1))
+        table = np.asarray(flat, dtype=np.float64).reshape(len(temperatures), -1)
+        return cls(tuple(float(t) for t in temperatures), table)
 
     @property
     def flat(self) -> np.ndarray:
