@@ -7,6 +7,13 @@ the predictions and scores them (the metrics need the whole set, and METEOR's JV
 ride along in the same pass: each actor holds every model (one copy of each folder) and generates with each on
 every batch, so the data is read and decoded once and no second pool starts. The shuffled-images baseline needs no generation at all.
 
+Calibration (``eval.calibrate``) uses the same resources: unless the model has a temperature saved beside it, a
+pool of :class:`TokenScorer` actors first streams ``eval.calibration_samples`` validation rows through the
+model under teacher forcing and sends back one small :class:`~medvl.eval.calibration.TokenStats` table per batch;
+the driver adds them up and picks T. The eval split's token-level ECE before and after T rides along in the
+generation pass (the trained model's teacher-forced logits of each batch), so calibrating costs one extra pool
+over at most ``eval.calibration_samples`` rows and no model ever loads on the driver.
+
 Writes to the stage's folder (paths: :class:`medvl.runs.RunLayout`, local or on object storage): the metrics
 (flat keys), the predictions (id, reference, prediction, answer type, mean token probability), a report
 (headline metrics and the worst examples), attention overlays for the first ``eval.attention_maps`` samples of
