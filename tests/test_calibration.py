@@ -6,6 +6,8 @@ import pytest
 from medvl.eval.calibration import expected_calibration_error, finding_calibration, vqa_calibration
 from medvl.models.registry import RECIPES
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # two torch threads on a shared 2-core machine spin
+
 
 def test_ece_hand_computed_over_two_bins():
     # bin [0.2, 0.3): confidences 0.2, 0.2, one right → |0.5 − 0.2| = 0.3, weight 2/5
@@ -82,7 +84,6 @@ def label_smoothing(model) -> float:
     return smoothing.pop() if smoothing else 0.0
 
 
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_gives_the_logits_of_exactly_the_tokens_its_loss_scores(name, tmp_path):
     """eval.calibrate fits T on target_logits: every registered recipe must expose them (a recipe without them
