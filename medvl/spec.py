@@ -217,8 +217,10 @@ class EvalSpec:
     # every other metric (tokenized in Python) and writes meteor_unavailable with the reason
     require_java: bool = True
     # Temperature scaling (medvl.eval.calibration): fit the model's confidence temperature on the first
-    # calibration_samples validation rows unless its folder has one, report token-level ECE before and after on
-    # the eval split, and score every confidence with it. Recipes without a teacher-forced view skip it.
+    # calibration_samples validation rows (in the eval actor pool) unless its folder has one, report token-level
+    # ECE before and after on the eval split, and score every confidence with it. On for every task: report
+    # models (the case) and VQA and caption models alike; every recipe has the teacher-forced view it
+    # needs, and the fit costs one forward pass over at most calibration_samples rows.
     calibrate: bool = True
     calibration_samples: int = checked(256, positive)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 import pytest
 
 from medvl.eval.calibration import expected_calibration_error, finding_calibration, vqa_calibration
+from medvl.models.registry import RECIPES
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # two torch threads on a shared 2-core machine spin
 
 
 def test_ece_hand_computed_over_two_bins():
@@ -71,3 +74,66 @@ def test_fitted_temperature_undoes_overconfidence_and_lowers_token_ece():
     assert fitted.mean_nll(temperature) < fitted.mean_nll(1.0)
     scores = token_calibration(batches, temperature)
     assert scores["token_ece_after"] < 0.5 * scores["token_ece_before"]
+
+
+def label_smoothing(model) -> float:
+    """The label smoothing of a model's LM loss: BLIP's text decoder reads it from its config; causal LMs have none."""
+    smoothing = {getattr(m.config, "text_config", m.config).to_dict().get("label_smoothing", 0.0)
+                 for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
+    assert len(smoothing) <= 1, smoothing
+    return smoothing.pop() if smoothing else 0.0
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_gives_the_logits_of_exactly_the_tokens_its_loss_scores(name, tmp_path):
+    """eval.calibrate fits T on target_logits: every registered recipe must expose them (a recipe without them
+    could not be calibrated), and they must be the loss's own positions and targets."""
+    import torch
+    import torch.nn.functional as F
+
+    from medvl.models.base import Recipe
+    from medvl.models.registry import build_recipe
+    from medvl.spec import parse_spec
+    from tests.test_recipe_contract import ANSWERS, QUESTIONS, REPORTS, shard_rows, tiny_job
+
+    torch.manual_seed(0)
+    recipe = build_recipe(parse_spec(tiny_job(name, tmp_path / "run")))
+    assert type(recipe).target_logits is not Recipe.target_logits
+    source = recipe.initial_model(tmp_path / "start", lambda: iter((REPORTS + QUESTIONS + ANSWERS) * 5))
+    batch = recipe.preprocessor(source)(shard_rows())
+    tensors = {column: torch.as_tensor(batch[column]) for column in recipe.tensor_columns}
+    model = recipe.load_for_inference(source).module
+    with torch.no_grad():
+        logits, targets = recipe.target_logits(model, tensors)
+        loss, scalars = recipe.loss(model, tensors)
+    if name == "blip_dapt":  # its loss sums ITC, ITM and the captioning LM; the LM term is the comparable one
+        loss = torch.as_tensor(scalars["loss_lm"])
+    assert logits.ndim == 2 and logits.shape[0] == targets.shape[0] > 4
+    assert F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing(model)).item() == \
+        pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_token_tables_of_batches_add_up_to_the_table_of_their_union_and_give_the_per_token_ece():
+    import torch
+
+    from medvl.eval.calibration import TokenStats, temperature_grid
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(300, 20, generator=generator) * 2.0
+    targets = torch.randint(0, 20, (300,), generator=generator)
+    grid = temperature_grid()
+    whole = TokenStats.of(logits, targets, grid)
+    parts = TokenStats.empty(grid)
+    for start in range(0, 300, 70):  # uneven batches, shipped flat as an actor would return them
+        batch = TokenStats.of(logits[start:start + 70], targets[start:start + 70], grid)
+        parts += TokenStats.from_flat(grid, batch.flat)
+    assert parts.tokens == whole.tokens == 300
+    assert parts.table == pytest.approx(whole.table, rel=1e-9)
+    for temperature in (grid[0], 1.0, grid[-1]):
+        probs = torch.softmax(logits / temperature, -1)
+        confidences, correct = probs.max(-1).values.tolist(), (probs.argmax(-1) == targets).tolist()
+        assert parts.ece(temperature) == pytest.approx(expected_calibration_error(confidences, correct), abs=1e-9)
+        nll = torch.nn.functional.cross_entropy(logits / temperature, targets).item()
+        assert parts.mean_nll(temperature) == pytest.approx(nll, rel=1e-5)
+    with pytest.raises(ValueError):
+        parts + TokenStats.empty((1.0,))

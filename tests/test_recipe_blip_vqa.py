@@ -175,6 +175,14 @@ def test_dapt_then_vqa_then_eval_end_to_end(tmp_path: Path, ray_local):
     assert vqa["history"][-1]["val_loss"] < vqa["history"][0]["val_loss"]
     test_rows = json.loads((out / "shards" / "manifest.json").read_text())["counts"]["test"]
     assert {"vqa_acc_closed", "vqa_acc_open", "vqa_acc"} <= metrics.keys() and metrics["n"] == min(64, test_rows)
+    # eval.calibrate (on by default): T fitted on the validation answers, saved beside the VQA model, and the
+    # answers' ECE at T = 1 beside the calibrated one
+    calibration = json.loads((Path(vqa["model_dir"]) / "calibration.json").read_text())
+    assert calibration["fitted_on"] == "val" and calibration["tokens"] > 0
+    assert metrics["temperature"] == calibration["temperature"]
+    assert {"vqa_ece_before", "vqa_ece", "token_ece_before", "token_ece_after"} <= metrics.keys()
+    if calibration["temperature"] != 1.0:
+        assert metrics["vqa_ece_before"] != metrics["vqa_ece"]
     # The vision encoder the VQA stage exported is the DAPT one, untouched (frozen), and DAPT did move it.
     exported, pretrained = load_file(Path(vqa["model_dir"]) / "model.safetensors"), load_file(
         Path(dapt["model_dir"]) / "model.safetensors")

@@ -233,6 +233,10 @@ def test_two_stages_on_ray_lower_the_loss_and_report_prefix_attention(tmp_path, 
     assert (Path(stage2["model_dir"]) / "medvl_softprompt.json").is_file()
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 8
+    # eval.calibrate (on by default): T saved beside the stage-2 model; token and finding ECE before and after
+    assert metrics["temperature"] == json.loads((Path(stage2["model_dir"]) / "calibration.json").read_text())[
+        "temperature"]
+    assert {"token_ece_before", "token_ece_after", "ce_finding_ece_before", "ce_finding_ece"} <= metrics.keys()
     layers = [metrics[f"prefix_attention_share_layer_{i}"] for i in range(2)]
     assert all(0 < share < 1 for share in layers)
     assert metrics["prefix_attention_share"] == pytest.approx(sum(layers) / 2)

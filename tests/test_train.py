@@ -117,19 +117,56 @@ def test_medvl_eval_writes_metrics_predictions_report_and_attention_overlays(tra
 
 
 def test_temperature_scaling_fitted_on_val_lowers_token_ece_on_the_test_split(trained):
-    from medvl.eval.calibration import read_temperature
-    from medvl.eval.evaluate import calibrate
+    """The fit and the test split's token scores run in eval's actor pool; the driver adds up their tables."""
+    from medvl.eval.calibration import before_after, read_temperature, token_metrics
+    from medvl.eval.evaluate import calibration_temperature, pooled_token_stats
     from medvl.models.registry import build_recipe
 
     raw, _ = trained
-    spec = parse_spec(raw | {"eval": {**raw["eval"], "split": "test", "calibration_samples": 64}})
+    spec = parse_spec(raw | {"eval": {**raw["eval"], "calibration_samples": 64}})
     model_dir = Path(raw["output_dir"]) / "train" / "model"
     (model_dir / "calibration.json").unlink(missing_ok=True)  # fitted here, whichever test ran first
-    scores = calibrate(spec, build_recipe(spec), str(model_dir))
-    assert scores["temperature"] == read_temperature(model_dir) != 1.0  # fitted on val and saved beside it
+    temperature = calibration_temperature(spec, build_recipe(spec), str(model_dir))
+    assert temperature == read_temperature(model_dir) != 1.0  # fitted on val and saved beside it
+    scores = token_metrics(pooled_token_stats(spec, str(model_dir), "test", before_after(temperature), 64),
+                           temperature)
+    print("quickstart-like tiny model, test split:", scores)
     assert scores["calibration_tokens"] > 200
     assert scores["token_nll_after"] < scores["token_nll_before"]
     assert scores["token_ece_after"] < scores["token_ece_before"], scores
+
+
+def test_the_fit_on_the_actor_pools_tables_equals_the_fit_in_process(trained):
+    """Same rows, same model: the temperature (and the NLL curve) the pool's per-batch tables give is the one
+    fit_temperature gives on (logits, targets) computed here, batch by batch."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from medvl.data.shards import read_manifest, shard_paths
+    from medvl.eval.calibration import fit_temperature, temperature_grid
+    from medvl.eval.evaluate import pooled_token_stats
+    from medvl.models.registry import build_recipe
+
+    raw, _ = trained
+    spec = parse_spec(raw | {"eval": {**raw["eval"], "batch_size": 16}})
+    model_dir = str(Path(raw["output_dir"]) / "train" / "model")
+    pooled = pooled_token_stats(spec, model_dir, "val", temperature_grid(), limit=0)
+
+    recipe = build_recipe(spec)
+    model, preprocess = recipe.load_for_inference(model_dir).module, recipe.preprocessor(model_dir)
+
+    def batches():
+        for path in shard_paths(read_manifest(spec.shards_location), spec.shards_location, "val"):
+            rows = pq.read_table(path).to_pydict()
+            batch = preprocess({k: np.asarray(v, dtype=object) for k, v in rows.items()})
+            with torch.no_grad():
+                yield recipe.target_logits(model, {k: torch.as_tensor(batch[k]) for k in recipe.tensor_columns})
+
+    temperature, in_process = fit_temperature(batches())
+    assert pooled.tokens == in_process.tokens > 200
+    assert pooled.best_temperature() == pytest.approx(temperature, abs=1e-6)
+    np.testing.assert_allclose(pooled.table[:, 0], in_process.table[:, 0], rtol=1e-6)  # NLL at every grid T
+    assert pooled.ece(1.0) == pytest.approx(in_process.ece(1.0), abs=1e-6)
 
 
 def test_startup_clock_names_each_span_by_the_stamp_that_ends_it(monkeypatch):

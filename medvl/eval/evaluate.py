@@ -7,6 +7,13 @@ the predictions and scores them (the metrics need the whole set, and METEOR's JV
 ride along in the same pass: each actor holds every model (one copy of each folder) and generates with each on
 every batch, so the data is read and decoded once and no second pool starts. The shuffled-images baseline needs no generation at all.
 
+Calibration (``eval.calibrate``) uses the same resources: unless the model has a temperature saved beside it, a
+pool of :class:`TokenScorer` actors first streams ``eval.calibration_samples`` validation rows through the
+model under teacher forcing and sends back one small :class:`~medvl.eval.calibration.TokenStats` table per batch;
+the driver adds them up and picks T. The eval split's token-level ECE before and after T rides along in the
+generation pass (the trained model's teacher-forced logits of each batch), so calibrating costs one extra pool
+over at most ``eval.calibration_samples`` rows and no model ever loads on the driver.
+
 Writes to the stage's folder (paths: :class:`medvl.runs.RunLayout`, local or on object storage): the metrics
 (flat keys), the predictions (id, reference, prediction, answer type, mean token probability), a report
 (headline metrics and the worst examples), attention overlays for the first ``eval.attention_maps`` samples of
@@ -32,6 +39,7 @@ import torch
 from medvl import storage
 from medvl.data.pipeline import read_split
 from medvl.data.shards import read_manifest, shard_paths
+from medvl.eval.calibration import TokenStats, before_after, token_metrics
 from medvl.models.base import GenerationSettings, Recipe
 from medvl.models.cache import local_model, model_filesystem
 from medvl.models.registry import build_recipe
@@ -53,6 +61,8 @@ class Predictions:
     extra_metrics: dict[str, float] = field(default_factory=dict)  # recipe-specific (see Recipe.extra_eval_metrics)
     overlays: dict[str, bytes] = field(default_factory=dict)  # id → attention overlay PNG (first eval.attention_maps)
     uncalibrated_confidences: list[float] = field(default_factory=list)  # at temperature 1 (eval.calibrate)
+    temperature: float | None = None  # the calibration temperature the confidences were scored at (None: none)
+    token_stats: TokenStats | None = None  # teacher-forced reference tokens at T = 1 and at ``temperature``
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -90,7 +100,8 @@ def generate_predictions(spec: JobSpec, models: dict[str, str], label: str = "ev
         progress.update(len(columns.get("id", [])))
     progress.close()
     rank = {sample_id: i for i, sample_id in enumerate(order)}
-    return {name: _gathered(columns, name, rank, first=i == 0) for i, name in enumerate(models)}
+    return {name: _gathered(columns, name, rank, first=i == 0, temperature=(temperatures or {}).get(name))
+            for i, name in enumerate(models)}
 
 
 def _filesystems(spec: JobSpec, models: dict[str, str]) -> dict[str, object]:
@@ -117,7 +128,8 @@ def split_ids(spec: JobSpec, limit: int = 0) -> list[str]:
     return ids
 
 
-def _gathered(columns: dict[str, list], model: str, rank: dict[str, int], first: bool) -> Predictions:
+def _gathered(columns: dict[str, list], model: str, rank: dict[str, int], first: bool,
+              temperature: float | None = None) -> Predictions:
     """One model's predictions out of the pool's columns, in the split's order (rows arrive in whatever order
     the actors finish; sorting makes the files and the shuffled baseline reproducible)."""
     ids_seen = columns.get("id", [])
@@ -131,9 +143,12 @@ def _gathered(columns: dict[str, list], model: str, rank: dict[str, int], first:
               if name.startswith(prefix + "extra.") and values}
     ids = column("id")
     overlays = {i: png for i, png in zip(ids, column("overlay_png")) if png} if first else {}
+    stats = None
+    if temperature is not None and columns.get(prefix + "token_stats"):  # per-batch tables, summed here
+        stats = TokenStats.from_flat(before_after(temperature), np.sum(columns[prefix + "token_stats"], axis=0))
     return Predictions(ids, column("reference"), column(prefix + "prediction"), column("answer_type"),
                        [float(p) for p in column(prefix + "mean_token_prob")], extras, overlays,
-                       [float(p) for p in column(prefix + "uncalibrated_mean_token_prob")])
+                       [float(p) for p in column(prefix + "uncalibrated_mean_token_prob")], temperature, stats)
 
 
 class Generator:
@@ -142,7 +157,10 @@ class Generator:
     A model on object storage is fetched to this node's cache first. Output columns per row: ``id``,
     ``reference``, ``answer_type``, ``overlay_png`` (the first model's attention overlay for the rows in
     ``attention_ids``, else empty) and, per model name, ``<name>.prediction``, ``<name>.mean_token_prob`` and
-    ``<name>.extra.<key>`` (the recipe's extra metric of the row's batch).
+    ``<name>.extra.<key>`` (the recipe's extra metric of the row's batch); for a model given a calibration
+    temperature also ``<name>.token_stats``: the batch's teacher-forced :class:`TokenStats` at T = 1 and at its
+    temperature on the batch's first row, zeros on the others (the column sums to the split's), so the token-level
+    ECE before and after rides along with generation instead of costing another pass of the model.
     """
 
     def __init__(self, spec: JobSpec, models: dict[str, str], attention_ids: frozenset[str],
@@ -151,20 +169,18 @@ class Generator:
         torch.set_num_threads(max(1, math.ceil(spec.eval.num_cpus)))
         self.recipe = build_recipe(spec)
         settings = GenerationSettings.from_eval(spec.eval)
-        self.device = torch.device("cuda" if spec.eval.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.device = eval_device(spec)
         self.attention_ids = attention_ids
+        self.temperatures = temperatures or {}
         self.models = {}
         loaded_by_location: dict[str, tuple] = {}  # the untrained and zero-shot baselines share one copy
         for name, location in models.items():
             if location not in loaded_by_location:
-                local = local_model(location, spec.data.endpoint_url, (filesystems or {}).get(name))
-                loaded = self.recipe.load_for_inference(local)  # in model.dtype
-                if not spec.model.quantisation:  # bitsandbytes places 8- and 4-bit weights itself
-                    loaded.to(self.device)
-                loaded_by_location[location] = (loaded, self.recipe.preprocessor(local))
+                loaded_by_location[location] = load_on(self.recipe, spec, location, (filesystems or {}).get(name),
+                                                       self.device)
             prompt = (prompts or {}).get(name, "")
             self.models[name] = (*loaded_by_location[location], dataclasses.replace(
-                settings, prompt=prompt, confidence_temperature=(temperatures or {}).get(name, 1.0)))
+                settings, prompt=prompt, confidence_temperature=self.temperatures.get(name, 1.0)))
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {}
@@ -189,7 +205,17 @@ class Generator:
                                                            or generated.mean_token_probs) if ids else []
             for key, value in extras.items():
                 out[f"{name}.extra.{key}"] = [float(value)] * len(ids)
+            if name in self.temperatures:
+                out[f"{name}.token_stats"] = self._token_stats(loaded, tensors, self.temperatures[name], len(ids))
         return {name: _column(values) for name, values in out.items()}
+
+    def _token_stats(self, loaded, tensors: dict[str, torch.Tensor], temperature: float, rows: int) -> list:
+        temperatures = before_after(temperature)
+        if not rows:
+            return []
+        with torch.inference_mode():
+            stats = TokenStats.of(*self.recipe.target_logits(loaded.module, tensors), temperatures)
+        return [stats.flat] + [np.zeros_like(stats.flat)] * (rows - 1)
 
     def _overlays(self, loaded, tensors: dict[str, torch.Tensor], ids: list[str], texts: list[str]) -> list[bytes]:
         from medvl.eval.attention_overlays import overlay_png
@@ -208,6 +234,20 @@ class Generator:
         for position, k in enumerate(wanted):
             pngs[k] = overlay_png(pixels[position], maps[position], f"{ids[k]}: {texts[k]}")
         return pngs
+
+
+def load_on(recipe: Recipe, spec: JobSpec, location: str, filesystem, device: torch.device) -> tuple:
+    """(LoadedModel in model.dtype on ``device``, its preprocessor) of a model folder, URL or hub id, fetched to
+    this node's cache first when it is on object storage."""
+    local = local_model(location, spec.data.endpoint_url, filesystem)
+    loaded = recipe.load_for_inference(local)
+    if not spec.model.quantisation:  # bitsandbytes places 8- and 4-bit weights itself
+        loaded.to(device)
+    return loaded, recipe.preprocessor(local)
+
+
+def eval_device(spec: JobSpec) -> torch.device:
+    return torch.device("cuda" if spec.eval.num_gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
 def _column(values: list) -> np.ndarray:
@@ -264,7 +304,8 @@ def score(spec: JobSpec, recipe: Recipe, preds: Predictions, java: bool = True) 
 
 
 def _calibrated(preds: Predictions) -> bool:
-    return bool(preds.uncalibrated_confidences) and preds.uncalibrated_confidences != preds.confidences
+    """Scored at a fitted temperature: the ECE at T = 1 goes beside the calibrated one (even when T is 1)."""
+    return preds.temperature is not None and len(preds.uncalibrated_confidences) == len(preds.confidences)
 
 
 def clinical_scores(references: list[str], predictions: list[str], confidences: list[float],
@@ -306,12 +347,13 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
     for baseline in (UNTRAINED, ZERO_SHOT):
         if baseline in spec.eval.baselines and untrained_dir:
             models[baseline] = untrained_dir
-    calibration = calibrate(spec, recipe, model_dir) if spec.eval.calibrate else {}
-    temperatures = {TRAINED: calibration["temperature"]} if calibration else {}
+    temperature = calibration_temperature(spec, recipe, model_dir, stage.name) if spec.eval.calibrate else None
+    temperatures = {TRAINED: temperature} if temperature is not None else {}
     generated = generate_predictions(spec, models, label=stage_label("eval", stage.name),
                                      prompts={ZERO_SHOT: spec.eval.prompt}, temperatures=temperatures)
     generating_s = time.perf_counter() - started
     preds = generated[TRAINED]
+    calibration = token_metrics(preds.token_stats, temperature) if preds.token_stats is not None else {}
     metrics = score(spec, recipe, preds, java) | preds.extra_metrics | calibration
     metrics["mean_token_prob"] = float(np.mean(preds.confidences)) if preds.confidences else 0.0
     metrics["n"] = len(preds.predictions)
@@ -341,31 +383,77 @@ def run_eval_stage(spec: JobSpec, stage: StageSpec, model_dir: str, untrained_di
 # --------------------------------------------------------------------------------------------- calibration
 
 
-def calibrate(spec: JobSpec, recipe: Recipe, model_dir: str) -> dict[str, float]:
-    """The model's confidence temperature (fitted on the validation split and saved beside the model unless it
-    has one there) and token-level ECE / NLL on the eval split before and after it; {} when the recipe has no
-    teacher-forced view. Runs on the driver over ``eval.calibration_samples`` rows of each split."""
-    from medvl.eval.calibration import (calibration_record, fit_temperature, read_temperature,
-                                        token_calibration)
+def calibration_temperature(spec: JobSpec, recipe: Recipe, model_dir: str, stage: str = "eval") -> float | None:
+    """The model's confidence temperature: the one saved beside it, else fitted now on the first
+    ``eval.calibration_samples`` validation rows (in the eval actor pool, see :func:`pooled_token_stats`) and
+    saved beside it. None when the recipe has no teacher-forced view. The driver reads and fits tables only."""
+    from medvl.eval.calibration import calibration_record, temperature_grid, temperature_of
 
     if type(recipe).target_logits is Recipe.target_logits:
         print(f"[medvl eval] eval.calibrate: the {spec.model.recipe} recipe has no teacher-forced view; "
               "confidences stay uncalibrated", flush=True)
-        return {}
-    local = local_model(model_dir, spec.data.endpoint_url)
-    loaded = recipe.load_for_inference(local)
-    preprocess = recipe.preprocessor(local)
-    limit = spec.eval.calibration_samples
-    temperature = read_temperature(local)
-    if temperature is None:
-        temperature, fitted = fit_temperature(_target_logits(spec, "val", limit, recipe, loaded.module, preprocess))
-        saved = _calibration_location(spec, model_dir)
-        if saved is not None:
-            saved.write_text(calibration_record(temperature, fitted, "val"))
-        print(f"[medvl eval] calibration: temperature {temperature:.3f} fitted on {fitted.tokens} validation "
-              f"tokens (NLL {fitted.mean_nll(1.0):.4f} → {fitted.mean_nll(temperature):.4f})", flush=True)
-    return token_calibration(_target_logits(spec, spec.eval.split, limit, recipe, loaded.module, preprocess),
-                             temperature)
+        return None
+    saved = _calibration_location(spec, model_dir)
+    if saved is not None and saved.is_file():
+        return temperature_of(saved.read_text())
+    fitted = pooled_token_stats(spec, model_dir, "val", temperature_grid(), spec.eval.calibration_samples,
+                                label=stage_label("calibrate", stage))
+    temperature = fitted.best_temperature()
+    if saved is not None:
+        saved.write_text(calibration_record(temperature, fitted, "val"))
+    print(f"[medvl eval] calibration: temperature {temperature:.3f} fitted on {fitted.tokens} validation "
+          f"tokens (NLL {fitted.mean_nll(1.0):.4f} → {fitted.mean_nll(temperature):.4f})", flush=True)
+    return temperature
+
+
+def pooled_token_stats(spec: JobSpec, model_dir: str, split: str, temperatures: tuple[float, ...], limit: int,
+                       label: str = "calibrate") -> TokenStats:
+    """The teacher-forced :class:`TokenStats` of the first ``limit`` rows of ``split`` at ``temperatures``,
+    computed by a Ray Data pool of ``eval.workers`` :class:`TokenScorer` actors on the eval resources (the model
+    may not fit on the driver); each batch comes back as one table, and the driver adds them up."""
+    dataset = read_split(spec.shards_location, split, spec.data.endpoint_url)
+    if limit:
+        dataset = dataset.limit(limit)
+    scored = dataset.map_batches(
+        TokenScorer,
+        fn_constructor_args=(spec, model_dir, temperatures, _filesystems(spec, {TRAINED: model_dir})[TRAINED]),
+        batch_size=spec.eval.batch_size,
+        batch_format="numpy",
+        compute=_actor_pool(spec.eval.workers),
+        num_cpus=spec.eval.num_cpus,
+        num_gpus=spec.eval.num_gpus,
+    )
+    total = TokenStats.empty(temperatures)
+    progress = Progress(label, unit="rows scored", every_s=spec.tracking.progress_every_s)
+    done = 0
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for rows, flat in zip(batch["rows"], batch["token_stats"]):
+            total += TokenStats.from_flat(temperatures, flat)
+            done += int(rows)
+        progress.update(done)
+    progress.close()
+    return total
+
+
+class TokenScorer:
+    """A Ray Data actor: one model on the eval resources, reducing each batch of shard rows to one row
+    (``rows``: how many it scored, ``token_stats``: the flat :class:`TokenStats` table of its reference tokens)."""
+
+    def __init__(self, spec: JobSpec, model_dir: str, temperatures: tuple[float, ...], filesystem=None):
+        torch.set_num_threads(max(1, math.ceil(spec.eval.num_cpus)))
+        self.recipe = build_recipe(spec)
+        self.device = eval_device(spec)
+        self.loaded, self.preprocess = load_on(self.recipe, spec, model_dir, filesystem, self.device)
+        self.temperatures = temperatures
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = self.preprocess(rows)
+        stats = TokenStats.empty(self.temperatures)
+        if len(batch["id"]):
+            tensors = {k: torch.as_tensor(batch[k]).to(self.device) for k in self.recipe.tensor_columns}
+            with torch.inference_mode():
+                stats = TokenStats.of(*self.recipe.target_logits(self.loaded.module, tensors), self.temperatures)
+        return {"rows": np.asarray([len(batch["id"])]), "token_stats": stats.flat[None, :]}
 
 
 def _calibration_location(spec: JobSpec, model_dir: str) -> Location | None:
@@ -376,28 +464,6 @@ def _calibration_location(spec: JobSpec, model_dir: str) -> Location | None:
     if not storage.is_remote(model_dir) and not Location.of(model_dir).is_dir():
         return None
     return Location.of(model_dir, spec.data.endpoint_url) / CALIBRATION_FILE
-
-
-def _split_batches(spec: JobSpec, split: str, limit: int, preprocess):
-    """Preprocessed batches of eval.batch_size over the first ``limit`` rows of ``split``, read on this process."""
-    location, endpoint = spec.shards_location, spec.data.endpoint_url
-    fs, _ = storage.filesystem_for(location, endpoint)
-    left = limit
-    for path in shard_paths(read_manifest(location, endpoint), location, split, endpoint):
-        table = pq.read_table(path, filesystem=fs)
-        for start in range(0, min(table.num_rows, left), spec.eval.batch_size):
-            rows = table.slice(start, min(spec.eval.batch_size, left - start)).to_pydict()
-            yield preprocess({name: np.asarray(values, dtype=object) for name, values in rows.items()})
-        left -= min(table.num_rows, left)
-        if left <= 0:
-            return
-
-
-def _target_logits(spec: JobSpec, split: str, limit: int, recipe: Recipe, model: torch.nn.Module, preprocess):
-    """(logits, reference tokens) of each batch, under teacher forcing."""
-    for batch in _split_batches(spec, split, limit, preprocess):
-        with torch.inference_mode():
-            yield recipe.target_logits(model, {k: torch.as_tensor(batch[k]) for k in recipe.tensor_columns})
 
 
 def write_outputs(layout: RunLayout, stage: str, metrics: dict, preds: Predictions) -> None:

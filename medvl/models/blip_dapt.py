@@ -69,7 +69,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from transformers import AutoTokenizer, BlipForQuestionAnswering
 
-from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch, shifted_targets
 from medvl.models.blip_common import (
     BlipPreprocessor,
     apply_frozen_vision_policy,
@@ -523,6 +523,15 @@ class BlipDaptRecipe(Recipe):
             num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
             confidence_temperature=settings.confidence_temperature,
         )
+
+    def target_logits(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captioning (LM) task's decoder logits at the caption tokens its loss scores."""
+        blip = model.student.blip
+        image_embeds = vision_states(blip.vision_model, batch["pixel_values"])
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        logits = blip.text_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask).logits
+        return shifted_targets(logits, lm_labels(batch["input_ids"], batch["attention_mask"]))
 
     def attention_maps(self, loaded: LoadedModel, batch: TensorBatch, texts: list[str]) -> np.ndarray:
         return blip_attention_maps(loaded.module.student.blip, loaded.tokenizer, batch["pixel_values"], texts,

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BlipForQuestionAnswering
 
-from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch, shifted_targets
 from medvl.models.blip_common import (
     BlipPreprocessor,
     apply_frozen_vision_policy,
@@ -71,18 +71,22 @@ def vqa_loss(model: torch.nn.Module, batch: TensorBatch) -> torch.Tensor:
     ).loss
 
 
-@torch.no_grad()
-def generate_answers(model: BlipForQuestionAnswering, batch: TensorBatch, **generate_kwargs) -> torch.Tensor:
-    """Answer token ids, the decoder attending only to real question tokens (as in training)."""
+def encode_question(model: BlipForQuestionAnswering, batch: TensorBatch) -> torch.Tensor:
+    """The question's text-encoder states, cross-attending to the image (what the answer decoder reads)."""
     image_embeds = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    question_mask = batch["question_attention_mask"]
-    question = model.text_encoder(
+    return model.text_encoder(
         input_ids=batch["question_input_ids"],
-        attention_mask=question_mask,
+        attention_mask=batch["question_attention_mask"],
         encoder_hidden_states=image_embeds,
         encoder_attention_mask=image_mask,
     ).last_hidden_state
+
+
+@torch.no_grad()
+def generate_answers(model: BlipForQuestionAnswering, batch: TensorBatch, **generate_kwargs) -> torch.Tensor:
+    """Answer token ids, the decoder attending only to real question tokens (as in training)."""
+    question = encode_question(model, batch)
     text = model.config.text_config
     bos = torch.full((question.shape[0], 1), text.bos_token_id, dtype=torch.long, device=question.device)
     return model.text_decoder.generate(
@@ -90,9 +94,21 @@ def generate_answers(model: BlipForQuestionAnswering, batch: TensorBatch, **gene
         eos_token_id=text.sep_token_id,
         pad_token_id=text.pad_token_id,
         encoder_hidden_states=question,
-        encoder_attention_mask=question_mask,
+        encoder_attention_mask=batch["question_attention_mask"],
         **generate_kwargs,
     )
+
+
+def answer_target_logits(model: BlipForQuestionAnswering, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher forcing on the answer: (logits, tokens) at every answer position the VQA loss scores."""
+    answer_ids, answer_mask = batch["answer_input_ids"], batch["answer_attention_mask"]
+    logits = model.text_decoder(
+        input_ids=answer_ids,
+        attention_mask=answer_mask,
+        encoder_hidden_states=encode_question(model, batch),
+        encoder_attention_mask=batch["question_attention_mask"],
+    ).logits
+    return shifted_targets(logits, lm_labels(answer_ids, answer_mask))
 
 
 class BlipVqaRecipe(Recipe):
@@ -129,6 +145,9 @@ class BlipVqaRecipe(Recipe):
             model.config.text_config.sep_token_id, num_beams=settings.num_beams,
             max_new_tokens=settings.max_new_tokens, confidence_temperature=settings.confidence_temperature,
         )
+
+    def target_logits(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return answer_target_logits(model, batch)
 
     def save(self, model: torch.nn.Module, model_source: str, out_dir: Path) -> None:
         save_blip_folder(model, model_source, out_dir)

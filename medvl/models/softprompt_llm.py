@@ -72,7 +72,7 @@ from transformers import (
 )
 
 from medvl.data.preprocessing import ImageTextPreprocessor, pad_sequences
-from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch
+from medvl.models.base import Batch, GenerationSettings, LoadedModel, Recipe, TensorBatch, shifted_targets
 from medvl.models.checkpointing import enable_hf_checkpointing, run_checkpointed
 from medvl.models.lora import (
     load_adapter_weights,
@@ -342,6 +342,14 @@ class SoftPromptRecipe(Recipe):
                                pixel_values=batch["pixel_values"], num_beams=settings.num_beams,
                                max_new_tokens=settings.max_new_tokens,
                                confidence_temperature=settings.confidence_temperature)
+
+    def target_logits(self, model: torch.nn.Module, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's logits over ``[prefix; text]``, at the text tokens the loss scores (after the BOS)."""
+        output = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"])
+        labels = text_labels(batch["input_ids"], batch["attention_mask"])
+        prefix = output.logits.shape[1] - labels.shape[1]
+        return shifted_targets(output.logits, torch.cat([labels.new_full((labels.shape[0], prefix), -100), labels], 1))
 
     def extra_eval_metrics(self, model: torch.nn.Module, batch: TensorBatch) -> dict[str, float]:
         output = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
