@@ -30,7 +30,7 @@ from medvl.data.position import POSITION_FILE, ROW_KEY
 from medvl.data.shards import MANIFEST, read_manifest, shard_paths
 from medvl.data.skips import skipped_counts, skipped_since
 from medvl.models.base import Recipe
-from medvl.models.cache import initial_model_in, model_filesystem, preprocessor_for, publishing
+from medvl.models.cache import initial_model_in, model_filesystem, publishing
 from medvl.models.registry import build_recipe
 from medvl.runs import RUN_SPEC_FILE, RunLayout, write_summary
 from medvl.spec import JobSpec, StageSpec
@@ -155,7 +155,7 @@ def training_datasets(spec: JobSpec, recipe: Recipe, model_source: str,
     """
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     model_fs = model_filesystem(model_source, endpoint)  # carries the driver's S3 endpoint and keys to workers
-    factory = functools.partial(preprocessor_for, recipe, model_source, model_fs)
+    factory = recipe.preprocessor_factory(model_source, model_fs)  # torch-free where the recipe has such a form
     preprocess = functools.partial(
         preprocessed, preprocessor_factory=factory,
         concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
@@ -192,7 +192,7 @@ def shared_training_datasets(spec: JobSpec, recipe: Recipe, model_source: str, r
     if estimate > SHARED_DATA_STORE_SHARE * store:
         return None
     location, endpoint = spec.shards_location, data.endpoint_url
-    preprocess = preprocessor_for(recipe, model_source, model_filesystem(model_source, endpoint))
+    preprocess = recipe.preprocessor_factory(model_source, model_filesystem(model_source, endpoint))()
     columns = list(recipe.tensor_columns)
     return {
         "train": preprocessed_here(location, "train", preprocess, [*columns, ROW_KEY], endpoint).randomize_block_order(),
