@@ -2,13 +2,16 @@
 
     python benchmarks/tune_asha.py                 # 6 trials (LoRA rank × learning rate), up to 12 steps each
     python benchmarks/tune_asha.py --concurrency 1
+    python benchmarks/tune_asha.py --trainer torch    # every trial under a TorchTrainer (the path before issue 18)
 
 Prints the total optimizer steps trained over all trials and the wall time of each search, their ratios
 (ASHA / full), whether both searches found the same best config, and each trial's start-up: the time from the
 trial function's start to its first optimizer step (median and max over all trials of both searches), split
-as the Train worker records it (``medvl.train.reporting.StartupClock``: imports, driver side, worker group,
-model, Ray Data's first batch, first step). Shards are prepared once and shared, and
-each search builds the same seeded tiny base model, so the two differ only in the scheduler.
+as the training loop records it (``medvl.train.reporting.StartupClock``: imports, driver side, worker group
+when a ``TorchTrainer`` runs the trial, model, Ray Data's first batch, first step). One-worker trials train in the
+trial's own process (``medvl.tune.trial``); ``--trainer torch`` runs them under a ``TorchTrainer`` instead, to
+compare. Shards are prepared once and shared, and each search builds the same seeded tiny base model, so the two
+differ only in the scheduler.
 """
 from __future__ import annotations
 
@@ -78,6 +81,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once (2 fit a 2-CPU machine)")
     parser.add_argument("--keep", action="store_true", help="keep the output folder")
+    parser.add_argument("--trainer", choices=("auto", "torch"), default="auto",
+                        help="auto: one-worker trials train in their own process; torch: under a TorchTrainer")
     parser.add_argument("--first", choices=("asha", "none"), default="asha",
                         help="which search runs first (the first pays Ray Train's cold start in this Ray)")
     args = parser.parse_args(argv)
@@ -88,7 +93,11 @@ def main(argv: list[str]) -> int:
 
     from medvl.data.prepare import run_prepare_stage
     from medvl.spec import parse_spec
+    from medvl.tune import stage as tune_stage
     from medvl.tune.stage import run_tune_stage
+
+    if args.trainer == "torch":
+        tune_stage.runs_in_trial = lambda example, searched: False
 
     work = Path(tempfile.mkdtemp(prefix="medvl-tune-asha-"))
     (work / "space.yaml").write_text(yaml.safe_dump(SPACE))
@@ -127,6 +136,8 @@ def main(argv: list[str]) -> int:
     print(f"wall time   ASHA/full  {asha['wall_s'] / full['wall_s']:.2f}")
     print(f"same best config       {asha['best'] == full['best']}")
     print_startups(startups)
+    where = "under a TorchTrainer" if args.trainer == "torch" else "as medvl decides (one CPU worker: in process)"
+    print(f"trials trained          {where}")
     print(f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min) at the end")
     if args.keep:
         print(f"outputs in {work}")
