@@ -132,6 +132,9 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Location, base: 
                 search_alg=search_algorithm(spec, concurrency(spec, ray.cluster_resources())),
                 scheduler=scheduler(spec, max_t),
                 trial_dirname_creator=lambda trial: trial.trial_id,
+                # A trial training in process imports torch, transformers and the recipe (seconds each on a busy
+                # machine): the next trial reuses its process, and those imports, instead of starting a new one.
+                reuse_actors=in_process,
             ),
             run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=tune_dir.path, storage_filesystem=filesystem,
                                       callbacks=[FreeEndedTrials(), *(callbacks or [])], verbose=1,
