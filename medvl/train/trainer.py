@@ -150,7 +150,11 @@ def run_train_in_trial(spec: JobSpec, stage: StageSpec, start_from: str, shared_
     startup_stamps |= {"stage": stage_stamp, "driver": time.time()}
     best_dir = scratch_folder(out) / "best_checkpoint"
     session = TrialSession(datasets, best_dir)
-    run_loop(loop_config(spec, start_from, model_fs, total_steps, position, None, startup_stamps), session)
+    try:
+        run_loop(loop_config(spec, start_from, model_fs, total_steps, position, None, startup_stamps), session)
+    except SystemExit:  # Tune stopped the trial (ASHA): no export, so no copy to keep (a failure keeps it)
+        shutil.rmtree(best_dir.parent, ignore_errors=True)
+        raise
     if not best_dir.is_dir():
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
     model_dir = layout.model(stage.name)
