@@ -120,8 +120,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=0, help="pixels (0 = the quickstart's)")
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps for (c)")
     parser.add_argument("--torch-threads", type=int, default=0, help="for (c); 0 = the quickstart's train.torch_threads")
+    parser.add_argument("--preprocessor", choices=("pipeline", "recipe"), default="pipeline",
+                        help="pipeline: what training's pipeline runs (the recipe's torch-free form where it has "
+                             "one); recipe: recipe.preprocessor, built from transformers (the actor imports torch)")
     args = parser.parse_args()
 
+    from medvl.models.cache import preprocessor_for
     from medvl.models.registry import build_recipe
     from medvl.spec import load_spec
     from medvl.train.trainer import training_texts
@@ -142,19 +146,21 @@ def main() -> None:
               f"measuring the train split ({manifest['counts']['train']} rows)")
         recipe = build_recipe(spec)
         model_source = recipe.initial_model(Path(tmp), lambda: training_texts(spec))
-        factory = functools.partial(recipe.preprocessor, model_source)
+        factory = (recipe.preprocessor_factory(model_source) if args.preprocessor == "pipeline"
+                   else functools.partial(preprocessor_for, recipe, model_source))
 
         rows, seconds, first = ray_data_rate(spec, location, factory)
         ray_rate = rows / seconds
         steady = (rows - spec.train.batch_size) / (seconds - first) if seconds - first > 1 else float("nan")
-        batches, plain_seconds = plain_loop_rate(location, factory())
+        preprocess = factory()
+        batches, plain_seconds = plain_loop_rate(location, preprocess)
         plain_rows = sum(len(b["pixel_values"]) for b in batches)
         plain_rate = plain_rows / plain_seconds
         threads = args.torch_threads or spec.train.torch_threads or 1
         train_rate = training_rate(spec, recipe, model_source, batches, args.steps, threads)
 
     data = spec.data
-    print("\n== ingest benchmark ==")
+    print(f"\n== ingest benchmark ({type(preprocess).__name__}) ==")
     print(f"(a) Ray Data read_split + preprocessed   {ray_rate:8.0f} rows/s  ({rows} rows in {seconds:.1f} s, "
           f"first batch after {first:.1f} s, {steady:.0f} rows/s after it; {data.preprocess_workers} actor × "
           f"{data.preprocess_cpus:g} CPU)")

@@ -2,13 +2,17 @@
 
     python benchmarks/tune_asha.py                 # 6 trials (LoRA rank × learning rate), up to 12 steps each
     python benchmarks/tune_asha.py --concurrency 1
+    python benchmarks/tune_asha.py --trainer torch    # every trial under a TorchTrainer (the path before issue 18)
 
 Prints the total optimizer steps trained over all trials and the wall time of each search, their ratios
 (ASHA / full), whether both searches found the same best config, and each trial's start-up: the time from the
 trial function's start to its first optimizer step (median and max over all trials of both searches), split
-as the Train worker records it (``medvl.train.reporting.StartupClock``: imports, driver side, worker group,
-model, Ray Data's first batch, first step). Shards are prepared once and shared, and
-each search builds the same seeded tiny base model, so the two differ only in the scheduler.
+as the training loop records it (``medvl.train.reporting.StartupClock``: imports, driver side, worker group
+when a ``TorchTrainer`` runs the trial, model, Ray Data's first batch, first step). One-worker trials train in the
+trial's own process (``medvl.tune.trial``); ``--trainer torch`` runs them under a ``TorchTrainer`` instead, to
+compare. Shards are prepared once and shared, and each search builds the same seeded tiny base model, so the two
+differ only in the scheduler. An untimed one-trial search runs first (``--no-warmup`` skips it): otherwise the
+first timed search alone pays the driver's imports and Ray's first worker starts.
 """
 from __future__ import annotations
 
@@ -52,13 +56,16 @@ def read_rows(tune_dir: Path) -> list[dict]:
 
 
 def trial_startups(tune_dir: Path) -> list[dict[str, float]]:
-    """Each trial's start-up split, from the first result it reported to Tune (its ``result.json``)."""
-    startups = []
+    """Each trial's start-up split, from the first result it reported to Tune (its ``result.json``), with
+    ``fresh`` 1.0 for the first trial of its process (Tune reuses a trial's process for the next when trials train
+    in process: that one paid the imports)."""
+    startups, pids = [], set()
     for result_file in sorted((tune_dir / SEARCH_DIR).glob("*/result.json")):
         for line in result_file.read_text().splitlines():
-            startup = json.loads(line).get("startup_s")
-            if startup:
-                startups.append(startup)
+            result = json.loads(line)
+            if result.get("startup_s"):
+                startups.append(result["startup_s"] | {"fresh": float(result.get("pid") not in pids)})
+                pids.add(result.get("pid"))
                 break
     return startups
 
@@ -68,16 +75,40 @@ def print_startups(startups: list[dict[str, float]]) -> None:
         print("trial start-up          (no trial reported one)")
         return
     totals = [s["total"] for s in startups]
-    parts = [k for k in startups[0] if k != "total"]
+    parts = [k for k in startups[0] if k not in ("total", "fresh")]
     split = ", ".join(f"{k} {statistics.median(s.get(k, 0.0) for s in startups):.1f}" for k in parts)
     print(f"trial start-up          median {statistics.median(totals):.1f} s, max {max(totals):.1f} s over "
           f"{len(totals)} trials (medians, s: {split})")
+    fresh = [s["total"] for s in startups if s["fresh"]]
+    if len(fresh) < len(startups):
+        print(f"                        of which {len(fresh)} in a new process (the rest reused one): median "
+              f"{statistics.median(fresh):.1f} s, max {max(fresh):.1f} s")
+
+
+def warm_up(work: Path, concurrency: int) -> float:
+    """One trial of 3 steps, so that neither timed search pays what only the first search in a process pays: the
+    driver's imports of the model code, peft and matplotlib, and Ray's first worker processes. Its seconds."""
+    from medvl.spec import parse_spec
+    from medvl.tune.stage import run_tune_stage
+
+    (work / "warmup_space.yaml").write_text(yaml.safe_dump({"train.lr": {"grid": [3e-3]}}))
+    raw = job(work, "warmup", concurrency)
+    raw["tune"] |= {"space": str(work / "warmup_space.yaml"), "scheduler": "none", "max_steps": 3}
+    spec = parse_spec(raw)
+    started = time.perf_counter()
+    run_tune_stage(spec, spec.stages[0])
+    return time.perf_counter() - started
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once (2 fit a 2-CPU machine)")
     parser.add_argument("--keep", action="store_true", help="keep the output folder")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="skip the untimed one-trial search that first pays the driver's imports and Ray's "
+                             "first worker starts (then the first timed search pays them)")
+    parser.add_argument("--trainer", choices=("auto", "torch"), default="auto",
+                        help="auto: one-worker trials train in their own process; torch: under a TorchTrainer")
     parser.add_argument("--first", choices=("asha", "none"), default="asha",
                         help="which search runs first (the first pays Ray Train's cold start in this Ray)")
     args = parser.parse_args(argv)
@@ -88,7 +119,11 @@ def main(argv: list[str]) -> int:
 
     from medvl.data.prepare import run_prepare_stage
     from medvl.spec import parse_spec
+    from medvl.tune import stage as tune_stage
     from medvl.tune.stage import run_tune_stage
+
+    if args.trainer == "torch":
+        tune_stage.runs_in_trial = lambda example, searched: False
 
     work = Path(tempfile.mkdtemp(prefix="medvl-tune-asha-"))
     (work / "space.yaml").write_text(yaml.safe_dump(SPACE))
@@ -98,6 +133,8 @@ def main(argv: list[str]) -> int:
     try:
         prepare = parse_spec(job(work, "asha", args.concurrency) | {"stages": ["prepare"]})
         run_prepare_stage(prepare)
+        if not args.no_warmup:
+            figures["warmup_s"] = warm_up(work, args.concurrency)
         for scheduler in (("asha", "none") if args.first == "asha" else ("none", "asha")):
             spec = parse_spec(job(work, scheduler, args.concurrency))
             started = time.perf_counter()
@@ -124,9 +161,13 @@ def main(argv: list[str]) -> int:
         print(f"{name:<5} {f['trials']} trials, {f['stopped_early']} stopped early, {f['steps']} trial-steps, "
               f"wall {f['wall_s']:.0f} s, best {f['best']} (val_loss {f['best_val_loss']:.4f})")
     print(f"trial-steps ASHA/full  {asha['steps'] / full['steps']:.2f}")
+    if "warmup_s" in figures:
+        print(f"(before both, untimed: a 1-trial warm-up search, {figures['warmup_s']:.0f} s)")
     print(f"wall time   ASHA/full  {asha['wall_s'] / full['wall_s']:.2f}")
     print(f"same best config       {asha['best'] == full['best']}")
     print_startups(startups)
+    where = "under a TorchTrainer" if args.trainer == "torch" else "as medvl decides (one CPU worker: in process)"
+    print(f"trials trained          {where}")
     print(f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min) at the end")
     if args.keep:
         print(f"outputs in {work}")

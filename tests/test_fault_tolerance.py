@@ -86,3 +86,53 @@ def test_killed_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path: Pat
     assert summary["epochs"] == [
         {"epoch": epoch, "samples": train_rows, "distinct_samples": train_rows} for epoch in range(2)
     ]
+
+
+class KillTrialAt:
+    """A Tune callback that SIGKILLs a trial's process (its ``pid``, from its results) once Tune has registered the
+    checkpoint it reported at ``step`` (``on_trial_save``: Tune saves a function trainable's checkpoint after the
+    result that carried it)."""
+
+    def __new__(cls, step: int):
+        from ray.tune import Callback
+
+        class _Kill(Callback):
+            def __init__(self):
+                self.killed: list[int] = []
+
+            def on_trial_save(self, iteration, trials, trial, **info):
+                result = trial.last_result
+                if result.get("step") == step and not self.killed:
+                    self.killed.append(result["pid"])
+                    os.kill(result["pid"], signal.SIGKILL)
+
+        return _Kill()
+
+
+def test_a_trial_training_in_its_own_process_restarts_from_its_last_checkpoint_after_a_kill(tmp_path: Path,
+                                                                                           ray_local):
+    import yaml
+
+    from medvl.stages import run_stages
+    from medvl.tune.stage import run_tune_stage
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": {"grid": [2e-3]}}))
+    raw = job(tmp_path) | {"stages": ["prepare", "tune"]}
+    raw["train"] |= {"workers": 1, "cpus_per_worker": 0.5, "epochs": 1}
+    raw["tune"] = {"space": str(space), "scheduler": "none", "max_steps": 3 * EVAL_EVERY,
+                   "eval_every_steps": EVAL_EVERY, "max_concurrent_trials": 1}
+    spec = parse_spec(raw)
+    run_stages(spec, kinds=("prepare",))
+    kill = KillTrialAt(EVAL_EVERY)
+    summary = run_tune_stage(spec, spec.stages[1], callbacks=[kill])
+
+    assert kill.killed and summary["complete"]
+    tune_dir = Path(spec.output_dir) / "tune"
+    starts = [json.loads(line) for line in (tune_dir / "trial_starts.jsonl").read_text().splitlines()]
+    assert len(starts) == 2 and starts[0]["trial_id"] == starts[1]["trial_id"]  # the same trial, started again
+    trial = json.loads((tune_dir / "trials" / starts[0]["trial_id"] / "train" / "train_summary.json").read_text())
+    # It went on from the checkpoint of the kill's step, not from the start, and ran to its planned end.
+    assert trial["resumed_at_steps"] == [EVAL_EVERY]
+    assert trial["steps"] == 3 * EVAL_EVERY
+    assert (tune_dir / "best" / "model" / "config.json").is_file()

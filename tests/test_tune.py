@@ -18,7 +18,7 @@ from medvl.tune.results import TrialRow, best_job_spec
 from medvl.tune.search import concurrency, trial_cpus
 from medvl.tune.space import Dimension
 from medvl.tune.stage import base_trial_spec, trial_datasets
-from medvl.tune.trial import trial_spec
+from medvl.tune.trial import runs_in_trial, trial_spec
 
 IMAGE_SIZE = 32
 
@@ -122,6 +122,15 @@ def read_trials(tune_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def test_one_worker_cpu_trials_train_in_their_own_process_others_under_a_torch_trainer(tmp_path: Path):
+    spec = parse_spec(search_job(tmp_path, {"train.lr": {"grid": [1e-2]}}, ["tune"]))
+    assert runs_in_trial(spec, ["train.lr", "model.lora_r"])
+    assert not runs_in_trial(spec, ["train.lr", "train.workers"])  # a trial might get two workers
+    two = parse_spec(search_job(tmp_path, {"train.lr": {"grid": [1e-2]}}, ["tune"]) | {
+        "train": {"finetune": "lora", "workers": 2, "cpus_per_worker": 0.25}})
+    assert not runs_in_trial(two, ["train.lr"])
+
+
 def test_trials_share_preprocessed_data_only_when_no_searched_field_changes_preprocessing(tmp_path: Path):
     spec = parse_spec(search_job(tmp_path, {"train.lr": {"grid": [1e-2]}}, ["tune"]))
     for field in ("data.image_size", "model.num_query_tokens", "model.recipe"):
@@ -165,9 +174,10 @@ def test_asha_search_stops_trials_early_and_exports_a_best_adapter_peft_loads(tm
     assert best["train.lr"] == "0.01" and float(best["val_loss"]) == min(float(r["val_loss"]) for r in rows)
     assert (tune_dir / "trials.md").read_text().count("\n| ") == 7  # header + 6 trials
     assert (tune_dir / "val_loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Every trial reported where its start-up went (benchmarks/tune_asha.py prints it).
+    # Every trial reported where its start-up went (benchmarks/tune_asha.py prints it); one-worker trials train in
+    # their own process (no Train worker group: medvl.tune.trial).
     startups = [json.loads(f.read_text().splitlines()[0])["startup_s"] for f in (tune_dir / "search").glob("*/result.json")]
-    parts = {"stage", "driver", "worker_group", "model", "data", "first_step", "total"}
+    parts = {"stage", "driver", "model", "data", "first_step", "total"}
     assert len(startups) == 6 and all(set(s) == parts and s["total"] > 0 for s in startups), startups
     # Ended trials freed their Train workers and the workers' placement groups (see medvl/tune/cleanup.py).
     deadline = time.monotonic() + 30

@@ -18,6 +18,7 @@ A recipe object holds the spec and nothing else: a loaded model travels with its
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,16 @@ class Recipe(ABC):
     @abstractmethod
     def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
         """A picklable callable for ``Dataset.map_batches``: shard rows → model inputs (numpy)."""
+
+    def preprocessor_factory(self, model_source: str, filesystem=None) -> Callable[[], Callable[[Batch], Batch]]:
+        """A picklable, argument-less callable that builds this recipe's preprocessor where it runs (a Ray Data
+        actor, maybe on another node: a model on object storage is fetched there; ``filesystem`` as in
+        :func:`medvl.models.cache.local_model`). By default it unpickles this recipe (importing its model code)
+        and calls :meth:`preprocessor`; a recipe whose preprocessing has a torch-free form returns one that
+        builds that instead (see :class:`medvl.data.preprocessing.FolderPreprocessor`)."""
+        from medvl.models.cache import preprocessor_for
+
+        return functools.partial(preprocessor_for, self, model_source, filesystem)
 
     @abstractmethod
     def load_for_training(self, model_source: str) -> torch.nn.Module:

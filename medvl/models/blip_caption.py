@@ -28,6 +28,7 @@ from medvl.models.blip_common import (
     save_blip_folder,
     save_random_blip,
     save_tiny_blip,
+    torch_free_factory,
 )
 from medvl.models.precision import weight_dtype
 from medvl.models.scored_generation import Generated, generate_scored
@@ -44,6 +45,11 @@ class BlipCaptionRecipe(Recipe):
     def preprocessor(self, model_source: str) -> Callable[[Batch], Batch]:
         data = self.spec.data
         return BlipPreprocessor(model_source, data.image_size, data.max_text_length, data.max_question_length)
+
+    def preprocessor_factory(self, model_source: str, filesystem=None) -> Callable[[], Callable[[Batch], Batch]]:
+        """The torch-free form of :meth:`preprocessor` where the folder allows it: Ray Data's actors start faster."""
+        return (torch_free_factory(self.spec, model_source, filesystem)
+                or super().preprocessor_factory(model_source, filesystem))
 
     def load_for_training(self, model_source: str) -> torch.nn.Module:
         model = BlipForConditionalGeneration.from_pretrained(model_source, dtype=weight_dtype(self.spec))

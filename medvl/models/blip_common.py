@@ -9,15 +9,16 @@ shifts labels itself).
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BlipConfig, BlipImageProcessor
 
-from medvl.data.preprocessing import ImageTextPreprocessor, pad_sequences
+from medvl.data.preprocessing import FolderPreprocessor, ImageTextPreprocessor, UnsupportedFolder, pad_sequences
 from medvl.models.blip_cross_attention import decoder_cross_attention
 from medvl.models.precision import storage_dtype
 from medvl.models.random_preset import build_random, random_tokenizer, real_config, release
@@ -140,6 +141,26 @@ class BlipPreprocessor(ImageTextPreprocessor):
     def cls(self) -> int:
         """The question encoder's first token: BERT's ``[CLS]`` (the tiny tokenizer's ``[BOS]``)."""
         return self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None else self.bos
+
+
+def torch_free_factory(spec: JobSpec, model_source: str, filesystem=None) -> Callable[[], Callable] | None:
+    """A factory of :class:`medvl.data.preprocessing.FolderPreprocessor` equivalent to :class:`BlipPreprocessor`
+    for ``model_source`` (a Ray Data actor builds it without importing torch, transformers or this module), or
+    None when the folder has no ``tokenizer.json`` or an image processor it cannot replay.
+
+    Checked here, on the driver, on its local copy of the model (fetched once; the actors fetch theirs)."""
+    from medvl.models.cache import folder_preprocessor, local_model
+
+    data = spec.data
+    local = local_model(model_source, data.endpoint_url, filesystem)
+    text = BlipConfig.from_pretrained(local).text_config
+    settings = {"image_size": data.image_size, "max_text_length": data.max_text_length,
+                "start": text.bos_token_id, "end": text.sep_token_id, "pad": text.pad_token_id}
+    try:
+        FolderPreprocessor(local, **settings)
+    except UnsupportedFolder:
+        return None
+    return functools.partial(folder_preprocessor, model_source, data.endpoint_url, filesystem, **settings)
 
 
 def encode_texts(tokenizer, texts: list[str], length: int, start: int, end: int, pad: int

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medvl.data.preprocessing import FolderPreprocessor
 from medvl.storage import Location, is_remote
 
 if TYPE_CHECKING:
@@ -182,3 +183,9 @@ def preprocessor_for(recipe: Recipe, model_source: str, filesystem=None):
     """``recipe.preprocessor`` of a model anywhere (picklable with functools.partial, called on Ray Data actors);
     ``filesystem``: see :func:`local_model`."""
     return recipe.preprocessor(local_model(model_source, recipe.spec.data.endpoint_url, filesystem))
+
+
+def folder_preprocessor(model_source: str, endpoint_url: str, filesystem, **settings) -> FolderPreprocessor:
+    """A :class:`FolderPreprocessor` of a model anywhere: what a recipe's torch-free ``preprocessor_factory``
+    builds on a Ray Data actor (this module imports neither torch nor the recipes)."""
+    return FolderPreprocessor(local_model(model_source, endpoint_url, filesystem), **settings)

@@ -25,10 +25,8 @@ import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import ray.train
-import ray.train.torch
 import torch
 
 from medvl.models.base import Recipe
@@ -43,11 +41,13 @@ DEEPSPEED_MARKER = "medvl_deepspeed.json"  # says "consolidate me" to the export
 
 
 def build_engine(spec: JobSpec, recipe: Recipe, model_source: str, total_steps: int,
-                 deepspeed_file: dict[str, Any] | None = None):
-    """``deepspeed_file``: the contents of ``train.deepspeed.config_file`` as the driver read it."""
+                 deepspeed_file: dict[str, Any] | None = None,
+                 prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+    """``deepspeed_file``: the contents of ``train.deepspeed.config_file`` as the driver read it;
+    ``prepare_model``: how the DDP engine wraps the model (default ``ray.train.torch.prepare_model``)."""
     if spec.train.strategy == "deepspeed":
         return ZeroEngine(spec, recipe, model_source, total_steps, deepspeed_file)
-    return DdpEngine(spec, recipe, model_source, total_steps)
+    return DdpEngine(spec, recipe, model_source, total_steps, prepare_model)
 
 
 def _optimizer_and_scheduler(spec: JobSpec, parameters: list[torch.nn.Parameter], total_steps: int):
@@ -59,13 +59,18 @@ def _optimizer_and_scheduler(spec: JobSpec, parameters: list[torch.nn.Parameter]
 
 
 class DdpEngine:
-    def __init__(self, spec: JobSpec, recipe: Recipe, model_source: str, total_steps: int):
+    def __init__(self, spec: JobSpec, recipe: Recipe, model_source: str, total_steps: int,
+                 prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
         self.spec, self.recipe, self.model_source = spec, recipe, model_source
         model = recipe.load_for_training(model_source)
         if spec.train.checkpoints_activations:
             enable_gradient_checkpointing(model)
         keep_trainable_in_fp32(model)
-        self.model = ray.train.torch.prepare_model(model)
+        if prepare_model is None:
+            import ray.train.torch
+
+            prepare_model = ray.train.torch.prepare_model
+        self.model = prepare_model(model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = _optimizer_and_scheduler(spec, self.trainable, total_steps)
         self.precision = training_precision(spec)
@@ -125,6 +130,8 @@ class DdpEngine:
 class ZeroEngine:
     def __init__(self, spec: JobSpec, recipe: Recipe, model_source: str, total_steps: int,
                  deepspeed_file: dict[str, Any] | None = None):
+        import ray.train
+
         deepspeed = import_deepspeed()
         from transformers.integrations import HfDeepSpeedConfig
 

@@ -1,4 +1,5 @@
-"""The per-worker training loop run by Ray Train's ``TorchTrainer`` (Train V2 APIs).
+"""The training loop: run by each of Ray Train's ``TorchTrainer`` workers (Train V2 APIs), or by a one-worker
+Tune trial in its own process (:mod:`medvl.train.session` is where the two differ).
 
 One loop serves every recipe: the recipe supplies the loss; this file owns the schedule of training (epochs,
 steps, validation, early stopping, checkpoints). Optimisation itself (AdamW, warm-up + cosine decay,
@@ -21,8 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -33,6 +32,7 @@ from medvl.models.registry import build_recipe
 from medvl.spec import JobSpec
 from medvl.train.engines import DdpEngine, ZeroEngine, build_engine
 from medvl.train.reporting import StartupClock, StepMeter
+from medvl.train.session import TrainWorkerSession, TrialSession
 
 TRAINING_STATE = "training_state.pt"
 
@@ -47,6 +47,7 @@ class WorkerRun:
     device: torch.device
     val_shard: Any
     meter: StepMeter
+    session: TrainWorkerSession | TrialSession
     position_file: tuple[Any, str] | None = None  # (pyarrow filesystem, path) read by the train pipeline's actors
     epoch_trained: list[int] = field(default_factory=list)  # row keys trained this epoch, as of the checkpoint
     consumed: list[int] = field(default_factory=list)  # row keys this worker trained since then
@@ -65,12 +66,20 @@ class TrainState:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """``TorchTrainer``'s entry point."""
+    run_loop(config, TrainWorkerSession())
+
+
+def run_loop(config: dict[str, Any], session: TrainWorkerSession | TrialSession) -> None:
+    """Train ``config["spec"]`` to its end (epochs, ``total_steps``, early stopping), reporting each validation
+    with a checkpoint to ``session``; resumes from the session's checkpoint when there is one."""
     spec: JobSpec = config["spec"]
+    startup = StartupClock(config.get("startup_stamps"))
+    if session.startup_mark:
+        startup.mark(session.startup_mark)
     recipe = build_recipe(spec)
     settings = spec.train
-    startup = StartupClock(config.get("startup_stamps"))
-    startup.mark("worker_group")
-    rank = ray.train.get_context().get_world_rank()
+    rank = session.world_rank
     torch.manual_seed(settings.seed + rank)
     if config.get("torch_threads"):
         torch.set_num_threads(config["torch_threads"])
@@ -78,17 +87,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = config["total_steps"]
     # A model on object storage is loaded from this node's cached copy (fetched once per node).
     source = local_model(config["model_source"], spec.data.endpoint_url, config.get("model_filesystem"))
-    engine = build_engine(spec, recipe, source, total_steps, config.get("deepspeed_file"))
+    engine = build_engine(spec, recipe, source, total_steps, config.get("deepspeed_file"), session.prepare_model)
     model = engine.model
     state, epoch_trained = TrainState(), []
-    device = ray.train.torch.get_device()
+    device = session.device
     startup.mark("model")
     parameters = parameter_report(engine.unwrapped)
     meter = StepMeter(config.get("progress_board"), spec.tracking.log_every_steps, rank, device, parameters, startup)
     if meter.board is not None:  # a Tune trial has none: its summary records the counts, not a line per trial
         meter.note(describe_parameters(parameters))
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state, epoch_trained = _load_training_state(Path(folder), engine)
@@ -96,8 +105,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         meter.note(f"resumed from checkpoint at epoch {state.epoch + 1}, step {state.step} "
                    f"({len(epoch_trained)} samples of the epoch already trained)")
 
-    train_shard = ray.train.get_dataset_shard("train")
-    run = WorkerRun(spec, recipe, engine, device, ray.train.get_dataset_shard("val"), meter,
+    train_shard = session.dataset("train")
+    run = WorkerRun(spec, recipe, engine, device, session.dataset("val"), meter, session,
                     config.get("position_file"), epoch_trained)
 
     while state.epoch < settings.epochs and not state.stopped_early and state.step < total_steps:
@@ -141,7 +150,7 @@ def _publish_position(run: WorkerRun) -> None:
     """Tell this epoch's data pipeline which rows were trained already (none, unless resuming mid-epoch)."""
     if run.position_file is None:
         return
-    if ray.train.get_context().get_world_rank() == 0:
+    if run.session.world_rank == 0:
         write_position(*run.position_file, run.epoch_trained)
     _barrier()  # no worker may start the epoch's pipeline before the file is right
 
@@ -191,12 +200,11 @@ def _validate_and_report(run: WorkerRun, state: TrainState, running: list[float]
     metrics["history"] = list(state.history)
     metrics["epochs"] = list(state.epochs)
     metrics["resumed_at_steps"] = list(state.resumed_at_steps)
-    rank = ray.train.get_context().get_world_rank()
     if not validated:
         run.meter.validation(state.step, {k: metrics[k] for k in ("val_loss", "stopped_early")})
     with tempfile.TemporaryDirectory() as folder:
-        writes = _save_checkpoint(Path(folder), run, state, rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if writes else None)
+        writes = _save_checkpoint(Path(folder), run, state, run.session.world_rank)
+        run.session.report(metrics, Path(folder) if writes else None)
     run.meter.resume()
 
 

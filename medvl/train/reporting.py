@@ -31,8 +31,10 @@ class StartupClock:
     The driver stamps the stage's start and the ``fit()`` call (``time.time()``: the stamps cross processes on
     one machine; across nodes, clock skew adds to the worker group's share); the worker stamps the loop's entry,
     the model being ready, the first batch and the first step. Each duration is named by the stamp that ends it:
-    ``stage`` (from a Tune trial's start to its train stage: imports), ``driver`` (initial model, datasets), ``worker_group`` (Train's controller and workers, process group),
-    ``model`` (build / load and wrap), ``data`` (Ray Data's pipeline up to the first batch), ``first_step``.
+    ``stage`` (from a Tune trial's start to its train stage: imports), ``driver`` (initial model, datasets),
+    ``worker_group`` (Train's controller and workers, process group; absent when a Tune trial trains in its own
+    process), ``model`` (the recipe's code imported, build / load and wrap), ``data`` (Ray Data's pipeline up to
+    the first batch), ``first_step``.
     """
 
     def __init__(self, driver_stamps: dict[str, float] | None = None):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from medvl.data.position import POSITION_FILE, ROW_KEY
 from medvl.data.shards import MANIFEST, read_manifest, shard_paths
 from medvl.data.skips import skipped_counts, skipped_since
 from medvl.models.base import Recipe
-from medvl.models.cache import initial_model_in, model_filesystem, preprocessor_for, publishing
+from medvl.models.cache import initial_model_in, model_filesystem, publishing
 from medvl.models.registry import build_recipe
 from medvl.runs import RUN_SPEC_FILE, RunLayout, write_summary
 from medvl.spec import JobSpec, StageSpec
@@ -95,19 +96,7 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     startup_stamps |= {"stage": stage_stamp, "driver": time.time()}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": spec,
-            "model_source": model_source,
-            "model_filesystem": model_fs,
-            "total_steps": total_steps,
-            "position_file": position,
-            "torch_threads": settings.torch_threads or max(1, math.ceil(settings.cpus_per_worker)),
-            "progress_board": board,
-            "startup_stamps": startup_stamps,
-            # The contents, read here: a worker never opens the path (its node may not have the file).
-            "deepspeed_file": read_config_file(settings.deepspeed.config_file) if settings.deepspeed.config_file
-            else None,
-        },
+        train_loop_config=loop_config(spec, model_source, model_fs, total_steps, position, board, startup_stamps),
         scaling_config=ScalingConfig(
             num_workers=settings.workers,
             use_gpu=settings.use_gpu,
@@ -125,26 +114,106 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
     model_dir = layout.model(stage.name)
     export_checkpoint(best, model_dir, recipe())
-    summary = {
+    summary = stage_summary(spec, stage, model_source, model_dir, total_steps, result.metrics,
+                            min(m["val_loss"] for _, m in result.best_checkpoints), skipped_before, started)
+    write_summary(out, summary)
+    return TrainOutcome(model_dir, summary)
+
+
+def run_train_in_trial(spec: JobSpec, stage: StageSpec, start_from: str, shared_datasets: dict | None = None,
+                       started_at: float | None = None) -> TrainOutcome:
+    """A one-worker train stage run in this process, a Tune trial's (see :mod:`medvl.tune.trial` for when): the
+    loop of :func:`run_train_stage` with the same datasets, checkpoints and export, reporting through Tune
+    (:class:`medvl.train.session.TrialSession`) instead of a ``TorchTrainer``'s controller and worker processes.
+
+    ``start_from``: the search's base model; ``shared_datasets`` and ``started_at`` as for :func:`run_train_stage`.
+    Checkpoints are Tune's (its ``CheckpointConfig`` and ``FailureConfig``: see :mod:`medvl.tune.search`)."""
+    from medvl.train.loop import run_loop
+    from medvl.train.session import TrialSession
+
+    started, stage_stamp = time.perf_counter(), time.time()
+    recipe = functools.cache(functools.partial(build_recipe, spec))
+    layout = RunLayout.for_spec(spec)
+    out = layout.stage(stage.name)
+    out.mkdir()
+    layout.summary(stage.name).unlink(missing_ok=True)  # present again only once this run finishes
+    manifest = read_manifest(spec.shards_location, spec.data.endpoint_url)
+    skipped_before = skipped_counts()
+    model_fs = model_filesystem(start_from, spec.data.endpoint_url)
+    if shared_datasets is None:
+        position = storage.filesystem_for(position_file_location(spec, stage.name), spec.data.endpoint_url)
+        datasets = training_datasets(spec, recipe(), start_from, position)
+    else:
+        position, datasets = None, shared_datasets
+    total_steps = planned_steps(manifest["counts"]["train"], spec)
+    startup_stamps = {"start": started_at} if started_at else {}
+    startup_stamps |= {"stage": stage_stamp, "driver": time.time()}
+    best_dir = scratch_folder(out) / "best_checkpoint"
+    session = TrialSession(datasets, best_dir)
+    try:
+        run_loop(loop_config(spec, start_from, model_fs, total_steps, position, None, startup_stamps), session)
+    except SystemExit:  # Tune stopped the trial (ASHA): no export, so no copy to keep (a failure keeps it)
+        shutil.rmtree(best_dir.parent, ignore_errors=True)
+        raise
+    if not best_dir.is_dir():
+        raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
+    model_dir = layout.model(stage.name)
+    export_checkpoint(ray.train.Checkpoint.from_directory(str(best_dir)), model_dir, recipe())
+    summary = stage_summary(spec, stage, start_from, model_dir, total_steps, session.last_metrics,
+                            session.best_val_loss, skipped_before, started)
+    write_summary(out, summary)
+    shutil.rmtree(best_dir.parent, ignore_errors=True)
+    return TrainOutcome(model_dir, summary)
+
+
+def scratch_folder(out: Location) -> Path:
+    """A local folder of this stage's (a restarted trial on the same node finds it again): inside the stage's own
+    folder when that is local, else in the temporary directory, named by the stage folder's URL."""
+    if out.is_local:
+        return Path(out.path) / ".scratch"
+    return Path(tempfile.gettempdir()) / "medvl-scratch" / hashlib.sha256(out.url.encode()).hexdigest()[:16]
+
+
+def loop_config(spec: JobSpec, model_source: str, model_fs, total_steps: int, position, board,
+                startup_stamps: dict[str, float]) -> dict:
+    """What the training loop (:func:`medvl.train.loop.run_loop`) is given, wherever it runs."""
+    settings = spec.train
+    return {
+        "spec": spec,
+        "model_source": model_source,
+        "model_filesystem": model_fs,
+        "total_steps": total_steps,
+        "position_file": position,
+        "torch_threads": settings.torch_threads or max(1, math.ceil(settings.cpus_per_worker)),
+        "progress_board": board,
+        "startup_stamps": startup_stamps,
+        # The contents, read here: a worker never opens the path (its node may not have the file).
+        "deepspeed_file": read_config_file(settings.deepspeed.config_file) if settings.deepspeed.config_file
+        else None,
+    }
+
+
+def stage_summary(spec: JobSpec, stage: StageSpec, model_source: str, model_dir: Location, total_steps: int,
+                  metrics: dict, best_val_loss: float, skipped_before: dict, started: float) -> dict:
+    """The train stage's summary, from the loop's last report (``metrics``)."""
+    return {
         "stage": stage.name,
         "model_source": model_source,
         "model_dir": str(model_dir),
         "planned_steps": total_steps,
-        "steps": int(result.metrics["step"]),
-        "stopped_early": bool(result.metrics["stopped_early"]),
-        "best_val_loss": min(m["val_loss"] for _, m in result.best_checkpoints),
-        "history": result.metrics["history"],
-        "epochs": result.metrics["epochs"],
-        "resumed_at_steps": result.metrics["resumed_at_steps"],
+        "steps": int(metrics["step"]),
+        "stopped_early": bool(metrics["stopped_early"]),
+        "best_val_loss": best_val_loss,
+        "history": metrics["history"],
+        "epochs": metrics["epochs"],
+        "resumed_at_steps": metrics["resumed_at_steps"],
         "skipped": skipped_since(skipped_before),
         "recipe": spec.model.recipe,
         "finetune": spec.train.finetune,
-        "workers": settings.workers,
+        "workers": spec.train.workers,
         "wall_time_s": time.perf_counter() - started,
-        **{key: result.metrics[key] for key in COST_FIELDS if key in result.metrics},
+        **{key: metrics[key] for key in COST_FIELDS if key in metrics},
     }
-    write_summary(out, summary)
-    return TrainOutcome(model_dir, summary)
 
 
 def training_datasets(spec: JobSpec, recipe: Recipe, model_source: str,
@@ -155,7 +224,7 @@ def training_datasets(spec: JobSpec, recipe: Recipe, model_source: str,
     """
     location, endpoint = spec.shards_location, spec.data.endpoint_url
     model_fs = model_filesystem(model_source, endpoint)  # carries the driver's S3 endpoint and keys to workers
-    factory = functools.partial(preprocessor_for, recipe, model_source, model_fs)
+    factory = recipe.preprocessor_factory(model_source, model_fs)  # torch-free where the recipe has such a form
     preprocess = functools.partial(
         preprocessed, preprocessor_factory=factory,
         concurrency=spec.data.preprocess_workers, num_cpus=spec.data.preprocess_cpus,
@@ -192,7 +261,7 @@ def shared_training_datasets(spec: JobSpec, recipe: Recipe, model_source: str, r
     if estimate > SHARED_DATA_STORE_SHARE * store:
         return None
     location, endpoint = spec.shards_location, data.endpoint_url
-    preprocess = preprocessor_for(recipe, model_source, model_filesystem(model_source, endpoint))
+    preprocess = recipe.preprocessor_factory(model_source, model_filesystem(model_source, endpoint))()
     columns = list(recipe.tensor_columns)
     return {
         "train": preprocessed_here(location, "train", preprocess, [*columns, ROW_KEY], endpoint).randomize_block_order(),

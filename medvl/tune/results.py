@@ -78,10 +78,19 @@ def trial_rows(results, statuses: dict[str, str], space: list[Dimension], metric
             last=float(last.get(metric, math.nan)),
             stopped_by=stopped_by,
             curve=curve,
-            best_checkpoint=str(best_report.get("checkpoint_path") or ""),
+            best_checkpoint=checkpoint_of(result, best_report),
         ))
     sign = 1 if mode == "min" else -1
     return sorted(rows, key=lambda r: (math.isnan(r.best), sign * r.best if not math.isnan(r.best) else 0))
+
+
+def checkpoint_of(result, report: dict) -> str:
+    """The path of the checkpoint a trial reported with ``report``: Ray Train's run folder when a ``TorchTrainer``
+    trained it (``TuneReportCallback`` names it), else the trial's own folder, where Tune keeps it; "" if none."""
+    if report.get("checkpoint_path"):
+        return str(report["checkpoint_path"])
+    name = report.get("checkpoint_dir_name")
+    return f"{result.path.rstrip('/')}/{name}" if isinstance(name, str) and name else ""
 
 
 def write_tables(rows: list[TrialRow], space: list[Dimension], metric: str, tune_dir: Location) -> None:

@@ -30,12 +30,30 @@ class SearchOutcome:
     restored: bool
 
 
+def training_cpus(spec: JobSpec) -> float:
+    """CPUs one trial trains with (its Train workers', or its own process's when it trains in process)."""
+    return spec.tune.cpus_per_trial or spec.train.workers * spec.train.cpus_per_worker
+
+
 def trial_cpus(spec: JobSpec) -> float:
-    """CPUs one trial holds: its Train workers plus Ray Data's reservation (see trainer.check_cpu_budget)."""
+    """CPUs one trial holds: its training plus Ray Data's reservation (see trainer.check_cpu_budget)."""
     from medvl.data.pipeline import READ_CPUS
 
-    train = spec.tune.cpus_per_trial or spec.train.workers * spec.train.cpus_per_worker
-    return train + 2 * spec.data.preprocess_workers * spec.data.preprocess_cpus + READ_CPUS + TRIAL_DRIVER_CPUS
+    data = 2 * spec.data.preprocess_workers * spec.data.preprocess_cpus + READ_CPUS
+    return training_cpus(spec) + data + TRIAL_DRIVER_CPUS
+
+
+def trial_checkpointing(spec: JobSpec) -> dict:
+    """Tune's settings for trials that train in process: the checkpoints kept (as ``trainer.run_config`` keeps a
+    Train run's) and how often a failed trial restarts from its last one."""
+    from ray import tune
+
+    return {
+        "checkpoint_config": tune.CheckpointConfig(num_to_keep=spec.train.num_checkpoints_to_keep,
+                                                   checkpoint_score_attribute="val_loss",
+                                                   checkpoint_score_order="min"),
+        "failure_config": tune.FailureConfig(max_failures=spec.train.max_failures),
+    }
 
 
 def concurrency(spec: JobSpec, cluster: dict[str, float]) -> int:
@@ -65,8 +83,13 @@ def search_settings(spec: JobSpec, space: list[Dimension]) -> dict:
 
 
 def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Location, base: dict, model_source: str,
-               max_t: int, callbacks: list | None = None, datasets: dict | None = None) -> SearchOutcome:
+               max_t: int, callbacks: list | None = None, datasets: dict | None = None,
+               in_process: bool = False) -> SearchOutcome:
     """Start the search, or resume the one in ``tune_dir``; returns when every trial is done or on interrupt.
+
+    ``in_process``: the trials train in their own process (:func:`medvl.tune.trial.runs_in_trial`): each holds
+    its training CPUs itself, and Tune keeps its checkpoints and restarts it after a failure (with Ray Train
+    inside a trial, Train does both).
 
     ``callbacks``: extra Tune callbacks for a new search (the tests use one to interrupt it). A restored search
     runs with the callbacks it was started with: Tune restores them with the experiment, and Ray (tested on
@@ -76,8 +99,9 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Location, base: 
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, tune_dir=tune_dir, model_source=model_source, datasets=datasets),
-        {"cpu": TRIAL_DRIVER_CPUS},
+        tune.with_parameters(run_trial, base=base, tune_dir=tune_dir, model_source=model_source, datasets=datasets,
+                             in_process=in_process),
+        {"cpu": TRIAL_DRIVER_CPUS + (training_cpus(spec) if in_process else 0)},
     )
     layout = TuneLayout(tune_dir)
     experiment = layout.experiment
@@ -108,9 +132,13 @@ def run_search(spec: JobSpec, space: list[Dimension], tune_dir: Location, base: 
                 search_alg=search_algorithm(spec, concurrency(spec, ray.cluster_resources())),
                 scheduler=scheduler(spec, max_t),
                 trial_dirname_creator=lambda trial: trial.trial_id,
+                # A trial training in process imports torch, transformers and the recipe (seconds each on a busy
+                # machine): the next trial reuses its process, and those imports, instead of starting a new one.
+                reuse_actors=in_process,
             ),
             run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=tune_dir.path, storage_filesystem=filesystem,
-                                      callbacks=[FreeEndedTrials(), *(callbacks or [])], verbose=1),
+                                      callbacks=[FreeEndedTrials(), *(callbacks or [])], verbose=1,
+                                      **(trial_checkpointing(spec) if in_process else {})),
         )
     results = tuner.fit()
     statuses = saved_statuses(experiment)

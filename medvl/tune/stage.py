@@ -22,7 +22,7 @@ from medvl.storage import Location
 from medvl.tune import results as tables
 from medvl.tune.search import expected_trials, run_search
 from medvl.tune.space import check_space_for, resolve_space_path
-from medvl.tune.trial import gather_starts, trial_spec
+from medvl.tune.trial import gather_starts, runs_in_trial, trial_spec
 
 
 def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None,
@@ -44,7 +44,8 @@ def run_tune_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = Non
           f"scheduler {spec.tune.scheduler}, up to {max_t} steps per trial", flush=True)
 
     datasets = trial_datasets(example, space, model_source, train_rows)
-    outcome = run_search(spec, space, tune_dir, base, model_source, max_t, callbacks, datasets)
+    in_process = runs_in_trial(example, [dimension.field for dimension in space])
+    outcome = run_search(spec, space, tune_dir, base, model_source, max_t, callbacks, datasets, in_process)
     gather_starts(layout)
     planned = {}
     for result in outcome.results:
