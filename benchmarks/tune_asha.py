@@ -3,6 +3,7 @@
     python benchmarks/tune_asha.py                 # 6 trials (LoRA rank × learning rate), up to 12 steps each
     python benchmarks/tune_asha.py --concurrency 1
     python benchmarks/tune_asha.py --trainer torch    # every trial under a TorchTrainer (the path before issue 18)
+    python benchmarks/tune_asha.py --max-steps 48     # longer trials: the fixed part weighs less
 
 Prints the total optimizer steps trained over all trials and the wall time of each search, their ratios
 (ASHA / full), whether both searches found the same best config, and each trial's start-up: the time from the
@@ -13,12 +14,18 @@ trial's own process (``medvl.tune.trial``); ``--trainer torch`` runs them under 
 compare. Shards are prepared once and shared, and each search builds the same seeded tiny base model, so the two
 differ only in the scheduler. An untimed one-trial search runs first (``--no-warmup`` skips it): otherwise the
 first timed search alone pays the driver's imports and Ray's first worker starts.
+
+Each search's wall time is a fixed part (the same for ASHA and the full search: Tune's start, a new process per
+concurrent trial importing the model code, the exports) plus a part that grows with the trial-steps trained. From
+the two searches' walls and step counts the script solves for both and prints them, with the fixed part a wall
+ratio of 0.6 would allow at this size.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import shutil
@@ -34,7 +41,7 @@ from medvl.runs import SEARCH_DIR
 SPACE = {"model.lora_r": {"grid": [2, 8]}, "train.lr": {"grid": [3e-2, 3e-3, 3e-4]}}
 
 
-def job(work: Path, scheduler: str, concurrency: int) -> dict:
+def job(work: Path, scheduler: str, concurrency: int, max_steps: int = 12) -> dict:
     return {
         "name": f"tune_{scheduler}",
         "output_dir": str(work / scheduler),
@@ -43,10 +50,10 @@ def job(work: Path, scheduler: str, concurrency: int) -> dict:
                  "synthetic_image_size": 48, "image_size": 32, "max_text_length": 40, "records_per_shard": 80,
                  "shuffle_buffer": 0, "preprocess_cpus": 0.1},
         "model": {"recipe": "blip2_lora", "preset": "tiny", "lora_dropout": 0.0},
-        "train": {"finetune": "lora", "epochs": 2, "batch_size": 16, "cpus_per_worker": 0.25, "eval_every_steps": 3,
-                  "max_val_batches": 1, "early_stopping_patience": 0},
+        "train": {"finetune": "lora", "epochs": 2 * math.ceil(max_steps / 12), "batch_size": 16,
+                  "cpus_per_worker": 0.25, "eval_every_steps": 3, "max_val_batches": 1, "early_stopping_patience": 0},
         "tune": {"space": str(work / "space.yaml"), "scheduler": scheduler, "grace_period": 3, "reduction_factor": 2,
-                 "max_steps": 12, "max_concurrent_trials": concurrency},
+                 "max_steps": max_steps, "max_concurrent_trials": concurrency},
     }
 
 
@@ -85,6 +92,18 @@ def print_startups(startups: list[dict[str, float]]) -> None:
               f"{statistics.median(fresh):.1f} s, max {max(fresh):.1f} s")
 
 
+def print_fixed_part(asha: dict, full: dict, target: float = 0.6) -> None:
+    """Solve wall = fixed + per_step × trial-steps from the two searches, and the fixed part ``target`` allows."""
+    extra_steps = full["steps"] - asha["steps"]
+    if extra_steps <= 0:
+        return
+    per_step = (full["wall_s"] - asha["wall_s"]) / extra_steps
+    fixed = asha["wall_s"] - per_step * asha["steps"]
+    allowed = per_step * (target * full["steps"] - asha["steps"]) / (1 - target)
+    print(f"wall = fixed + per step × trial-steps: fixed {fixed:.1f} s per search, {per_step:.3f} s per trial-step; "
+          f"a wall ratio of {target} at this size needs the fixed part under {max(allowed, 0):.1f} s")
+
+
 def warm_up(work: Path, concurrency: int) -> float:
     """One trial of 3 steps, so that neither timed search pays what only the first search in a process pays: the
     driver's imports of the model code, peft and matplotlib, and Ray's first worker processes. Its seconds."""
@@ -109,6 +128,8 @@ def main(argv: list[str]) -> int:
                              "first worker starts (then the first timed search pays them)")
     parser.add_argument("--trainer", choices=("auto", "torch"), default="auto",
                         help="auto: one-worker trials train in their own process; torch: under a TorchTrainer")
+    parser.add_argument("--max-steps", type=int, default=12,
+                        help="optimizer steps of a trial that runs to its end (12: the shipped benchmark)")
     parser.add_argument("--first", choices=("asha", "none"), default="asha",
                         help="which search runs first (the first pays Ray Train's cold start in this Ray)")
     args = parser.parse_args(argv)
@@ -136,7 +157,7 @@ def main(argv: list[str]) -> int:
         if not args.no_warmup:
             figures["warmup_s"] = warm_up(work, args.concurrency)
         for scheduler in (("asha", "none") if args.first == "asha" else ("none", "asha")):
-            spec = parse_spec(job(work, scheduler, args.concurrency))
+            spec = parse_spec(job(work, scheduler, args.concurrency, args.max_steps))
             started = time.perf_counter()
             summary = run_tune_stage(spec, spec.stages[0])
             wall = time.perf_counter() - started
@@ -165,6 +186,7 @@ def main(argv: list[str]) -> int:
         print(f"(before both, untimed: a 1-trial warm-up search, {figures['warmup_s']:.0f} s)")
     print(f"wall time   ASHA/full  {asha['wall_s'] / full['wall_s']:.2f}")
     print(f"same best config       {asha['best'] == full['best']}")
+    print_fixed_part(asha, full)
     print_startups(startups)
     where = "under a TorchTrainer" if args.trainer == "torch" else "as medvl decides (one CPU worker: in process)"
     print(f"trials trained          {where}")
