@@ -585,3 +585,11 @@ def test_a_leading_normal_negates_what_follows(labeler):
 def test_coordinated_object_of_a_removal_or_resolution(labeler, report, expected):
     out = labeler.label(report)
     assert {name: out[name] for name in expected} == expected
+
+
+def test_a_stop_that_runs_into_the_mention_still_ends_the_scope(labeler):
+    # "and the" / ", the" end a negation's scope even when that "the" begins the mention "the heart"
+    assert labeler.label("No effusion and the heart is enlarged.")[CM] == 1.0
+    assert labeler.label("No consolidation, the heart is enlarged.")[CM] == 1.0
+    assert labeler.label("The lungs are free of consolidation and the heart is enlarged.")[CM] == 1.0
+    assert labeler.label("No effusion. The heart is not enlarged.")[CM] == 0.0

@@ -537,25 +537,31 @@ class _Cues:
             return False
         if cue.family == UNCERTAINTY:  # "possibly with mild edema": the hedge's own "with" does not end its scope
             cue_end += len(_WITH_AFTER_HEDGE.match(self.text, cue_end)[0])
-        if _FORWARD_STOP.search(self.text, cue_end, start) and not (
-                cue.family == NEGATION and self._in_negated_list(cue_end, start, clause_end)) and not (
+        if self._stop_before(_FORWARD_STOP, cue_end, start, end) and not (
+                cue.family == NEGATION and self._in_negated_list(cue_end, start, end, clause_end)) and not (
                 cue.coordinated and self._in_coordinated_object(cue_end, start, end, clause_end)):
             return False
         return not (cue.tight and _LIST_WORD.search(self.text, cue_end, start))
+
+    def _stop_before(self, stops: re.Pattern, begin: int, start: int, end: int) -> re.Match | None:
+        """The first stop that starts after ``begin`` and before the mention; it may run into the mention: in "no
+        effusion and the heart is enlarged" the stop "and the" ends inside the mention "the heart"."""
+        stop = stops.search(self.text, begin, end)
+        return stop if stop and stop.start() < start else None
 
     def _in_coordinated_object(self, cue_end: int, start: int, end: int, clause_end: int) -> bool:
         """Every stop between the cue and the mention is a conjunct ("and the", "and right"), and no verb follows
         the mention before the clause or a hard stop ends: "removal of A and the B", not "... and the B remains"."""
         if any(not _CONJUNCT.match(self.text, stop.start())
-               for stop in _FORWARD_STOP.finditer(self.text, cue_end, start)):
+               for stop in _FORWARD_STOP.finditer(self.text, cue_end, end) if stop.start() < start):
             return False
         after = _CONJUNCT_VERB.search(self.text, end, clause_end)
         return not (after and after.lastgroup == "verb")
 
-    def _in_negated_list(self, cue_end: int, start: int, clause_end: int) -> bool:
+    def _in_negated_list(self, cue_end: int, start: int, end: int, clause_end: int) -> bool:
         """Only list-item stops (", large ...") lie between the cue and the mention, and the list closes with "or"
         / "nor" at or after the mention, before any hard stop."""
-        if _HARD_FORWARD_STOP.search(self.text, cue_end, start):
+        if self._stop_before(_HARD_FORWARD_STOP, cue_end, start, end):
             return False
         close = _LIST_CLOSE.search(self.text, cue_end, clause_end)
         if close is None:
