@@ -319,7 +319,7 @@ class Cue:
     max_chars: int = 400
     tight: bool = False  # forward scope may not cross a comma or "and" ("resolved effusion", not a list)
     adjacent: bool = False  # scope may not cross another cue: "or" joins its neighbours, not "opacity may be A or B"
-    coordinated: bool = False  # forward scope crosses "and the/a/left/small ..." into a conjunct with no verb of its own
+    coordinated: bool = False  # forward scope crosses "and the/left/right/bilateral" into a conjunct without a verb
 
 
 # In precedence order: all cues are found in one pass, and where two match at one position the first wins
