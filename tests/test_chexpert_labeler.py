@@ -559,3 +559,37 @@ def test_a_leading_normal_negates_what_follows(labeler):
     assert labeler.label("Interstitial markings are normal.")[LO] == 0.0
     assert labeler.label("Heart size normal.")[CM] == 0.0
     assert labeler.label("Normal heart size, prominent interstitial markings.")[LO] == 1.0
+
+
+# "removal of", "resolution of", "free of" ... take a noun phrase: a conjunct "and the/left/right/bilateral B" is part
+# of it (dev report 1557 of the IU X-ray benchmark kept a removed catheter as present). Phrases written here.
+@pytest.mark.parametrize("report, expected", [
+    ("Interval removal of the tracheostomy tube and right subclavian catheter.", {SD: 0.0}),
+    ("Status post removal of the endotracheal tube and the nasogastric tube.", {SD: 0.0}),
+    ("Removal of the endotracheal tube, feeding tube, and left chest tube.", {SD: 0.0}),
+    ("Interval resolution of the left pleural effusion and right pneumothorax.", {PE: 0.0, PX: 0.0}),
+    ("Resolution of right basilar consolidation and the left lower lobe atelectasis.", {CO: 0.0, AT: 0.0}),
+    ("The lungs are free of consolidation and bilateral effusions.", {CO: 0.0, PE: 0.0}),
+    # the conjunct has a verb of its own, or the scope ends: it is stated
+    ("Removal of the tracheostomy tube and the right subclavian catheter remains.", {SD: 1.0}),
+    ("Resolution of the left pleural effusion and the right pneumothorax is unchanged.", {PE: 0.0, PX: 1.0}),
+    ("Removal of the tube; the catheter remains.", {SD: 1.0}),
+    ("Interval removal of the left chest tube and small residual left apical pneumothorax.", {SD: 0.0, PX: 1.0}),
+    ("Removal of the endotracheal tube and a new left internal jugular catheter.", {SD: 1.0}),
+    # a determiner "no" keeps its stop: "no A and left B" states B
+    ("No pneumothorax and left pleural effusion.", {PX: 0.0, PE: 1.0}),
+    ("No effusion but a catheter is in place.", {PE: 0.0, SD: 1.0}),
+    ("No pneumothorax or right pleural effusion.", {PX: 0.0, PE: 0.0}),
+    ("Without consolidation or effusion.", {CO: 0.0, PE: 0.0}),
+])
+def test_coordinated_object_of_a_removal_or_resolution(labeler, report, expected):
+    out = labeler.label(report)
+    assert {name: out[name] for name in expected} == expected
+
+
+def test_a_stop_that_runs_into_the_mention_still_ends_the_scope(labeler):
+    # "and the" / ", the" end a negation's scope even when that "the" begins the mention "the heart"
+    assert labeler.label("No effusion and the heart is enlarged.")[CM] == 1.0
+    assert labeler.label("No consolidation, the heart is enlarged.")[CM] == 1.0
+    assert labeler.label("The lungs are free of consolidation and the heart is enlarged.")[CM] == 1.0
+    assert labeler.label("No effusion. The heart is not enlarged.")[CM] == 0.0

@@ -6,7 +6,9 @@ import math
 import pytest
 
 from medvl.eval.chexpert import OBSERVATIONS, CheXpertLabeler
-from medvl.eval.clinical_metrics import clinical_efficacy, hallucination_rate, laterality_error_rate, sided_findings
+from medvl.eval.clinical_metrics import (
+    clinical_efficacy, hallucination_rate, laterality_error_rate, mention_side, sided_findings,
+)
 
 NF, ECM, CM, LL, LO, ED, CO, PN, AT, PX, PE, PO, FR, SD = OBSERVATIONS
 
@@ -75,6 +77,14 @@ def labeler() -> CheXpertLabeler:
 ])
 def test_sided_findings(labeler, report, expected):
     assert sided_findings(labeler, report) == expected
+
+
+def test_mention_side_reads_one_mention_within_its_clause(labeler):
+    report = labeler.analyze("Small left effusion. Pneumothorax on the right. Bibasilar atelectasis. No consolidation.")
+    sides = {mention.observation: mention_side(report, mention) for mention in report.mentions}
+    # the side word comes before the mention or in a phrase after it; "bibasilar", within 40 characters before
+    # "consolidation" but in the sentence before, does not reach it
+    assert sides == {PE: "left", PX: "right", AT: "bilateral", CO: None}
 
 
 def test_laterality_error_rate():

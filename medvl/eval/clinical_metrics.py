@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from medvl.eval.chexpert import CE5, OBSERVATIONS, CheXpertLabeler
+from medvl.eval.chexpert import CE5, OBSERVATIONS, CheXpertLabeler, LabeledReport, Mention
 
 Labels = dict[str, float | None]
 NO_FINDING = OBSERVATIONS[0]
@@ -130,13 +130,22 @@ def sided_findings(labeler: CheXpertLabeler, report: str) -> dict[str, str]:
         group = SIDED_GROUPS.get(mention.observation)
         if group is None or not is_positive(mention.label):
             continue
-        side = _side_of(analyzed.text, mention.start, mention.end, mention.clause)
+        side = mention_side(analyzed, mention)
         if side:
             sides.setdefault(group, set()).update((LEFT, RIGHT) if side == BILATERAL else (side,))
     return {group: BILATERAL if len(found) == 2 else next(iter(found)) for group, found in sides.items()}
 
 
-def _side_of(text: str, start: int, end: int, clause: tuple[int, int]) -> str | None:
+def mention_side(report: LabeledReport, mention: Mention) -> str | None:
+    """The side a mention is put on: ``LEFT``, ``RIGHT``, ``BILATERAL``, or None when its clause names none.
+
+    The closest side word in the 40 characters before the mention ("small left pleural effusion", "right basilar",
+    "bibasilar", "left greater than right" is bilateral; an upper-case "L"/"R" was spelled out by the labeler), else
+    a prepositional phrase within 50 characters after it ("effusion on the left", "opacity in the right lower
+    lobe"); neither reaches past the mention's clause. ``mention`` must be one of ``report.mentions``: its positions
+    index ``report.text``, the labeler's normalised text.
+    """
+    text, start, end, clause = report.text, mention.start, mention.end, mention.clause
     before = text[max(clause[0], start - 40): start]
     found = list(_SIDE_WORD.finditer(before))
     if found:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 
 from medvl.eval.chexpert import OBSERVATIONS, CheXpertLabeler
-from medvl.eval.clinical_metrics import BILATERAL, LEFT, RIGHT, _side_of
+from medvl.eval.clinical_metrics import BILATERAL, LEFT, RIGHT, mention_side
 
 STATUS = {1.0: "present", -1.0: "uncertain", 0.0: "absent"}
 LOW_CONFIDENCE = 0.5
@@ -36,7 +36,7 @@ def structured_findings(labeler: CheXpertLabeler, text: str, token_probs: Sequen
         confidence = _mean_prob(token_probs, token_ends, match.start(), match.end())
         for mention in analyzed.mentions:
             if mention.observation in OBSERVATIONS:
-                side = _side_of(analyzed.text, mention.start, mention.end, mention.clause)
+                side = mention_side(analyzed, mention)
                 stated.setdefault(mention.observation, []).append((mention.label, side, confidence))
     findings, warnings = {}, []
     for name in OBSERVATIONS:

@@ -13,6 +13,9 @@ patterns are translated into surface rules over the clause that holds the mentio
   stops at a softer break ("with", "which", ", the", "and there", "there is", a comma or "and" after a verb,
   ", small/left/new ..."), so a negated list ("no A, B, or C") is negated as a whole while "no A, small B" is
   not. A backward scope stops at another copula, and crosses commas only in a list ("A, B, and C have resolved").
+  A cue that takes a noun phrase ("removal of", "resolution of", "free of" ...) also reaches a conjunct "and the /
+  left / right / bilateral B" that has no verb of its own ("removal of the tube and right catheter", not "... and
+  the right catheter remains"), where after "no" that "and" ends the scope ("no A and left B" states B).
   "or" and "versus" make their immediate neighbours uncertain (NegBio's ``conj:or`` / ``conj:versus``).
 * Precedence is NegBio's: pre-negation uncertainty ("cannot exclude", "not excluded", "not well seen") beats
   negation, which beats uncertainty. Mentions in scope of no cue are positive.
@@ -291,6 +294,13 @@ _LIST_ITEM_STOP = rf",\s*(?:{_SEVERITY})\b"
 _HARD_FORWARD_STOP = re.compile("|".join(_HARD_FORWARD_STOPS))
 _FORWARD_STOP = re.compile("|".join(_HARD_FORWARD_STOPS + (_LIST_ITEM_STOP,)))
 _LIST_CLOSE = re.compile(r"\b(?:or|nor)\b")
+# A conjunct "and the B", "and right B" (a hard stop after "no", where "no A and left B" states B), and what makes it
+# a clause of its own rather than part of a preposition's object: a verb after it ("and the catheter remains").
+# "and a", "and small" stay stops: "removal of the chest tube and small residual pneumothorax" states it.
+_CONJUNCT = re.compile(r"(?:,\s*)?\band\s+(?:the|left|right|bilateral)\b")
+_CONJUNCT_VERB = re.compile(
+    r"(?P<verb>\b(?:is|are|was|were|has|have|had|remains?|persists?|seen|noted|identified|demonstrated|present|"
+    r"evident|appreciated|visualized|in\s+place|unchanged|stable)\b)|" + _HARD_FORWARD_STOP.pattern)
 _WITH_AFTER_HEDGE = re.compile(r"(?:\s+with\b)?")
 _BACKWARD_STOP = re.compile(r"\b(?:is|are|was|were|has|have|had|there|which|who)\b|\band\s+(?:the|there)\b")
 _LIST_WORD = re.compile(r",|\band\b")
@@ -309,6 +319,7 @@ class Cue:
     max_chars: int = 400
     tight: bool = False  # forward scope may not cross a comma or "and" ("resolved effusion", not a list)
     adjacent: bool = False  # scope may not cross another cue: "or" joins its neighbours, not "opacity may be A or B"
+    coordinated: bool = False  # forward scope crosses "and the/left/right/bilateral" into a conjunct without a verb
 
 
 # In precedence order: all cues are found in one pass, and where two match at one position the first wins
@@ -333,11 +344,15 @@ _CUES = (
         r"(?:resolved|cleared|removed|disappeared|withdrawn|absent|excluded|ruled\s+out)\b"),
     ), BOTH, 80, tight=True),
     Cue(NEGATION, (
-        r"no\b", r"not\b", r"without\b", r"negative\s+for\b", r"free\s+of\b", r"clear\s+of\b", r"absence\s+of\b",
-        r"resolution\s+of\b", r"clearing\s+of\b", r"removal\s+of\b", r"disappearance\s+of\b", r"neither\b",
+        r"no\b", r"not\b", r"without\b", r"negative\s+for\b", r"neither\b",
         r"nor\b", r"rule\s+out\b", r"to\s+exclude\b", r"exclude\b", r"history\s+of\b",
         r"(?:evaluate|evaluation|assess|assessment|eval)\s+(?:for|of)\b",
     ), FORWARD),
+    # "removal of A and the B": a preposition's object, so "and the/left/small B" is a conjunct of it.
+    Cue(NEGATION, (
+        r"free\s+of\b", r"clear\s+of\b", r"absence\s+of\b", r"resolution\s+of\b", r"clearing\s+of\b",
+        r"removal\s+of\b", r"disappearance\s+of\b",
+    ), FORWARD, coordinated=True),
     # "X is normal" negates structures and descriptors only: "cardiomegaly, lungs are normal" must not negate.
     Cue(NORMAL, (rf"{_COPULA}(?:\w+\s+)?(?:normal|unremarkable|within\s+(?:the\s+)?normal\s+limits)\b",),
         BACKWARD, 80),
@@ -506,7 +521,7 @@ class _Cues:
         for cue, cue_start, cue_end in cues:
             before = cue.direction != BACKWARD and clause[0] <= cue_start and cue_end <= start
             after = cue.direction != FORWARD and end <= cue_start < clause[1]
-            if (before and self._forward_reaches(cue, cue_end, start, clause[1])) or (
+            if (before and self._forward_reaches(cue, cue_end, start, end, clause[1])) or (
                     after and self._backward_reaches(cue, end, cue_start)):
                 if cue.adjacent and self._cue_between(*((cue_end, start) if before else (end, cue_start))):
                     continue
@@ -517,20 +532,36 @@ class _Cues:
         return any(start <= s and e <= end for family in (self.negation, self.uncertainty, self.normal)
                    for _, s, e in family)
 
-    def _forward_reaches(self, cue: Cue, cue_end: int, start: int, clause_end: int) -> bool:
+    def _forward_reaches(self, cue: Cue, cue_end: int, start: int, end: int, clause_end: int) -> bool:
         if start - cue_end > cue.max_chars:
             return False
         if cue.family == UNCERTAINTY:  # "possibly with mild edema": the hedge's own "with" does not end its scope
             cue_end += len(_WITH_AFTER_HEDGE.match(self.text, cue_end)[0])
-        if _FORWARD_STOP.search(self.text, cue_end, start) and not (
-                cue.family == NEGATION and self._in_negated_list(cue_end, start, clause_end)):
+        if self._stop_before(_FORWARD_STOP, cue_end, start, end) and not (
+                cue.family == NEGATION and self._in_negated_list(cue_end, start, end, clause_end)) and not (
+                cue.coordinated and self._in_coordinated_object(cue_end, start, end, clause_end)):
             return False
         return not (cue.tight and _LIST_WORD.search(self.text, cue_end, start))
 
-    def _in_negated_list(self, cue_end: int, start: int, clause_end: int) -> bool:
+    def _stop_before(self, stops: re.Pattern, begin: int, start: int, end: int) -> re.Match | None:
+        """The first stop that starts after ``begin`` and before the mention; it may run into the mention: in "no
+        effusion and the heart is enlarged" the stop "and the" ends inside the mention "the heart"."""
+        stop = stops.search(self.text, begin, end)
+        return stop if stop and stop.start() < start else None
+
+    def _in_coordinated_object(self, cue_end: int, start: int, end: int, clause_end: int) -> bool:
+        """Every stop between the cue and the mention is a conjunct ("and the", "and right"), and no verb follows
+        the mention before the clause or a hard stop ends: "removal of A and the B", not "... and the B remains"."""
+        if any(not _CONJUNCT.match(self.text, stop.start())
+               for stop in _FORWARD_STOP.finditer(self.text, cue_end, end) if stop.start() < start):
+            return False
+        after = _CONJUNCT_VERB.search(self.text, end, clause_end)
+        return not (after and after.lastgroup == "verb")
+
+    def _in_negated_list(self, cue_end: int, start: int, end: int, clause_end: int) -> bool:
         """Only list-item stops (", large ...") lie between the cue and the mention, and the list closes with "or"
         / "nor" at or after the mention, before any hard stop."""
-        if _HARD_FORWARD_STOP.search(self.text, cue_end, start):
+        if self._stop_before(_HARD_FORWARD_STOP, cue_end, start, end):
             return False
         close = _LIST_CLOSE.search(self.text, cue_end, clause_end)
         if close is None:
