@@ -192,6 +192,35 @@ def test_temperature_zero_is_greedy_and_a_high_temperature_samples(search):
     assert all(0.0 < a["mean_token_prob"] <= 1.0 for a in answers)
 
 
+def test_a_seed_makes_a_sampled_answer_repeat_whatever_runs_before_or_beside_it(search):
+    from medvl.serve.openai_api import parse_chat
+    from medvl.serve.requests import RequestError
+
+    runner = single_model_runner(search)
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(EVAL_IMAGE).decode()}}]}]}
+
+    def query(**fields) -> Query:
+        return parse_chat(json.dumps({**body, **fields}).encode(), runner.spec.serve, False).query
+
+    seeded = [query(temperature=2, seed=seed) for seed in (11, 12, 13, 14)]
+    alone = [runner.answer([q])[0]["text"] for q in seeded]
+    assert len(set(alone)) >= 2, alone  # the seed chooses the draws (else the test below proves nothing)
+    torch.manual_seed(0)  # the global generator is not what a seeded request draws from
+    hot, cold = query(temperature=2), query(temperature=0, seed=11)
+    batch = runner.answer([hot, seeded[1], cold, seeded[0], hot, seeded[3], seeded[2], seeded[0]])
+    assert [batch[i]["text"] for i in (3, 1, 6, 5, 7)] == [alone[0], alone[1], alone[2], alone[3], alone[0]]
+    assert batch[2]["text"] == runner.answer([query()])[0]["text"]  # a seed at temperature 0: greedy, as without
+    streamed = runner.stream("", seeded[0], lambda piece: None)
+    assert streamed["text"] == alone[0]
+    for wrong in ("7", 1.5, True, [1]):
+        with pytest.raises(RequestError) as refused:
+            query(temperature=1, seed=wrong)
+        assert (refused.value.status, refused.value.extra) == (400, {"field": "seed"})
+        assert '"seed" must be an integer' in refused.value.message
+    assert query(seed=2**80).seed == 2**80  # any integer: torch's 64-bit seed is taken from it
+
+
 def test_a_report_answer_carries_the_labelers_findings(search):
     from medvl.serve.runner import ModelRunner
 
@@ -319,6 +348,18 @@ def test_live_adapters_answer_as_eval_and_survive_a_replica_restart(search, ray_
         sampled = client.chat.completions.create(model="trial_b", messages=[{"role": "user", "content": content}],
                                                  temperature=1.5)
         assert sampled.choices[0].message.content is not None
+
+        def seeded_text(**extra) -> str:
+            return client.chat.completions.create(model="trial_b", messages=[{"role": "user", "content": content}],
+                                                  temperature=2.0, seed=2024, **extra).choices[0].message.content
+
+        repeatable = seeded_text()  # then a sampled request without a seed, drawing from the replica's global RNG
+        unseeded = client.chat.completions.create(model="trial_b", messages=[{"role": "user", "content": content}],
+                                                  temperature=2.0).choices[0].message.content
+        assert seeded_text() == repeatable, (repeatable, unseeded)
+        seeded_stream = client.chat.completions.create(model="trial_b", messages=[{"role": "user", "content": content}],
+                                                       temperature=2.0, seed=2024, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in seeded_stream) == repeatable
 
         # A replica restarted by Serve comes back with its adapters, loading its base once.
         successor = kill_replica_and_wait_for_its_successor(url, "adapters", first["id"])

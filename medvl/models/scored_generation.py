@@ -17,6 +17,11 @@ recipes' ``generate_scored``: the server wraps the call in ``with decoding(tempe
   ``do_sample=False``. The reported confidence stays the model's own probability of each chosen token (from the
   raw logits, scaled by the calibration temperature only), not its probability under the sampling temperature:
   confidence describes the model, not the dice.
+* ``seeds`` (OpenAI's ``seed``, one per row of the batch, ``None`` for a row without one): a seeded row draws from
+  its own ``torch.Generator`` seeded with it, so the same request sampled again draws the same tokens (best effort,
+  as OpenAI's: the same model, prompt and image, on the same kind of device), whatever ran before it or beside it
+  in its batch; torch's global generator is neither read nor moved for it. Rows without a seed draw from the
+  global generator, together, as before.
 * ``on_piece``: a streamer hands each generated token's text to ``on_piece`` while ``generate`` runs (batch of
   one). Beam search cannot stream (which beam wins is known only at the end): there the streamer is left out
   and the caller gets the whole text at the end.
@@ -24,7 +29,7 @@ recipes' ``generate_scored``: the server wraps the call in ``with decoding(tempe
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -55,6 +60,7 @@ class Decoding:
     temperature: float = 0.0  # > 0: sample at this temperature; 0: the caller's greedy / beam search
     on_piece: Callable[[str], None] | None = None  # streamed text pieces (batch of one)
     max_tokens: int | None = None  # stream at most this many tokens' text
+    seeds: tuple[int | None, ...] = ()  # per row of the batch: its sampling seed, or None (global RNG); () = none
 
 
 _DECODING: ContextVar[Decoding] = ContextVar("medvl_decoding", default=Decoding())
@@ -62,9 +68,10 @@ _DECODING: ContextVar[Decoding] = ContextVar("medvl_decoding", default=Decoding(
 
 @contextmanager
 def decoding(temperature: float = 0.0, on_piece: Callable[[str], None] | None = None,
-             max_tokens: int | None = None) -> Iterator[None]:
-    """Apply sampling and/or streaming to every :func:`generate_scored` call inside (this thread / context)."""
-    token = _DECODING.set(Decoding(temperature, on_piece, max_tokens))
+             max_tokens: int | None = None, seeds: Sequence[int | None] = ()) -> Iterator[None]:
+    """Apply sampling and/or streaming to every :func:`generate_scored` call inside (this thread / context).
+    ``seeds``: one per row of the batch generated (see the module docstring), or empty."""
+    token = _DECODING.set(Decoding(temperature, on_piece, max_tokens, tuple(seeds)))
     try:
         yield
     finally:
@@ -73,15 +80,41 @@ def decoding(temperature: float = 0.0, on_piece: Callable[[str], None] | None = 
 
 class TemperatureSampling(LogitsProcessor):
     """Draw each row's next token from softmax(scores / temperature) and leave only it possible (every other
-    score -inf), so that greedy search takes the draw. It runs after ``generate``'s own processors."""
+    score -inf), so that greedy search takes the draw. It runs after ``generate``'s own processors.
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    ``seeds`` (one per row, or empty): a row with a seed draws from its own generator, made on the scores' device
+    at the first step; the others draw from torch's global generator in one call. A processor samples one
+    ``generate`` call: a new one starts its seeded rows afresh."""
+
+    def __init__(self, temperature: float, seeds: Sequence[int | None] = ()):
+        self.temperature, self.seeds = temperature, tuple(seeds)
+        self.generators: list[torch.Generator | None] | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        drawn = torch.multinomial(probs, num_samples=1)
+        generators = self._generators(scores)
+        if all(generator is None for generator in generators):
+            drawn = torch.multinomial(probs, num_samples=1)
+        else:
+            drawn = torch.empty((len(generators), 1), dtype=torch.long, device=scores.device)
+            unseeded = [row for row, generator in enumerate(generators) if generator is None]
+            if unseeded:
+                drawn[unseeded] = torch.multinomial(probs[unseeded], num_samples=1)
+            for row, generator in enumerate(generators):
+                if generator is not None:
+                    drawn[row] = torch.multinomial(probs[row], num_samples=1, generator=generator)
         return torch.full_like(scores, float("-inf")).scatter(-1, drawn, 0.0)
+
+    def _generators(self, scores: torch.Tensor) -> list[torch.Generator | None]:
+        rows = scores.shape[0]
+        if self.generators is None:
+            if self.seeds and len(self.seeds) != rows:
+                raise ValueError(f"{len(self.seeds)} sampling seeds for a generation of {rows} rows")
+            # torch seeds are 64-bit: any integer a client sends maps to one (as Python's own random does)
+            self.generators = [None if seed is None else
+                               torch.Generator(device=scores.device).manual_seed(seed % 2**64)
+                               for seed in self.seeds or [None] * rows]
+        return self.generators
 
 
 SETTLING_TOKENS = 2  # the newest tokens whose text may still change (see PieceStreamer)
@@ -140,7 +173,7 @@ def generate_scored(generate: Callable[..., Any], scorer: Any, tokenizer: Any, e
     sampling = chosen.temperature > 0
     if sampling:  # OpenAI's temperature: sample from softmax(logits / T) over the whole vocabulary
         processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])
-        processors.append(TemperatureSampling(chosen.temperature))
+        processors.append(TemperatureSampling(chosen.temperature, chosen.seeds))
         generate_kwargs |= {"num_beams": 1, "logits_processor": processors, "output_logits": True}
     if chosen.on_piece is not None and generate_kwargs.get("num_beams", 1) == 1:
         generate_kwargs["streamer"] = PieceStreamer(tokenizer, chosen.on_piece, chosen.max_tokens)

@@ -6,7 +6,10 @@ or bare base64; no remote URLs: the server fetches nothing) and, for VQA models,
 ``temperature`` (0–2, OpenAI's semantics): absent or 0 answers with the deployment's deterministic decoding (greedy
 or beam search, ``serve.num_beams``: reproducible), > 0 samples at that temperature (one beam, no top-k / top-p
 cut). It controls only the decoding: the model's calibration temperature (``calibration.json``) still rescales the
-confidence reported, which is the model's own probability of the tokens it chose, whatever the dice.
+confidence reported, which is the model's own probability of the tokens it chose, whatever the dice. ``seed`` (an
+integer, OpenAI's best-effort determinism): a sampled request with the same seed, model, image and question gets the
+same text again, whatever other requests ran before or beside it (its own generator: see
+:mod:`medvl.models.scored_generation`); at temperature 0 it changes nothing (the decoding is deterministic already).
 
 ``stream: true`` answers as server-sent events: the role, then the text as it is generated (one chunk per token's
 new text), then a last chunk with the finish reason and medvl's fields, then ``data: [DONE]``. A streaming request
@@ -94,10 +97,13 @@ def parse_chat(body: bytes, settings: ServeSpec, takes_question: bool) -> ChatRe
     temperature = fields.get("temperature", 0)
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
         raise RequestError(400, "wrong_type", '"temperature" must be a number from 0 to 2', field="temperature")
+    seed = fields.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise RequestError(400, "wrong_type", '"seed" must be an integer', field="seed")
     stream = fields.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "wrong_type", '"stream" must be true or false', field="stream")
-    query.model, query.temperature = model, float(temperature)
+    query.model, query.temperature, query.seed = model, float(temperature), seed
     return ChatRequest(query, model, stream, max_tokens)
 
 

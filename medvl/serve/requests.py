@@ -84,6 +84,7 @@ class Query:
     attention: bool = False
     model: str = ""  # the adapter asked for by name ("" = the header's, else the first); see medvl.serve.adapters
     temperature: float = 0.0  # > 0: sampled at this temperature (OpenAI's); 0: the deployment's greedy / beam search
+    seed: int | None = None  # with temperature > 0: sampled from a generator seeded with it (the same draws each time)
 
 
 def max_body_bytes(settings: ServeSpec) -> int:

@@ -19,9 +19,14 @@ costs nothing while requests succeed.
 Decoding. Every query is answered with the deployment's deterministic decoding (``serve.num_beams``: greedy or
 beam search) unless it asks for a sampling temperature (``Query.temperature`` > 0, OpenAI's ``temperature``):
 then it is sampled at that temperature (:func:`medvl.models.scored_generation.decoding`); queries of one batch
-asking for different temperatures are generated in separate groups. The calibration temperature beside the model
-only rescales the confidences reported, whatever the decoding. :meth:`ModelRunner.stream` answers one query
-while handing its text out as the tokens are generated (:class:`medvl.models.scored_generation.PieceStreamer`).
+asking for different temperatures are generated in separate groups. A sampled query with a ``seed`` (OpenAI's) stays
+in its batch, unlike a stream: its row draws from its own generator seeded with it (``decoding(seeds=…)``, one per
+row; a loop over the batch's rows at each step, cheap beside the forward pass), so neither its neighbours in the
+batch nor the requests before it change its draws. Generating it alone would buy only the last float bits of a
+forward pass of one instead of a batch, which can flip a draw only where a token's cumulative probability falls
+within rounding of the uniform number drawn: not worth giving up the batch for. The calibration temperature beside
+the model only rescales the confidences reported, whatever the decoding. :meth:`ModelRunner.stream` answers one
+query while handing its text out as the tokens are generated (:class:`medvl.models.scored_generation.PieceStreamer`).
 
 Counters (:meth:`ModelRunner.stats`, shown by ``GET /v1/models``): how many times this process loaded a base
 model, and how many adapters this runner loaded into it and dropped again, so that "the base is loaded once per
@@ -257,7 +262,9 @@ class ModelRunner:
                 return results
             tensors = {name: torch.as_tensor(batch[name]).to(self.device) for name in self.recipe.tensor_columns}
             generation = dataclasses.replace(self.generation, confidence_temperature=self.temperature)
-            with decoding(queries[0].temperature, on_piece, max_tokens):
+            seeds = [queries[i].seed for i in kept]  # one per generated row (see the module docstring)
+            seeded = seeds if any(seed is not None for seed in seeds) else ()
+            with decoding(queries[0].temperature, on_piece, max_tokens, seeded):
                 generated = self.recipe.generate_scored(self.loaded, tensors, generation)
             maps = self.attention([queries[i].attention for i in kept], tensors, generated.texts)
             for row, i in enumerate(kept):
