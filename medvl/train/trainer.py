@@ -16,6 +16,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,83 @@ class TrainOutcome:
     summary: dict
 
 
+@dataclass(frozen=True)
+class PreparedStage:
+    """What a train stage has ready on the driver side before its loop runs, whichever way it runs (a
+    ``TorchTrainer``, or a Tune trial's own process): its folder, data, starting model and planned steps."""
+
+    spec: JobSpec
+    stage: StageSpec
+    recipe: Callable[[], Recipe]  # built when first needed (see prepare_stage)
+    layout: RunLayout
+    out: Location  # the stage's folder
+    manifest: dict
+    model_source: str
+    model_fs: pafs.FileSystem | None  # carries the driver's S3 endpoint and keys to workers
+    position: tuple[pafs.FileSystem, str] | None  # the run's position file; None with a search's shared datasets
+    datasets: dict
+    total_steps: int
+    skipped_before: dict[str, int]  # the cluster's skip counts before this stage's pipelines were built
+    started: float  # time.perf_counter() at the stage's start: its wall time counts from here
+    stamps: dict[str, float]  # time.time() marks of the start-up so far (see reporting.StartupClock)
+
+    def loop_config(self, board=None) -> dict:
+        """The loop's config (:func:`loop_config`); the driver side's start-up ends now."""
+        return loop_config(self.spec, self.model_source, self.model_fs, self.total_steps, self.position, board,
+                           self.stamps | {"driver": time.time()})
+
+    def summary(self, model_dir: Location, metrics: dict, best_val_loss: float) -> dict:
+        return stage_summary(self.spec, self.stage, self.model_source, model_dir, self.total_steps, metrics,
+                             best_val_loss, self.skipped_before, self.started)
+
+    def export(self, checkpoint: ray.train.Checkpoint, metrics: dict, best_val_loss: float) -> TrainOutcome:
+        """The best checkpoint as the stage's model folder, then the summary (last: it marks the stage done)."""
+        model_dir = self.layout.model(self.stage.name)
+        export_checkpoint(checkpoint, model_dir, self.recipe())
+        summary = self.summary(model_dir, metrics, best_val_loss)
+        write_summary(self.out, summary)
+        return TrainOutcome(model_dir, summary)
+
+
+def prepare_stage(spec: JobSpec, stage: StageSpec, start_from: str | None, shared_datasets: dict | None,
+                  started_at: float | None, ray_train_run: bool) -> PreparedStage:
+    """The driver side of a train stage up to its loop: the stage's folder, the manifest, the starting model
+    (``start_from``, else the recipe's initial model built in the stage's folder), the datasets (the stage's own
+    pipelines, or a search's ``shared_datasets``) and the planned steps.
+
+    ``ray_train_run``: Ray Train will run the stage and resume whatever its run folder holds, so that folder is
+    claimed first (:func:`claim_run_folder`); otherwise (a Tune trial, which Tune restores itself) only a stale
+    summary goes. ``started_at`` (``time.time()``): when the caller started (a Tune trial), so that the start-up
+    the loop reports counts from there.
+    """
+    started, stage_stamp = time.perf_counter(), time.time()
+    # Built when first needed: importing a recipe's model code takes seconds, and a Tune trial with the search's
+    # shared data and base model needs it only to export its model after training (its workers build their own).
+    recipe = functools.cache(functools.partial(build_recipe, spec))
+    layout = RunLayout.for_spec(spec)
+    out = layout.stage(stage.name)
+    out.mkdir()
+    if ray_train_run:
+        claim_run_folder(spec, stage.name)
+    else:
+        layout.summary(stage.name).unlink(missing_ok=True)  # present again only once this run finishes
+    endpoint = spec.data.endpoint_url
+    manifest = read_manifest(spec.shards_location, endpoint)
+    model_source = start_from or initial_model_in(recipe(), out, lambda: training_texts(spec))
+    skipped_before = skipped_counts()  # before the pipelines start: what they skip is this stage's
+    model_fs = model_filesystem(model_source, endpoint)
+    if shared_datasets is None:
+        position = storage.filesystem_for(position_file_location(spec, stage.name), endpoint)  # fs carries S3 keys
+        datasets = training_datasets(spec, recipe(), model_source, position)
+    else:
+        position, datasets = None, shared_datasets
+    return PreparedStage(
+        spec=spec, stage=stage, recipe=recipe, layout=layout, out=out, manifest=manifest, model_source=model_source,
+        model_fs=model_fs, position=position, datasets=datasets,
+        total_steps=planned_steps(manifest["counts"]["train"], spec), skipped_before=skipped_before,
+        started=started, stamps=({"start": started_at} if started_at else {}) | {"stage": stage_stamp},
+    )
+
 
 def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = None, callbacks: list | None = None,
                     resources_per_worker: dict | None = None, log: StageLog | None = None,
@@ -69,55 +147,29 @@ def run_train_stage(spec: JobSpec, stage: StageSpec, start_from: str | None = No
     :func:`shared_training_datasets`) replaces the stage's own pipelines. ``started_at`` (``time.time()``): when
     the caller started (a Tune trial), so that the start-up the workers report counts from there.
     """
-    started, stage_stamp = time.perf_counter(), time.time()
-    # Built when first needed: importing a recipe's model code takes seconds, and a Tune trial with the search's
-    # shared data and base model needs it only to export its model after training (its workers build their own).
-    recipe = functools.cache(functools.partial(build_recipe, spec))
-    layout = RunLayout.for_spec(spec)
-    out = layout.stage(stage.name)
-    out.mkdir()
-    claim_run_folder(spec, stage.name)
-    location, endpoint = spec.shards_location, spec.data.endpoint_url
-    manifest = read_manifest(location, endpoint)
-    model_source = start_from or initial_model_in(recipe(), out, lambda: training_texts(spec))
-    skipped_before = skipped_counts()
-
-    model_fs = model_filesystem(model_source, endpoint)  # carries the driver's S3 endpoint and keys to workers
-    if shared_datasets is None:
-        position = storage.filesystem_for(position_file_location(spec, stage.name), endpoint)  # fs carries S3 keys
-        datasets = training_datasets(spec, recipe(), model_source, position)
-    else:
-        position, datasets = None, shared_datasets
+    prepared = prepare_stage(spec, stage, start_from, shared_datasets, started_at, ray_train_run=True)
     settings = spec.train
     check_cpu_budget(spec)
-    total_steps = planned_steps(manifest["counts"]["train"], spec)
     board = start_board() if show_progress else None
-    startup_stamps = {"start": started_at} if started_at else {}  # see reporting.StartupClock
-    startup_stamps |= {"stage": stage_stamp, "driver": time.time()}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(spec, model_source, model_fs, total_steps, position, board, startup_stamps),
+        train_loop_config=prepared.loop_config(board),
         scaling_config=ScalingConfig(
             num_workers=settings.workers,
             use_gpu=settings.use_gpu,
             resources_per_worker=resources_per_worker or {"CPU": settings.cpus_per_worker},
         ),
         run_config=run_config(spec, stage.name, callbacks),
-        datasets=datasets,
+        datasets=prepared.datasets,
     )
     if show_progress:  # (a search's trials would print one such line each)
-        print(f"[medvl train] {stage.name}: {manifest['counts']['train']} training rows, "
-              f"{total_steps} optimizer steps planned, {settings.workers} worker(s)", flush=True)
-    result = fit_showing_progress(trainer, board, spec, stage.name, total_steps, log)
+        print(f"[medvl train] {stage.name}: {prepared.manifest['counts']['train']} training rows, "
+              f"{prepared.total_steps} optimizer steps planned, {settings.workers} worker(s)", flush=True)
+    result = fit_showing_progress(trainer, board, spec, stage.name, prepared.total_steps, log)
     best = result.get_best_checkpoint(metric="val_loss", mode="min") if result.best_checkpoints else None
     if best is None:
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
-    model_dir = layout.model(stage.name)
-    export_checkpoint(best, model_dir, recipe())
-    summary = stage_summary(spec, stage, model_source, model_dir, total_steps, result.metrics,
-                            min(m["val_loss"] for _, m in result.best_checkpoints), skipped_before, started)
-    write_summary(out, summary)
-    return TrainOutcome(model_dir, summary)
+    return prepared.export(best, result.metrics, min(m["val_loss"] for _, m in result.best_checkpoints))
 
 
 def run_train_in_trial(spec: JobSpec, stage: StageSpec, start_from: str, shared_datasets: dict | None = None,
@@ -131,39 +183,21 @@ def run_train_in_trial(spec: JobSpec, stage: StageSpec, start_from: str, shared_
     from medvl.train.loop import run_loop
     from medvl.train.session import TrialSession
 
-    started, stage_stamp = time.perf_counter(), time.time()
-    recipe = functools.cache(functools.partial(build_recipe, spec))
-    layout = RunLayout.for_spec(spec)
-    out = layout.stage(stage.name)
-    out.mkdir()
-    layout.summary(stage.name).unlink(missing_ok=True)  # present again only once this run finishes
-    manifest = read_manifest(spec.shards_location, spec.data.endpoint_url)
-    skipped_before = skipped_counts()
-    model_fs = model_filesystem(start_from, spec.data.endpoint_url)
-    if shared_datasets is None:
-        position = storage.filesystem_for(position_file_location(spec, stage.name), spec.data.endpoint_url)
-        datasets = training_datasets(spec, recipe(), start_from, position)
-    else:
-        position, datasets = None, shared_datasets
-    total_steps = planned_steps(manifest["counts"]["train"], spec)
-    startup_stamps = {"start": started_at} if started_at else {}
-    startup_stamps |= {"stage": stage_stamp, "driver": time.time()}
-    best_dir = scratch_folder(out) / "best_checkpoint"
-    session = TrialSession(datasets, best_dir)
+    prepared = prepare_stage(spec, stage, start_from, shared_datasets, started_at, ray_train_run=False)
+    best_dir = scratch_folder(prepared.out) / "best_checkpoint"
+    config = prepared.loop_config()
+    session = TrialSession(prepared.datasets, best_dir)
     try:
-        run_loop(loop_config(spec, start_from, model_fs, total_steps, position, None, startup_stamps), session)
+        run_loop(config, session)
     except SystemExit:  # Tune stopped the trial (ASHA): no export, so no copy to keep (a failure keeps it)
         shutil.rmtree(best_dir.parent, ignore_errors=True)
         raise
     if not best_dir.is_dir():
         raise RuntimeError(f"train stage {stage.name!r} reported no checkpoint")
-    model_dir = layout.model(stage.name)
-    export_checkpoint(ray.train.Checkpoint.from_directory(str(best_dir)), model_dir, recipe())
-    summary = stage_summary(spec, stage, start_from, model_dir, total_steps, session.last_metrics,
-                            session.best_val_loss, skipped_before, started)
-    write_summary(out, summary)
+    outcome = prepared.export(ray.train.Checkpoint.from_directory(str(best_dir)), session.last_metrics,
+                              session.best_val_loss)
     shutil.rmtree(best_dir.parent, ignore_errors=True)
-    return TrainOutcome(model_dir, summary)
+    return outcome
 
 
 def scratch_folder(out: Location) -> Path:
