@@ -98,6 +98,10 @@ def print_fixed_part(asha: dict, full: dict, target: float = 0.6) -> None:
     if extra_steps <= 0:
         return
     per_step = (full["wall_s"] - asha["wall_s"]) / extra_steps
+    if per_step <= 0:
+        print(f"wall = fixed + per step × trial-steps: the full search's {extra_steps} extra trial-steps took no "
+              "measurable time beside the two searches' noise: the fixed part is nearly all of each wall")
+        return
     fixed = asha["wall_s"] - per_step * asha["steps"]
     allowed = per_step * (target * full["steps"] - asha["steps"]) / (1 - target)
     print(f"wall = fixed + per step × trial-steps: fixed {fixed:.1f} s per search, {per_step:.3f} s per trial-step; "
